@@ -1,0 +1,93 @@
+"""SVGD's state: one r per σ' node, under stable names, inside ``state_dict()``.
+
+Keys are ``<prefix><σ' name>.r`` (``svgd_state.fc.linear.r``), where the σ' name comes from
+the parameter names and the op (``fc.linear``, ``bn.batch_norm``, ``pos.add``,
+``blocks.0.attn.linear#1`` for a second call inside one module): a fresh ``transform`` of
+the same model produces the same names, so a saved state loads and continues bit-identically.
+
+r tensors are created at the first forward (their shape is the σ' output's, which only the
+trace knows). A state loaded before that is held and checked against the traced shape then.
+Compiled graphs never hold an r: the wrapper passes the current tensors at every call, so
+``.to(device)`` and ``load_state_dict`` can replace or overwrite them freely.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class StateShapeError(ValueError):
+    pass
+
+
+class SVGDState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tensors: dict[str, torch.Tensor] = {}      # "<σ' name>.r" -> tensor
+        self._pending: dict[str, torch.Tensor] = {}     # loaded before the first trace
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def get_or_create(self, key: str, shape: tuple[int, ...], dtype: torch.dtype,
+                      device: torch.device, where: str) -> torch.Tensor:
+        """The state tensor ``key``; created zero (or from a pending load) on first use."""
+        existing = self.tensors.get(key)
+        if existing is not None:
+            if tuple(existing.shape) != tuple(shape):
+                raise StateShapeError(
+                    f"svgd_fx: the state {key!r} of σ' node {where} has shape {tuple(existing.shape)}, "
+                    f"but this call's σ' output has per-sample shape {tuple(shape)}. The per-sample "
+                    "shape of a σ' node must not change between steps (a varying sequence length?). "
+                    "Use transform(..., r_shape='channel') to keep r over the channel dimension only."
+                )
+            return existing
+        tensor = torch.zeros(shape, dtype=dtype, device=device)
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            if tuple(pending.shape) != tuple(shape):
+                raise StateShapeError(
+                    f"svgd_fx: loaded state {key!r} has shape {tuple(pending.shape)}, but σ' node "
+                    f"{where} needs {tuple(shape)}: the state comes from a different model or r_shape."
+                )
+            tensor.copy_(pending)
+        self.tensors[key] = tensor
+        return tensor
+
+    # -- nn.Module plumbing: dotted keys, device moves, state_dict ---------------------------
+    def _apply(self, fn, recurse=True):
+        self.tensors = {k: fn(v) for k, v in self.tensors.items()}
+        self._pending = {k: fn(v) for k, v in self._pending.items()}
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for key, value in self.tensors.items():
+            destination[prefix + key] = value if keep_vars else value.detach()
+        for key, value in self._pending.items():
+            destination[prefix + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        seen = set()
+        for full_key, value in state_dict.items():
+            if not full_key.startswith(prefix):
+                continue
+            key = full_key[len(prefix):]
+            seen.add(key)
+            current = self.tensors.get(key)
+            if current is None:
+                self._pending[key] = value.detach().clone()
+            elif tuple(current.shape) != tuple(value.shape):
+                error_msgs.append(
+                    f"svgd_fx: state {key!r} has shape {tuple(value.shape)} in the checkpoint but "
+                    f"{tuple(current.shape)} in this model (σ' node {key.rsplit('.', 1)[0]!r})."
+                )
+            else:
+                with torch.no_grad():
+                    current.copy_(value)
+        if strict:
+            missing_keys.extend(prefix + k for k in self.tensors if k not in seen)

@@ -1,0 +1,332 @@
+"""``transform(model, s)``: capture with TorchDynamo, rewrite AOTAutograd's joint graph, run it.
+
+Capture route (and why):
+
+* ``torch.fx.symbolic_trace`` hides parameters inside ``call_module`` nodes and, with modules
+  inlined, fails on BatchNorm's ``input.dim()`` check; it also never yields a backward graph.
+* TorchDynamo gives a torch-function-level graph with every parameter a placeholder
+  (``locate`` runs there: σ' nodes are torch calls as written in the model's source), and
+  AOTAutograd traces the joint forward/backward graph of it (``reroute`` runs there, inside
+  the partitioner hook, before the joint graph is split into forward and backward).
+* Here both halves run as FX graphs without a code generator (like ``aot_eager``); the
+  ``svgd`` compile backend hands the same rewritten graphs to inductor.
+
+Limits: what Dynamo cannot trace runs outside the graphs (a graph break). Parameters used
+only there would silently train on plain gradients, so the first forward checks that every
+trainable parameter was seen by the pass and raises, naming them, when one was not.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ._state import StateShapeError, SVGDState
+from .passes.locate import Analysis, Kind, SigmaNode, locate
+from .passes.reroute import RerouteSpec, reroute
+
+ExcludeSpec = None | str | Iterable[str] | Callable[[str, nn.Parameter], bool]
+
+
+@dataclass(frozen=True)
+class SVGDConfig:
+    s: float
+    rho: float = 0.9
+    eps: float = 1e-6
+    reduction: str = "mean"
+    r_shape: str = "full"
+
+    def __post_init__(self) -> None:
+        def real(name, value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ValueError(f"svgd_fx: {name} must be a real number, got {value!r}")
+            return float(value)
+
+        s, rho, eps = real("s", self.s), real("rho", self.rho), real("eps", self.eps)
+        if not (0 < s < float("inf")):
+            raise ValueError(f"svgd_fx: s must be a finite number > 0 (the scale of T; the paper used "
+                             f"0.1, 0.01, 0.001), got s={self.s!r}")
+        if not (0 <= rho < 1):
+            raise ValueError(f"svgd_fx: rho must lie in [0, 1) (the decay of r's moving average), "
+                             f"got rho={self.rho!r}")
+        if not (0 < eps < float("inf")):
+            raise ValueError(f"svgd_fx: eps must be a finite number > 0 (it keeps sqrt(r + eps) away "
+                             f"from zero), got eps={self.eps!r}")
+        if self.reduction not in ("mean", "sum"):
+            raise ValueError(f"svgd_fx: reduction must be 'mean' or 'sum' (how the loss combines the "
+                             f"batch: it sets the per-sample gradient B·g or g), got {self.reduction!r}")
+        if self.r_shape not in ("full", "channel"):
+            raise ValueError(f"svgd_fx: r_shape must be 'full' (r per output element, SPEC's default) "
+                             f"or 'channel' (r per channel), got {self.r_shape!r}")
+        object.__setattr__(self, "s", s)
+        object.__setattr__(self, "rho", rho)
+        object.__setattr__(self, "eps", eps)
+
+
+@dataclass
+class SigmaRecord:
+    """What the pass found for one σ' node (merged over all graphs that contain it)."""
+    sigma: SigmaNode
+    key: str                                  # state key ("fc.linear.r"), or None if not routed
+    r_shape: tuple[int, ...] | None
+    t_graphs: int = 0                         # number of backward graphs with a T node for it
+
+
+@dataclass
+class PassLog:
+    records: dict[str, SigmaRecord] = field(default_factory=dict)
+    params_seen: set[str] = field(default_factory=set)
+    graphs: int = 0
+    backward_graphs: list[torch.fx.GraphModule] = field(default_factory=list)
+    forward_graphs: list[torch.fx.GraphModule] = field(default_factory=list)
+    key_locations: dict[str, str] = field(default_factory=dict)
+
+
+def _resolve_exclude(model: nn.Module, exclude: ExcludeSpec) -> set[str]:
+    named = dict(model.named_parameters())
+    if exclude is None:
+        return set()
+    if callable(exclude):
+        return {name for name, p in named.items() if exclude(name, p)}
+    names = {exclude} if isinstance(exclude, str) else set(exclude)
+    unknown = sorted(names - set(named))
+    if unknown:
+        raise ValueError(f"svgd_fx: exclude names parameters the model does not have: {unknown}. "
+                         f"Known parameters: {sorted(named)[:12]}{' ...' if len(named) > 12 else ''}")
+    return names
+
+
+def _check_model(model: nn.Module) -> dict[str, nn.Parameter]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"svgd_fx.transform takes an nn.Module (or a torch.fx.GraphModule), "
+                        f"got {type(model).__name__}")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError("svgd_fx: the model has no trainable parameters (none with requires_grad=True): "
+                         "there is nothing for SVGD to train.")
+    bad = [f"{n} ({p.dtype})" for n, p in trainable.items() if not p.dtype.is_floating_point]
+    if bad:
+        raise ValueError(f"svgd_fx: SVGD needs floating-point parameters; these are not: {bad}. "
+                         "Freeze them (requires_grad=False) or cast the model to a float dtype.")
+    return trainable
+
+
+class SVGDModule(nn.Module):
+    """The model with SVGD's backward. Shares the model's parameters and buffers.
+
+    ``state_dict()`` holds the model's own entries under their original keys (they load into
+    the original model) plus ``svgd_state.<σ' name>.r`` for every r.
+    """
+
+    def __init__(self, model: nn.Module, config: SVGDConfig, exclude: set[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.svgd_state = SVGDState()
+        self.config = config
+        self.excluded = frozenset(exclude)
+        self.log = PassLog()
+        self._coverage_checked = False
+        self._compiled = [torch.compile(model, backend=_Backend(self), dynamic=None)]  # hidden from nn
+        self.register_state_dict_post_hook(_strip_model_prefix)
+        self.register_load_state_dict_pre_hook(_add_model_prefix)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch._dynamo.config.patch(allow_rnn=True):
+            out = self._compiled[0](*args, **kwargs)
+        if not self._coverage_checked:
+            self._check_coverage()
+        return out
+
+    def _check_coverage(self) -> None:
+        trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        missing = [n for n in trainable if n not in self.log.params_seen and n not in self.excluded]
+        if missing:
+            breaks = _graph_break_reasons()
+            raise RuntimeError(
+                "svgd_fx: these trainable parameters were never seen by the SVGD pass, so they would "
+                f"silently train on plain gradients: {missing}. Usually a graph break (code TorchDynamo "
+                "cannot trace) put their use outside the captured graphs"
+                + (f"; graph breaks seen: {breaks}" if breaks else "")
+                + ". Fix the graph break (run with TORCH_LOGS=graph_breaks to see where), or pass "
+                "exclude=[...] with these names to train them on plain gradients knowingly."
+            )
+        self._coverage_checked = True
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"s={c.s}, rho={c.rho}, eps={c.eps}, reduction={c.reduction!r}, r_shape={c.r_shape!r}"
+
+
+def _graph_break_reasons() -> list[str]:
+    from torch._dynamo.utils import counters
+
+    return sorted(counters["graph_break"])[:5]
+
+
+def _strip_model_prefix(module, state_dict, prefix, local_metadata) -> None:
+    inner = prefix + "model."
+    for key in list(state_dict):
+        value = state_dict.pop(key)
+        state_dict[prefix + key[len(inner):] if key.startswith(inner) else key] = value
+
+
+def _add_model_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                      unexpected_keys, error_msgs) -> None:
+    own = (prefix + "svgd_state.", prefix + "model.")
+    for key in list(state_dict):
+        if key.startswith(prefix) and not key.startswith(own):
+            state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
+
+
+# ----------------------------------------------------------------------------- the backend
+
+def _nop_compiler(log_list: list):
+    from functorch.compile import make_boxed_func
+
+    def compile_graph(gm: torch.fx.GraphModule, example_inputs):
+        log_list.append(gm)
+        return make_boxed_func(gm.forward)
+
+    return compile_graph
+
+
+class _Backend:
+    """The Dynamo backend behind ``transform``: locate + state + joint-graph reroute, no codegen."""
+
+    def __init__(self, owner: SVGDModule) -> None:
+        self.owner = owner
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]):
+        from torch._dynamo.backends.common import aot_autograd
+
+        plan = build_plan(self.owner, gm, example_inputs)
+        return plan.wrap(aot_autograd(
+            fw_compiler=_nop_compiler(self.owner.log.forward_graphs),
+            bw_compiler=_nop_compiler(self.owner.log.backward_graphs),
+            partition_fn=plan.partition,
+        ))
+
+
+@dataclass
+class Plan:
+    """Everything the joint-graph pass needs for one Dynamo graph, and how to call the result."""
+    owner: SVGDModule
+    gm: torch.fx.GraphModule            # Dynamo's graph + one placeholder per r
+    example_inputs: list[Any]
+    specs: list[RerouteSpec]
+    state_keys: list[str]
+    param_derived_sources: set[str]
+    param_inputs: set[int]
+
+    def partition(self, joint, joint_inputs, **kwargs):
+        from torch._functorch.partitioners import default_partition
+
+        changed = reroute(joint, self.specs, self.param_derived_sources, self.param_inputs)
+        for spec in self.specs:
+            if spec.name in changed:
+                self.owner.log.records[spec.name].t_graphs += 1
+        return default_partition(joint, joint_inputs, **kwargs)
+
+    def wrap(self, aot_backend) -> Callable:
+        compiled = aot_backend(self.gm, self.example_inputs)
+        state, keys = self.owner.svgd_state, self.state_keys
+
+        def run(*args):
+            return compiled(*args, *[state[k] for k in keys])
+
+        return run
+
+
+def build_plan(owner: SVGDModule, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Plan:
+    model, config, log = owner.model, owner.config, owner.log
+    params = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    consts = {id(t) for t in model.buffers()} | {id(p) for p in model.parameters() if not p.requires_grad}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    param_nodes, const_nodes, param_inputs = {}, [], set()
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if isinstance(value, torch.Tensor) and id(value) in params:
+            param_nodes[node] = params[id(value)]
+            param_inputs.add(i)
+        elif isinstance(value, torch.Tensor) and id(value) in consts:
+            const_nodes.append(node)
+
+    analysis = locate(gm, param_nodes, const_nodes, set(owner.excluded))
+    log.graphs += 1
+    log.params_seen |= analysis.params_seen
+    name_to_input = {name: i for i, (node, name) in
+                     enumerate((n, param_nodes.get(n)) for n in placeholders) if name is not None}
+
+    specs, keys, r_values = [], [], []
+    for sigma in analysis.sigmas:
+        _disambiguate(log, sigma)
+        r_shape, channel_dim = _r_shape(sigma, config)
+        key = f"{sigma.name}.r" if sigma.routed else None
+        log.records.setdefault(sigma.name, SigmaRecord(sigma, key, r_shape if sigma.routed else None))
+        if not sigma.routed:
+            continue
+        r_dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
+        r = owner.svgd_state.get_or_create(key, r_shape, r_dtype, sigma.device,
+                                           f"{sigma.name!r} ({sigma.location})")
+        specs.append(RerouteSpec(
+            source=sigma.source, name=sigma.name, r_input=len(placeholders) + len(keys),
+            routed_inputs=frozenset(name_to_input[p] for p in sigma.routed_params),
+            s=config.s, rho=config.rho, eps=config.eps,
+            mean_reduction=config.reduction == "mean", channel_dim=channel_dim,
+        ))
+        keys.append(key)
+        r_values.append(r)
+
+    new_gm = _with_state_inputs(gm, keys)
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    extra = [fake_mode.from_tensor(r, static_shapes=True) if fake_mode else r for r in r_values]
+    pd_sources = {src for src, kind in analysis.kinds.items() if kind is Kind.PARAM}
+    return Plan(owner, new_gm, list(example_inputs) + extra, specs, keys, pd_sources, param_inputs)
+
+
+def _disambiguate(log: PassLog, sigma: SigmaNode) -> None:
+    """Keep one name per σ' across graphs: the same name from another source line gets a suffix."""
+    where = sigma.location.split("  ", 1)[0]
+    known = log.key_locations.setdefault(sigma.name, where)
+    if known != where:
+        sigma.name = f"{sigma.name}@{where}"
+        log.key_locations.setdefault(sigma.name, where)
+
+
+def _r_shape(sigma: SigmaNode, config: SVGDConfig) -> tuple[tuple[int, ...] | None, int]:
+    if not sigma.routed:
+        return None, -1
+    shape = sigma.sample_shape
+    if shape is None:
+        raise StateShapeError(f"svgd_fx: σ' node {sigma.name!r} ({sigma.location}) does not return a "
+                              "tensor with a batch dimension; exclude its parameters.")
+    channel_dim = -1
+    if config.r_shape == "channel" and len(shape) >= 2:
+        channel_dim = sigma.channel_dim if sigma.channel_dim >= 1 else len(shape)  # dim of the output
+        shape = (shape[channel_dim - 1],)
+    dynamic = [d for d in shape if not isinstance(d, int)]
+    if dynamic:
+        raise StateShapeError(
+            f"svgd_fx: σ' node {sigma.name!r} ({sigma.location}) has a per-sample shape that changes "
+            f"between calls ({tuple(str(d) for d in sigma.sample_shape)}), but r has one fixed shape. "
+            "Use transform(..., r_shape='channel') to keep r over the channel dimension only."
+        )
+    return tuple(int(d) for d in shape), channel_dim
+
+
+def _with_state_inputs(gm: torch.fx.GraphModule, keys: list[str]) -> torch.fx.GraphModule:
+    """A copy of Dynamo's graph with one placeholder per r (Dynamo's own module stays untouched)."""
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    nodes = list(gm.graph.nodes)
+    last_placeholder = max(i for i, n in enumerate(nodes) if n.op == "placeholder")
+    for i, node in enumerate(nodes):
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if i == last_placeholder:
+            for key in keys:
+                ph = graph.placeholder(re.sub(r"\W", "_", f"svgd_{key}"))
+                ph._dynamo_source = None
+    return torch.fx.GraphModule(gm, graph)

@@ -1,0 +1,76 @@
+"""``svgd_fx::virtual_grad``: the custom op the rewritten graphs call (see the package docstring)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _triton_impl
+
+triton_available = _triton_impl.available
+
+
+def _kernel_choice(g: torch.Tensor, channel_dim: int) -> str:
+    forced = os.environ.get("SVGD_FX_KERNEL", "")
+    if forced == "torch":
+        return "torch"
+    if forced == "triton":
+        if not triton_available():
+            raise RuntimeError("SVGD_FX_KERNEL=triton but Triton cannot be imported")
+        return "triton"
+    if g.is_cuda and channel_dim < 0 and triton_available():
+        return "triton"
+    return "torch"
+
+
+def _stat_dims(g: torch.Tensor, channel_dim: int) -> list[int]:
+    if channel_dim < 0:
+        return [0]
+    return [d for d in range(g.dim()) if d != channel_dim]
+
+
+def virtual_grad_reference(
+    g: torch.Tensor,
+    r: torch.Tensor,
+    s: float,
+    rho: float,
+    eps: float,
+    mean_reduction: bool,
+    channel_dim: int,
+) -> torch.Tensor:
+    """The torch implementation of T (also the fallback wherever Triton is not used)."""
+    batch = g.shape[0]
+    gr = g.to(r.dtype)
+    # Per-sample gradient of the per-sample loss: B·g for a mean loss (SPEC, "One step").
+    u = gr * batch if mean_reduction else gr
+    stat = u.square().mean(dim=_stat_dims(g, channel_dim))
+    r.mul_(rho).add_(stat, alpha=1.0 - rho)
+    denom = torch.sqrt(r + eps)
+    if channel_dim >= 0:
+        shape = [1] * g.dim()
+        shape[channel_dim] = -1
+        denom = denom.view(shape)
+    return (gr * s / denom).to(g.dtype).contiguous()
+
+
+@torch.library.custom_op("svgd_fx::virtual_grad", mutates_args=("r",))
+def virtual_grad(
+    g: torch.Tensor,
+    r: torch.Tensor,
+    s: float,
+    rho: float,
+    eps: float,
+    mean_reduction: bool,
+    channel_dim: int,
+) -> torch.Tensor:
+    if g.shape[0] == 0:  # an empty batch carries no statistics: r stays as it is
+        return torch.empty_like(g, memory_format=torch.contiguous_format)
+    if _kernel_choice(g, channel_dim) == "triton":
+        return _triton_impl.virtual_grad_triton(g, r, s, rho, eps, mean_reduction)
+    return virtual_grad_reference(g, r, s, rho, eps, mean_reduction, channel_dim)
+
+
+@virtual_grad.register_fake
+def _(g, r, s, rho, eps, mean_reduction, channel_dim):
+    return torch.empty_like(g, memory_format=torch.contiguous_format)

@@ -1,0 +1,165 @@
+"""Where an op is linear in a parameter input: one table for σ' ops, one rule for chains.
+
+SPEC: σ' = f(inputs) is *linear in θ* when, with every other input held fixed, the
+composite map θ → (parameter-derived chain) → f is linear. Affine counts as linear here
+(a bias is affine in b; what SVGD needs is that σ' = f(θ) holds exactly after the step,
+which an affine map keeps just as a linear one does).
+
+Two questions are answered, in two places:
+
+* ``SIGMA_OPS`` – for an op that can be a σ' node (it meets the batch), the names of its
+  arguments in signature order and the subset in which the op is linear. An op missing
+  from the table is *not linear* in any argument: its parameters get the plain gradient
+  and ``explain()`` says why. This table never guesses in the other direction.
+* ``chain_linearity`` – for a parameter-derived node (no batch input), in which of the
+  parameters feeding it the node is linear. Structural ops (views, transposes, casts,
+  indexing) pass linearity through; ``+``/``-`` keep it; ``*``/``/``/``@`` keep it for a
+  parameter that appears in one factor only (in the numerator for ``/``); anything else
+  (``sigmoid``, ``**``, ``norm``, ``exp``...) makes every parameter below it non-linear.
+
+Ops are keyed by :func:`op_key`: the callable for ``call_function`` nodes and
+``"method:<name>"`` for ``call_method`` nodes, so ``x.mul(w)``, ``torch.mul(x, w)`` and
+``x * w`` all find their row.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+
+@dataclass(frozen=True)
+class OpRule:
+    name: str                     # short op name used in σ' names and reports ("linear")
+    args: tuple[str, ...]         # argument names in positional order
+    linear_in: frozenset[str]     # arguments in which the op is linear (affine)
+    channel_dim: int = -1         # dim of the output that indexes channels (for r="channel")
+
+
+def op_key(node: Node) -> Any:
+    if node.op == "call_method":
+        return f"method:{node.target}"
+    return node.target
+
+
+SIGMA_OPS: dict[Any, OpRule] = {}
+
+
+def _register(keys: list[Any], rule: OpRule) -> None:
+    for key in keys:
+        SIGMA_OPS[key] = rule
+
+
+_BINARY = ("input", "other")
+_CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_T = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+
+_register([torch._C._nn.linear, F.linear],
+          OpRule("linear", ("input", "weight", "bias"), frozenset({"weight", "bias"})))
+_register([torch.matmul, operator.matmul, "method:matmul", "method:__matmul__"],
+          OpRule("matmul", _BINARY, frozenset(_BINARY)))
+_register([torch.mm, "method:mm"], OpRule("mm", ("input", "mat2"), frozenset({"input", "mat2"})))
+_register([torch.bmm, "method:bmm"], OpRule("bmm", ("input", "mat2"), frozenset({"input", "mat2"})))
+_register([torch.addmm, "method:addmm"],
+          OpRule("addmm", ("input", "mat1", "mat2"), frozenset({"input", "mat1", "mat2"})))
+for _dims in (1, 2, 3):
+    _register([getattr(torch, f"conv{_dims}d"), getattr(F, f"conv{_dims}d")],
+              OpRule(f"conv{_dims}d", _CONV, frozenset({"weight", "bias"}), channel_dim=1))
+    _register([getattr(torch, f"conv_transpose{_dims}d"), getattr(F, f"conv_transpose{_dims}d")],
+              OpRule(f"conv_transpose{_dims}d", _CONV_T, frozenset({"weight", "bias"}), channel_dim=1))
+_register([F.embedding], OpRule("embedding", ("input", "weight"), frozenset({"weight"})))
+_register([torch.embedding], OpRule("embedding", ("weight", "input"), frozenset({"weight"})))
+_register([F.layer_norm, torch.layer_norm],
+          OpRule("layer_norm", ("input", "normalized_shape", "weight", "bias"), frozenset({"weight", "bias"})))
+_register([F.rms_norm, torch.rms_norm],
+          OpRule("rms_norm", ("input", "normalized_shape", "weight"), frozenset({"weight"})))
+_register([F.group_norm, torch.group_norm],
+          OpRule("group_norm", ("input", "num_groups", "weight", "bias"), frozenset({"weight", "bias"}),
+                 channel_dim=1))
+_register([F.batch_norm, torch.batch_norm],
+          OpRule("batch_norm", ("input", "running_mean", "running_var", "weight", "bias"),
+                 frozenset({"weight", "bias"}), channel_dim=1))
+_register([F.instance_norm, torch.instance_norm],
+          OpRule("instance_norm", ("input", "running_mean", "running_var", "weight", "bias"),
+                 frozenset({"weight", "bias"}), channel_dim=1))
+_register([F.prelu, torch.prelu], OpRule("prelu", ("input", "weight"), frozenset({"weight"}), channel_dim=1))
+_register([operator.mul, operator.imul, torch.mul, "method:mul", "method:mul_", "method:__mul__",
+           "method:__rmul__"], OpRule("mul", _BINARY, frozenset(_BINARY)))
+_register([operator.add, operator.iadd, torch.add, "method:add", "method:add_", "method:__add__",
+           "method:__radd__"], OpRule("add", _BINARY, frozenset(_BINARY)))
+_register([operator.sub, operator.isub, torch.sub, "method:sub", "method:sub_", "method:__sub__"],
+          OpRule("sub", _BINARY, frozenset(_BINARY)))
+_register([operator.truediv, operator.itruediv, torch.div, "method:div", "method:div_", "method:__truediv__"],
+          OpRule("div", _BINARY, frozenset({"input"})))
+
+
+def bind_args(node: Node, names: tuple[str, ...]) -> dict[str, Any]:
+    """Map a call's positional and keyword arguments onto ``names`` (extra positions are dropped)."""
+    # For call_method nodes the receiver is args[0], which the tables name "input".
+    bound = {name: value for name, value in zip(names, node.args)}
+    for key, value in node.kwargs.items():
+        if key in names:
+            bound[key] = value
+    return bound
+
+
+# ---------------------------------------------------------------- parameter-derived chains
+
+# Ops through which every parameter keeps its linearity (structure, casts, indexing, sign).
+_STRUCTURAL_NAMES = {
+    "view", "reshape", "t", "transpose", "permute", "contiguous", "to", "type", "float", "double",
+    "half", "bfloat16", "clone", "expand", "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten",
+    "narrow", "select", "flip", "roll", "repeat", "neg", "__neg__", "__getitem__", "getitem",
+    "chunk", "split", "unbind", "movedim", "swapaxes", "view_as", "reshape_as", "detach_copy",
+    "cat", "concat", "stack", "sum", "mean", "tile", "diag", "tril", "triu", "real",
+}
+_ADDITIVE_NAMES = {"add", "sub", "__add__", "__radd__", "__sub__", "__rsub__", "iadd", "isub"}
+_MULTIPLICATIVE_NAMES = {"mul", "__mul__", "__rmul__", "matmul", "mm", "bmm", "__matmul__", "imul",
+                         "outer", "einsum", "kron"}
+_DIVISION_NAMES = {"div", "truediv", "__truediv__", "itruediv"}
+
+
+def _callable_name(node: Node) -> str:
+    target = node.target
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__name__", str(target))
+
+
+def chain_linearity(node: Node, inputs: list[dict[str, bool]]) -> tuple[dict[str, bool], str | None]:
+    """Linearity of a parameter-derived ``node`` in each parameter below it.
+
+    ``inputs`` holds, for each tensor argument of ``node`` in order, a map parameter-name →
+    linear (constants contribute an empty map). Returns the map for ``node`` and, when some
+    parameter became non-linear here, the reason.
+    """
+    name = _callable_name(node)
+    params = sorted({p for m in inputs for p in m})
+    if name in _STRUCTURAL_NAMES or name in _ADDITIVE_NAMES:
+        return {p: all(m.get(p, True) for m in inputs) for p in params}, None
+    if name in _MULTIPLICATIVE_NAMES or name in _DIVISION_NAMES:
+        out = {}
+        for p in params:
+            holders = [i for i, m in enumerate(inputs) if p in m]
+            ok = len(holders) == 1 and inputs[holders[0]][p]
+            if name in _DIVISION_NAMES and holders != [0]:
+                ok = False
+            out[p] = ok
+        bad = [p for p in params if not out[p]]
+        return out, (f"`{name}` of parameter-derived values is not linear in {', '.join(bad)}" if bad else None)
+    return {p: False for p in params}, f"`{name}` is not linear in its parameter input"
+
+
+def sigma_rule(node: Node) -> OpRule | None:
+    return SIGMA_OPS.get(op_key(node))
+
+
+def describe_op(node: Node) -> str:
+    rule = sigma_rule(node)
+    return rule.name if rule is not None else _callable_name(node)
+
