@@ -1,0 +1,220 @@
+"""The case table: models, inputs, and which σ' nodes must (not) get a T node."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PaperMLP(nn.Module):
+    """784-256-128-64-32-10, Linear→BN→ReLU (the authors' MNIST MLP)."""
+
+    def __init__(self, widths=(784, 256, 128, 64, 32, 10)):
+        super().__init__()
+        layers = []
+        for a, b in zip(widths[:-2], widths[1:-1]):
+            layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU()]
+        layers.append(nn.Linear(widths[-2], widths[-1]))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(x + self.bn2(self.conv2(h)))
+
+
+class ResCNN(nn.Module):
+    def __init__(self, c=6):
+        super().__init__()
+        self.stem = nn.Conv2d(1, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.blocks = nn.Sequential(ResBlock(c), ResBlock(c))
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        h = self.blocks(F.relu(self.bn(self.stem(x))))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class GroupedConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.gc = nn.Conv2d(8, 12, 3, stride=2, padding=2, dilation=2, groups=4)
+        self.c1 = nn.Conv1d(12, 4, 3, stride=2)
+        self.c3 = nn.Conv3d(1, 2, (1, 2, 2), padding=(0, 1, 0))
+        self.fc = nn.Linear(2 * 1 * 4 * 2, 5)
+
+    def forward(self, x):
+        h = F.relu(self.gc(F.relu(self.dw(self.pw(x)))))          # [B, 12, 4, 4]
+        h = self.c1(h.flatten(2))                                  # [B, 4, 7]
+        h = self.c3(h[:, None, :, :3, None].expand(-1, 1, 4, 3, 2).contiguous())  # [B, 2, 4, 4, 1]
+        return self.fc(torch.tanh(h.flatten(1)[:, :16]))
+
+
+class ConvTransposeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.t1 = nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.t2 = nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, dilation=2)
+        self.t3 = nn.ConvTranspose3d(4, 2, 2, stride=1, bias=False)
+
+    def forward(self, x):                                           # x: [B, 4, 5]
+        h = torch.tanh(self.t1(x))                                  # [B, 6, 10]
+        h = torch.tanh(self.t2(h[:, :, None, :].expand(-1, -1, 3, -1)))  # [B, 4, 7, 21]
+        return self.t3(h[:, :, None, :3, :3])                       # [B, 2, 2, 4, 4]
+
+
+class NormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 8)
+        self.act = nn.PReLU(8)
+        self.inorm = nn.InstanceNorm2d(8, affine=True)
+        self.act2 = nn.PReLU()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.act(self.gn(self.conv(x)))
+        h = self.act2(self.inorm(h))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class TinyTransformer(nn.Module):
+    """Embedding, an nn.Parameter added directly, LayerNorm, SDPA attention, head tied to the embedding."""
+
+    def __init__(self, vocab=11, seq=6, dim=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(seq, dim) * 0.1)
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.ff1 = nn.Linear(dim, 2 * dim)
+        self.ff2 = nn.Linear(2 * dim, dim)
+        self.lnf = nn.LayerNorm(dim)
+
+    def forward(self, ids):
+        b, t = ids.shape
+        h = self.emb(ids) + self.pos
+        q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
+        split = lambda z: z.view(b, t, self.heads, -1).transpose(1, 2)  # noqa: E731
+        a = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True)
+        h = h + self.proj(a.transpose(1, 2).reshape(b, t, -1))
+        h = h + self.ff2(F.gelu(self.ff1(self.ln2(h))))
+        return F.linear(self.lnf(h), self.emb.weight)
+
+
+class SigmoidGate(nn.Module):
+    """x * sigmoid(g): g enters non-linearly (plain gradient); the linears are routed."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 4)
+        self.g = nn.Parameter(torch.randn(4))
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(x)) * torch.sigmoid(self.g))
+
+
+class LSTMNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 6)
+        self.lstm = nn.LSTM(6, 5, batch_first=True)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h, _ = self.lstm(torch.tanh(self.inp(x)))
+        return self.head(h[:, -1])
+
+
+class ChainNet(nn.Module):
+    """Parameter-derived chains: W.t() into a matmul (linear), x / scale (not linear in scale),
+    x * (2 * a) (linear), weight-norm style g * v / ||v|| (linear in g only: plain for both)."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(6, 5) * 0.3)
+        self.scale = nn.Parameter(torch.rand(6) + 0.5)
+        self.a = nn.Parameter(torch.randn(6))
+        self.v = nn.Parameter(torch.randn(3, 6))
+        self.gain = nn.Parameter(torch.ones(3, 1))
+
+    def forward(self, x):
+        h = x @ self.W.t()
+        h = torch.tanh(h / self.scale) * (2 * self.a)
+        w = self.gain * self.v / self.v.norm(dim=1, keepdim=True)
+        return F.linear(h, w)
+
+
+@dataclass
+class Case:
+    name: str
+    make: Callable[[], nn.Module]
+    inputs: Callable[[int], tuple]          # batch size -> inputs
+    target: Callable[[int], torch.Tensor]   # batch size -> targets
+    loss: str                               # "ce" | "mse" | "ce_seq"
+    t_nodes: set[str]                       # σ' names that must get a T node
+    plain: set[str] = field(default_factory=set)   # σ' names that must not
+    batch: int = 8
+
+
+def _x(*shape):
+    return lambda b: (torch.randn(b, *shape),)
+
+
+def _cls(n):
+    return lambda b: torch.randint(0, n, (b,))
+
+
+CASES = [
+    Case("paper_mlp", PaperMLP, _x(784), _cls(10), "ce",
+         {"net.0.linear", "net.1.batch_norm", "net.3.linear", "net.4.batch_norm", "net.6.linear",
+          "net.7.batch_norm", "net.9.linear", "net.10.batch_norm", "net.12.linear"}, batch=32),
+    Case("res_cnn", ResCNN, _x(1, 8, 8), _cls(10), "ce",
+         {"stem.conv2d", "bn.batch_norm", "fc.linear"}
+         | {f"blocks.{i}.{m}" for i in (0, 1) for m in ("conv1.conv2d", "bn1.batch_norm",
+                                                         "conv2.conv2d", "bn2.batch_norm")}),
+    Case("grouped_conv", GroupedConvNet, _x(3, 6, 6), _cls(5), "ce",
+         {"pw.conv2d", "dw.conv2d", "gc.conv2d", "c1.conv1d", "c3.conv3d", "fc.linear"}),
+    Case("conv_transpose", ConvTransposeNet, _x(4, 5), lambda b: torch.randn(b, 2, 2, 4, 4), "mse",
+         {"t1.conv_transpose1d", "t2.conv_transpose2d", "t3.conv_transpose3d"}),
+    Case("group_norm_prelu", NormNet, _x(2, 5, 5), _cls(3), "ce",
+         {"conv.conv2d", "gn.group_norm", "act.prelu", "inorm.instance_norm", "act2.prelu", "fc.linear"}),
+    Case("tiny_transformer", TinyTransformer, lambda b: (torch.randint(0, 11, (b, 6)),),
+         lambda b: torch.randint(0, 11, (b, 6)), "ce_seq",
+         {"emb.embedding", "pos.add", "ln1.layer_norm", "qkv.linear", "proj.linear", "ln2.layer_norm",
+          "ff1.linear", "ff2.linear", "lnf.layer_norm", "emb.linear"}),
+    Case("sigmoid_gate", SigmoidGate, _x(5), _cls(3), "ce", {"fc.linear", "out.linear"}, {"g.mul"}),
+    Case("lstm", LSTMNet, _x(4, 3), _cls(2), "ce", {"inp.linear", "head.linear"}, {"lstm.lstm"}),
+    Case("chains", ChainNet, _x(5), _cls(3), "ce", {"W.matmul", "a.mul"}, {"scale.div", "gain.linear"}),
+]
+
+
+def loss_fn(kind: str, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    if kind == "ce":
+        return F.cross_entropy(out, y, reduction=reduction)
+    if kind == "ce_seq":
+        return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction=reduction)
+    return F.mse_loss(out, y, reduction=reduction)

@@ -1,0 +1,204 @@
+"""An independent reference for SPEC's virtual gradients: eager autograd, float64, no FX.
+
+It shares no code with ``svgd_fx``: it watches the model's torch calls with a
+``TorchFunctionMode``, tracks which tensors are parameter-derived or batch-dependent, and at
+every σ' call computes the op twice —
+
+    y_act = f(inputs, linear params detached)   -> carries g to activations and non-linear params
+    y_par = f(inputs detached, linear params)   -> carries T(g) to the linear params
+
+— joined by an autograd function whose backward hands ``g`` to the first and ``T(g)`` to the
+second. T follows SPEC line by line in float64. Its own small linearity table covers the ops
+of the test models; anything else is treated as non-linear, like SPEC says.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+# op -> (argument positions that may hold a linear parameter input, a name for messages)
+_LINEAR_POSITIONS = {
+    torch._C._nn.linear: ((1, 2), "linear"),
+    torch.conv1d: ((1, 2), "conv"), torch.conv2d: ((1, 2), "conv"), torch.conv3d: ((1, 2), "conv"),
+    torch.conv_transpose1d: ((1, 2), "convT"), torch.conv_transpose2d: ((1, 2), "convT"),
+    torch.conv_transpose3d: ((1, 2), "convT"),
+    F.embedding: ((1,), "embedding"),
+    F.layer_norm: ((2, 3), "layer_norm"), F.group_norm: ((2, 3), "group_norm"),
+    F.batch_norm: ((3, 4), "batch_norm"), F.instance_norm: ((3, 4), "instance_norm"),
+    F.prelu: ((1,), "prelu"), torch.prelu: ((1,), "prelu"),
+    torch.Tensor.mul: ((0, 1), "mul"), torch.Tensor.__mul__: ((0, 1), "mul"),
+    torch.Tensor.__rmul__: ((0, 1), "mul"),
+    torch.Tensor.add: ((0, 1), "add"), torch.Tensor.__add__: ((0, 1), "add"),
+    torch.Tensor.__radd__: ((0, 1), "add"),
+    torch.Tensor.div: ((0,), "div"), torch.Tensor.__truediv__: ((0,), "div"),
+    torch.matmul: ((0, 1), "matmul"), torch.Tensor.matmul: ((0, 1), "matmul"),
+    torch.Tensor.__matmul__: ((0, 1), "matmul"),
+}
+# parameter-only ops that keep linearity
+_CHAIN_LINEAR = {torch.Tensor.t, torch.Tensor.transpose, torch.Tensor.view, torch.Tensor.reshape,
+                 torch.Tensor.permute, torch.Tensor.__getitem__, torch.Tensor.contiguous,
+                 torch.Tensor.__mul__, torch.Tensor.mul, torch.Tensor.__rmul__, torch.Tensor.__neg__,
+                 torch.Tensor.unsqueeze, torch.Tensor.squeeze}
+
+
+class _Split(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_act, y_par, t_fn):
+        ctx.t_fn = t_fn
+        return y_act.detach().clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, ctx.t_fn(g), None
+
+
+class SVGDReference:
+    """Reference virtual gradients for ``model`` (run it in float64)."""
+
+    def __init__(self, model, s, rho=0.9, eps=1e-6, reduction="mean", exclude=(), r_shape="full"):
+        self.model = model
+        self.s, self.rho, self.eps = s, rho, eps
+        self.reduction, self.r_shape = reduction, r_shape
+        self.param_names = {id(p): n for n, p in model.named_parameters()
+                            if p.requires_grad and n not in set(exclude)}
+        self.frozen = {id(p) for n, p in model.named_parameters() if id(p) not in self.param_names}
+        self.r: dict[int, torch.Tensor] = {}
+        self.sigma_ops: list[str] = []         # op names of the routed σ' calls of the last forward
+
+    def __call__(self, *inputs):
+        mode = _Mode(self, inputs)
+        with mode:
+            out = self.model(*inputs)
+        self.sigma_ops = mode.routed
+        return out
+
+    def T(self, index: int, g: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
+        batch = g.shape[0]
+        per_sample = g * batch if self.reduction == "mean" else g
+        sq = per_sample.double() ** 2
+        if channel_dim is None:
+            stat = sq.mean(dim=0)
+        else:
+            stat = sq.transpose(channel_dim, -1).reshape(-1, sq.shape[channel_dim]).mean(dim=0)
+        r = self.r.get(index)
+        r = (1 - self.rho) * stat if r is None else self.rho * r + (1 - self.rho) * stat
+        self.r[index] = r
+        denom = (r + self.eps).sqrt()
+        if channel_dim is not None:
+            shape = [1] * g.dim()
+            shape[channel_dim] = -1
+            denom = denom.view(shape)
+        return (self.s * g.double() / denom).to(g.dtype)
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, ref: SVGDReference, inputs):
+        super().__init__()
+        self.ref = ref
+        self.batch_ids = {id(x) for x in inputs if isinstance(x, torch.Tensor)}
+        # id -> {param name: linear}; tensors are kept alive so ids are not reused
+        self.derived: dict[int, dict[str, bool]] = {}
+        self.keep: list[torch.Tensor] = list(inputs)
+        self.count = 0
+        self.routed: list[str] = []
+
+    def _param_map(self, t) -> dict[str, bool] | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        if id(t) in self.ref.param_names:
+            return {self.ref.param_names[id(t)]: True}
+        return self.derived.get(id(t))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat = list(args) + list(kwargs.values())
+        flat = [a for x in flat for a in (x if isinstance(x, (list, tuple)) else [x])]
+        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        is_batch = any(id(t) in self.batch_ids for t in tensors)
+        maps = [self._param_map(t) for t in tensors]
+        has_param = any(m is not None for m in maps)
+
+        if is_batch and has_param:
+            return self._sigma(func, args, kwargs)
+        out = func(*args, **kwargs)
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        for o in outs:
+            if not isinstance(o, torch.Tensor):
+                continue
+            self.keep.append(o)
+            if is_batch:
+                self.batch_ids.add(id(o))
+            elif has_param:
+                merged: dict[str, bool] = {}
+                for m in maps:
+                    for p, lin in (m or {}).items():
+                        merged[p] = merged.get(p, True) and lin and func in _CHAIN_LINEAR
+                self.derived[id(o)] = merged
+        return out
+
+    def _sigma(self, func, args, kwargs):
+        positions, name = _LINEAR_POSITIONS.get(func, ((), "unknown"))
+        args = list(args)
+        linear_pos = []
+        for i in positions:
+            if i < len(args):
+                m = self._param_map(args[i])
+                if m and all(m.values()):
+                    linear_pos.append(i)
+        linear_kw = [k for k in ("weight", "bias") if k in kwargs and name != "unknown"
+                     and (m := self._param_map(kwargs[k])) and all(m.values())]
+        plain_params = {p for i, a in enumerate(args) if i not in linear_pos
+                        for p in (self._param_map(a) or {})}
+        linear_params = {p for i in linear_pos for p in self._param_map(args[i])}
+        if plain_params & linear_params:  # a parameter entering linearly and non-linearly: plain
+            linear_pos = []
+        if not linear_pos and not linear_kw:
+            out = func(*args, **kwargs)
+            self._mark_batch(out)
+            return out
+
+        def detach_at(values, which):
+            return [v.detach() if i in which and isinstance(v, torch.Tensor) else v
+                    for i, v in enumerate(values)]
+
+        act_args = detach_at(args, set(linear_pos))
+        act_kwargs = {k: (v.detach() if k in linear_kw else v) for k, v in kwargs.items()}
+        y_act = func(*act_args, **act_kwargs)
+
+        param_ids = {id(args[i]) for i in linear_pos} | {id(kwargs[k]) for k in linear_kw}
+        par_args = [v if (not isinstance(v, torch.Tensor) or id(v) in param_ids) else v.detach()
+                    for v in args]
+        par_kwargs = {k: (v if (not isinstance(v, torch.Tensor) or id(v) in param_ids) else v.detach())
+                      for k, v in kwargs.items()}
+        training = (par_args[5] if len(par_args) > 5 else par_kwargs.get("training", False)) \
+            if name == "batch_norm" else True
+        if name in ("batch_norm", "instance_norm") and training and len(par_args) > 2:
+            par_args[1] = par_args[2] = None  # no second running-stat update
+        y_par = func(*par_args, **par_kwargs)
+
+        index = self.count
+        self.count += 1
+        self.routed.append(name)
+        channel_dim = None
+        if self.ref.r_shape == "channel" and y_act.dim() >= 3:
+            channel_dim = 1 if name in ("conv", "convT", "batch_norm", "instance_norm", "group_norm",
+                                        "prelu") else y_act.dim() - 1
+        out = _Split.apply(y_act, y_par, lambda g: self.ref.T(index, g, channel_dim))
+        self._mark_batch(out)
+        return out
+
+    def _mark_batch(self, out):
+        for o in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(o, torch.Tensor):
+                self.keep.append(o)
+                self.batch_ids.add(id(o))
+
+
+def plain_reference_r(grads_per_step, rho, batch):
+    """SPEC's closed form: r after k steps = (1-ρ) Σ_j ρ^{k-j} mean_τ(B·g_j[τ])²."""
+    k = len(grads_per_step)
+    return sum((1 - rho) * rho ** (k - 1 - j) * ((batch * g) ** 2).mean(0)
+               for j, g in enumerate(grads_per_step))
+

@@ -1,0 +1,37 @@
+"""transform() against the independent reference, over several SGD steps, on the case table."""
+
+import pytest
+import torch
+
+from cases import CASES
+from helpers import count_t_nodes, run_against_reference, t_rows
+
+
+def _check_t_placement(model_t, case):
+    rows = t_rows(model_t)
+    with_t = {name for name, has_t in rows.items() if has_t}
+    assert with_t == case.t_nodes, f"T nodes at {sorted(with_t)}, expected {sorted(case.t_nodes)}"
+    for name in case.plain:
+        assert name in rows and not rows[name], f"{name} must be located but keep the plain gradient"
+    assert count_t_nodes(model_t) == len(case.t_nodes)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_float64_matches_reference(case):
+    model_t, history = run_against_reference(case, torch.float64, steps=3)
+    for step, grads in enumerate(history):
+        for name, got, want in grads:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12,
+                                       msg=lambda m: f"step {step}, {name}: {m}")
+    _check_t_placement(model_t, case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_float32_matches_reference(case):
+    model_t, history = run_against_reference(case, torch.float32, steps=3)
+    for step, grads in enumerate(history):
+        for name, got, want in grads:
+            scale = want.abs().max().item()
+            torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-4 * max(scale, 1e-3),
+                                       msg=lambda m: f"step {step}, {name}: {m}")
+    _check_t_placement(model_t, case)
