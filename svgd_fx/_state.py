@@ -16,9 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-class StateShapeError(ValueError):
-    pass
+from .errors import StateShapeError
 
 
 class SVGDState(nn.Module):

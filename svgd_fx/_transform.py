@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ._state import StateShapeError, SVGDState
+from ._state import SVGDState
+from .errors import CoverageError, StateShapeError, SVGDError
 from .passes.locate import Analysis, Kind, SigmaNode, locate
 from .passes.reroute import RerouteSpec, reroute
 
@@ -135,8 +136,14 @@ class SVGDModule(nn.Module):
         self.register_load_state_dict_pre_hook(_add_model_prefix)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch._dynamo.config.patch(allow_rnn=True):
-            out = self._compiled[0](*args, **kwargs)
+        try:
+            with torch._dynamo.config.patch(allow_rnn=True):
+                out = self._compiled[0](*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as failure:
+            inner = getattr(failure, "inner_exception", None) or failure.__cause__
+            if isinstance(inner, SVGDError):  # our own message, without Dynamo's wrapping
+                raise inner.with_traceback(None) from None
+            raise
         if not self._coverage_checked:
             self._check_coverage()
         return out
@@ -146,7 +153,7 @@ class SVGDModule(nn.Module):
         missing = [n for n in trainable if n not in self.log.params_seen and n not in self.excluded]
         if missing:
             breaks = _graph_break_reasons()
-            raise RuntimeError(
+            raise CoverageError(
                 "svgd_fx: these trainable parameters were never seen by the SVGD pass, so they would "
                 f"silently train on plain gradients: {missing}. Usually a graph break (code TorchDynamo "
                 "cannot trace) put their use outside the captured graphs"

@@ -35,6 +35,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
+from ..errors import RerouteError
 from ..kernels import virtual_grad  # noqa: F401  (registers torch.ops.svgd_fx.virtual_grad)
 
 
@@ -49,10 +50,6 @@ class RerouteSpec:
     eps: float
     mean_reduction: bool
     channel_dim: int = -1
-
-
-class RerouteError(RuntimeError):
-    pass
 
 
 def _is_backward(node: Node) -> bool:

@@ -1,0 +1,17 @@
+"""Errors svgd_fx raises on purpose; each message names the node or parameter and what to do."""
+
+
+class SVGDError(Exception):
+    """Base class of svgd_fx's own errors."""
+
+
+class StateShapeError(SVGDError, ValueError):
+    """An r whose shape does not fit its σ' node (varying per-sample shape, wrong checkpoint)."""
+
+
+class RerouteError(SVGDError, RuntimeError):
+    """The joint graph of a σ' node has a shape the reroute pass does not understand."""
+
+
+class CoverageError(SVGDError, RuntimeError):
+    """A trainable parameter was never seen by the pass (it would train on plain gradients)."""

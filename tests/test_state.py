@@ -1,0 +1,127 @@
+"""State: r in state_dict under stable names; a fresh transform continues bit-identically."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import svgd_fx
+from cases import CASES, PaperMLP, loss_fn
+
+CASE = {c.name: c for c in CASES}
+
+
+def _batches(case, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
+        out.append((case.inputs(case.batch), case.target(case.batch)))
+    return out
+
+
+def _train(model_t, params, batches):
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    grads = []
+    for xs, y in batches:
+        opt.zero_grad()
+        loss_fn(case_loss[0], model_t(*xs), y).backward()
+        grads.append([p.grad.clone() for p in params])
+        opt.step()
+    return opt, grads
+
+
+case_loss = ["ce"]
+
+
+@pytest.mark.parametrize("name", ["paper_mlp", "res_cnn", "tiny_transformer"])
+def test_state_dict_round_trip_bit_identical(name):
+    case = CASE[name]
+    case_loss[0] = case.loss
+    torch.manual_seed(0)
+    model = case.make()
+    batches = _batches(case, 5)
+
+    # uninterrupted: 5 steps
+    full = copy.deepcopy(model)
+    full_t = svgd_fx.transform(full, s=0.1)
+    _, want = _train(full_t, list(full.parameters()), batches)
+
+    # interrupted after 3 steps: save, then a fresh model + fresh transform loads and continues
+    first = copy.deepcopy(model)
+    first_t = svgd_fx.transform(first, s=0.1)
+    opt, _ = _train(first_t, list(first.parameters()), batches[:3])
+    buf = io.BytesIO()
+    torch.save({"model": first_t.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    assert any(k.startswith("svgd_state.") and k.endswith(".r") for k in saved["model"])
+
+    torch._dynamo.reset()
+    second = case.make()
+    second_t = svgd_fx.transform(second, s=0.1)
+    second_t.load_state_dict(saved["model"])          # before the first forward: held until traced
+    opt2 = torch.optim.SGD(second.parameters(), lr=0.05, momentum=0.9)
+    opt2.load_state_dict(saved["opt"])
+    grads = []
+    for xs, y in batches[3:]:
+        opt2.zero_grad()
+        loss_fn(case.loss, second_t(*xs), y).backward()
+        grads.append([p.grad.clone() for p in second.parameters()])
+        opt2.step()
+    for got, exp in zip(grads, want[3:]):
+        for a, b in zip(got, exp):
+            assert torch.equal(a, b)
+
+
+def test_model_keys_load_into_original_model():
+    model = PaperMLP((12, 8, 4))
+    model_t = svgd_fx.transform(model, s=0.1)
+    model_t(torch.randn(4, 12)).sum().backward()
+    sd = model_t.state_dict()
+    own = {k: v for k, v in sd.items() if not k.startswith("svgd_state.")}
+    assert set(own) == set(model.state_dict())
+    PaperMLP((12, 8, 4)).load_state_dict(own)  # strict
+    assert sorted(k for k in sd if k.startswith("svgd_state.")) == [
+        "svgd_state.net.0.linear.r", "svgd_state.net.1.batch_norm.r", "svgd_state.net.3.linear.r"]
+
+
+def test_load_after_first_forward_copies_in_place():
+    torch.manual_seed(0)
+    model = PaperMLP((12, 8, 4))
+    model_t = svgd_fx.transform(model, s=0.1)
+    x = torch.randn(4, 12)
+    model_t(x).sum().backward()
+    sd = {k: v.clone() + 1.0 if k.endswith(".r") else v for k, v in model_t.state_dict().items()}
+    model_t.load_state_dict(sd)
+    torch.testing.assert_close(model_t.svgd_state["net.0.linear.r"], sd["svgd_state.net.0.linear.r"])
+
+
+def test_load_with_wrong_r_shape_names_the_node():
+    model_t = svgd_fx.transform(PaperMLP((12, 8, 4)), s=0.1)
+    model_t(torch.randn(4, 12)).sum().backward()
+    sd = model_t.state_dict()
+    sd["svgd_state.net.0.linear.r"] = torch.zeros(5)
+    with pytest.raises(RuntimeError, match="net.0.linear"):
+        model_t.load_state_dict(sd)
+
+    fresh = svgd_fx.transform(PaperMLP((12, 8, 4)), s=0.1)
+    fresh.load_state_dict(sd)
+    with pytest.raises(svgd_fx.StateShapeError, match="net.0.linear"):
+        fresh(torch.randn(4, 12))
+
+
+def test_r_shape_never_depends_on_batch():
+    torch.manual_seed(0)
+    case = CASE["res_cnn"]
+    model = case.make()
+    model_t = svgd_fx.transform(model, s=0.1)
+    shapes = set()
+    for batch in (8, 5, 8, 3, 7):
+        xs, y = case.inputs(batch), case.target(batch)
+        loss_fn(case.loss, model_t(*xs), y).backward()
+        shapes.add(tuple((k, tuple(v.shape)) for k, v in model_t.svgd_state.tensors.items()))
+    assert len(shapes) == 1
+    assert dict(next(iter(shapes)))["stem.conv2d.r"] == (6, 8, 8)
