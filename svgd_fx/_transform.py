@@ -171,7 +171,7 @@ class SVGDModule(nn.Module):
 def _graph_break_reasons() -> list[str]:
     from torch._dynamo.utils import counters
 
-    return sorted(counters["graph_break"])[:5]
+    return sorted({reason.strip().splitlines()[0] for reason in counters["graph_break"]})[:5]
 
 
 def _strip_model_prefix(module, state_dict, prefix, local_metadata) -> None:

@@ -1,0 +1,89 @@
+"""Capture routes, explain(), and the passes on their own."""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import svgd_fx
+from cases import PaperMLP
+from helpers import count_t_nodes
+
+
+def test_user_graph_module_is_accepted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    gm = torch.fx.symbolic_trace(model)
+    eager = copy.deepcopy(model)
+    gm_t = svgd_fx.transform(gm, s=0.1)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    out = gm_t(x)
+    assert torch.equal(out, eager(x))
+    F.cross_entropy(out, y).backward()
+    assert count_t_nodes(gm_t) == 2
+    assert {r["node"] for r in svgd_fx.explain(gm_t).rows} == {"0.linear", "2.linear"}
+
+
+def test_explain_report():
+    model_t = svgd_fx.transform(PaperMLP((12, 8, 4)), s=0.1)
+    assert svgd_fx.explain(model_t).rows == []
+    F.cross_entropy(model_t(torch.randn(4, 12)), torch.tensor([0, 1, 2, 3])).backward()
+    report = svgd_fx.explain(model_t)
+    row = report.rows[0]
+    for key in ("node", "op", "source", "params", "linear", "r_shape", "r_bytes"):
+        assert key in row
+    assert row["node"] == "net.0.linear" and row["op"] == "linear"
+    assert row["linear"] == {"net.0.weight": True, "net.0.bias": True}
+    assert row["r_shape"] == (8,) and row["r_bytes"] == 32
+    assert "cases.py" in row["source"]
+    params = sum(p.numel() for p in model_t.parameters())
+    assert report.adam_bytes == 2 * 4 * params
+    assert report.r_bytes == 4 * (8 + 8 + 4)
+    text = str(report)
+    assert "net.1.batch_norm" in text and "Adam" in text
+
+
+def test_no_grad_and_eval_forwards_leave_r_untouched():
+    torch.manual_seed(0)
+    model_t = svgd_fx.transform(PaperMLP((12, 8, 4)), s=0.1)
+    x = torch.randn(4, 12)
+    F.cross_entropy(model_t(x), torch.tensor([0, 1, 2, 3])).backward()
+    before = {k: v.clone() for k, v in model_t.svgd_state.tensors.items()}
+    with torch.no_grad():
+        model_t(x)
+    model_t.eval()
+    model_t(x)
+    for k, v in model_t.svgd_state.tensors.items():
+        assert torch.equal(v, before[k])
+
+
+def test_locate_on_its_own():
+    from svgd_fx.passes import locate
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.g = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return self.fc(x) * torch.sigmoid(self.g) + self.g
+
+    seen = {}
+
+    def backend(gm, example_inputs):
+        names = {id(p): n for n, p in Gate_model.named_parameters()}
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        param_nodes = {n: names[id(v)] for n, v in zip(phs, example_inputs) if id(v) in names}
+        seen["analysis"] = locate(gm, param_nodes)
+        return gm.forward
+
+    Gate_model = Gate()
+    torch.compile(Gate_model, backend=backend)(torch.randn(2, 3))
+    sigmas = seen["analysis"].sigmas
+    assert [(s.op, [(p.arg, p.params, p.linear) for p in s.param_inputs]) for s in sigmas] == [
+        ("linear", [("weight", ("fc.weight",), True), ("bias", ("fc.bias",), True)]),
+        ("mul", [("other", ("g",), False)]),
+        ("add", [("other", ("g",), True)]),
+    ]

@@ -1,0 +1,148 @@
+"""Bad input gets a ValueError that says what and why; capture problems name what to do."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import svgd_fx
+from cases import PaperMLP
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"s": 0.0}, "s must be a finite number > 0"),
+    ({"s": -1.0}, "s must be a finite number > 0"),
+    ({"s": float("inf")}, "s must be a finite number > 0"),
+    ({"s": float("nan")}, "s must be a real number"),
+    ({"s": 0.1, "rho": 1.0}, r"rho must lie in \[0, 1\)"),
+    ({"s": 0.1, "rho": -0.1}, r"rho must lie in \[0, 1\)"),
+    ({"s": 0.1, "eps": 0.0}, "eps must be a finite number > 0"),
+    ({"s": 0.1, "eps": -1e-6}, "eps must be a finite number > 0"),
+    ({"s": 0.1, "reduction": "none"}, "reduction must be 'mean' or 'sum'"),
+    ({"s": 0.1, "r_shape": "row"}, "r_shape must be 'full'"),
+    ({"s": 0.1, "exclude": ["nope.weight"]}, "exclude names parameters the model does not have"),
+])
+def test_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        svgd_fx.transform(nn.Linear(3, 2), **kwargs)
+
+
+def test_no_trainable_parameters():
+    model = nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        svgd_fx.transform(model, s=0.1)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        svgd_fx.transform(nn.ReLU(), s=0.1)
+
+
+def test_non_float_parameters():
+    model = nn.Linear(3, 2)
+    model.c = nn.Parameter(torch.ones(2, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"floating-point parameters.*c \(torch.complex64\)"):
+        svgd_fx.transform(model, s=0.1)
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="takes an nn.Module"):
+        svgd_fx.transform(lambda x: x, s=0.1)
+
+
+class HiddenParams(nn.Module):
+    """A submodule Dynamo is told not to trace: its parameters are never seen by the pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    @torch._dynamo.disable
+    def _untraceable(self, h):
+        return self.b(h)
+
+    def forward(self, x):
+        return self._untraceable(torch.relu(self.a(x)))
+
+
+def test_graph_break_hiding_parameters_raises_naming_them():
+    model_t = svgd_fx.transform(HiddenParams(), s=0.1)
+    with pytest.raises(svgd_fx.CoverageError, match=r"\['b.weight', 'b.bias'\].*exclude="):
+        model_t(torch.randn(3, 4))
+
+
+def test_graph_break_hiding_parameters_can_be_excluded_knowingly():
+    model = HiddenParams()
+    model_t = svgd_fx.transform(model, s=0.1, exclude=["b.weight", "b.bias"])
+    F.cross_entropy(model_t(torch.randn(3, 4)), torch.tensor([0, 1, 0])).backward()
+    report = svgd_fx.explain(model_t)
+    assert report.params_plain["b.weight"] == "excluded by the user"
+    assert {r["node"]: r["t_in_graph"] for r in report.rows} == {"a.linear": True}
+
+
+class DataDependent(nn.Module):
+    """Data-dependent Python control flow: Dynamo splits the graph; both halves are covered."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+        self.c = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if h.sum() > 0:
+            return self.b(h)
+        return self.c(h)
+
+
+def test_data_dependent_branch_is_covered_after_both_branches_are_seen():
+    model = DataDependent()
+    with torch.no_grad():
+        model.a.weight.copy_(torch.eye(4))
+        model.a.bias.zero_()
+    model_t = svgd_fx.transform(model, s=0.1)
+    with pytest.raises(svgd_fx.CoverageError, match=r"\['c.weight', 'c.bias'\]"):
+        model_t(torch.ones(3, 4))   # only the `b` branch ran: `c` has not been seen
+    model_t(-torch.ones(3, 4))      # relu -> 0: the `c` branch; now every parameter was seen
+    F.cross_entropy(model_t(torch.ones(3, 4)), torch.tensor([0, 1, 0])).backward()
+    assert {r["node"] for r in svgd_fx.explain(model_t).rows} == {"a.linear", "b.linear", "c.linear"}
+
+
+class VaryingSeq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids)).mean(1)
+
+
+def test_varying_per_sample_shape_is_a_clear_error_naming_the_node():
+    model_t = svgd_fx.transform(VaryingSeq(), s=0.1)
+    F.cross_entropy(model_t(torch.randint(0, 10, (4, 5))), torch.tensor([0, 1, 2, 0])).backward()
+    with pytest.raises(svgd_fx.StateShapeError, match=r"emb.embedding.*r_shape='channel'"):
+        model_t(torch.randint(0, 10, (4, 7)))
+
+
+def test_channel_r_shape_trains_with_varying_sequence_length():
+    from reference import SVGDReference
+    import copy
+
+    torch.manual_seed(0)
+    model = VaryingSeq().double()
+    ref_model = copy.deepcopy(model)
+    model_t = svgd_fx.transform(model, s=0.1, r_shape="channel")
+    ref = SVGDReference(ref_model, s=0.1, r_shape="channel")
+    opt, opt_r = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    for seq in (5, 7, 3, 5):
+        ids, y = torch.randint(0, 10, (4, seq)), torch.randint(0, 3, (4,))
+        opt.zero_grad()
+        opt_r.zero_grad()
+        F.cross_entropy(model_t(ids), y).backward()
+        F.cross_entropy(ref(ids), y).backward()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
+        opt.step()
+        opt_r.step()
+    assert {k: tuple(v.shape) for k, v in model_t.svgd_state.tensors.items()} == {
+        "emb.embedding.r": (4,), "fc.linear.r": (3,)}
