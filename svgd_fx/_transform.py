@@ -145,14 +145,14 @@ class SVGDModule(nn.Module):
                 raise inner.with_traceback(None) from None
             raise
         if not self._coverage_checked:
-            self._check_coverage()
+            self._check_coverage(args, kwargs)
         return out
 
-    def _check_coverage(self) -> None:
+    def _check_coverage(self, args, kwargs) -> None:
         trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
         missing = [n for n in trainable if n not in self.log.params_seen and n not in self.excluded]
         if missing:
-            breaks = _graph_break_reasons()
+            breaks = _graph_break_locations(self.model, args, kwargs)
             raise CoverageError(
                 "svgd_fx: these trainable parameters were never seen by the SVGD pass, so they would "
                 f"silently train on plain gradients: {missing}. Usually a graph break (code TorchDynamo "
@@ -168,10 +168,25 @@ class SVGDModule(nn.Module):
         return f"s={c.s}, rho={c.rho}, eps={c.eps}, reduction={c.reduction!r}, r_shape={c.r_shape!r}"
 
 
-def _graph_break_reasons() -> list[str]:
-    from torch._dynamo.utils import counters
-
-    return sorted({reason.strip().splitlines()[0] for reason in counters["graph_break"]})[:5]
+def _graph_break_locations(model: nn.Module, args, kwargs) -> list[str]:
+    """``file:line  code: reason`` for each graph break, from a side-effect-free re-trace."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    try:
+        with torch.no_grad():
+            found = torch._dynamo.explain(model)(*args, **kwargs)
+        places = []
+        for brk in found.break_reasons:
+            frame = brk.user_stack[-1] if brk.user_stack else None
+            where = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}  {(frame.line or '').strip()}: " \
+                if frame else ""
+            places.append(where + brk.reason.strip().splitlines()[0])
+        return list(dict.fromkeys(places))[:5]
+    except Exception:  # the explanation is a courtesy: never mask the coverage error itself
+        return []
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
 
 
 def _strip_model_prefix(module, state_dict, prefix, local_metadata) -> None:

@@ -65,8 +65,9 @@ class HiddenParams(nn.Module):
 
 def test_graph_break_hiding_parameters_raises_naming_them():
     model_t = svgd_fx.transform(HiddenParams(), s=0.1)
-    with pytest.raises(svgd_fx.CoverageError, match=r"\['b.weight', 'b.bias'\].*exclude="):
+    with pytest.raises(svgd_fx.CoverageError, match=r"\['b.weight', 'b.bias'\].*exclude=") as info:
         model_t(torch.randn(3, 4))
+    assert "test_errors.py:" in str(info.value) and "self._untraceable(" in str(info.value)
 
 
 def test_graph_break_hiding_parameters_can_be_excluded_knowingly():
