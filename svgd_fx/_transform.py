@@ -72,7 +72,7 @@ class SVGDConfig:
 class SigmaRecord:
     """What the pass found for one σ' node (merged over all graphs that contain it)."""
     sigma: SigmaNode
-    key: str                                  # state key ("fc.linear.r"), or None if not routed
+    key: str | None                           # state key ("fc.linear.r"), or None if not routed
     r_shape: tuple[int, ...] | None
     t_graphs: int = 0                         # number of backward graphs with a T node for it
 
@@ -279,8 +279,7 @@ def build_plan(owner: SVGDModule, gm: torch.fx.GraphModule, example_inputs: list
     analysis = locate(gm, param_nodes, const_nodes, set(owner.excluded))
     log.graphs += 1
     log.params_seen |= analysis.params_seen
-    name_to_input = {name: i for i, (node, name) in
-                     enumerate((n, param_nodes.get(n)) for n in placeholders) if name is not None}
+    name_to_input = {param_nodes[n]: i for i, n in enumerate(placeholders) if n in param_nodes}
 
     specs, keys, r_values = [], [], []
     for sigma in analysis.sigmas:

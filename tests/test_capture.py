@@ -87,3 +87,27 @@ def test_locate_on_its_own():
         ("mul", [("other", ("g",), False)]),
         ("add", [("other", ("g",), True)]),
     ]
+
+
+class ChainRules(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p, self.a, self.b, self.c, self.d = (nn.Parameter(torch.rand(3) + 0.5) for _ in range(5))
+        self.e = nn.Parameter(torch.rand(3) + 0.5)
+
+    def forward(self, x):
+        h = x * (1 / self.p)            # reciprocal: not linear in p
+        h = h * (self.a * self.a)       # a squared: not linear
+        h = h * (self.b * self.c)       # bilinear: linear in b and in c, each with the other fixed
+        h = h + (self.d + 1.0)          # affine: linear
+        return h / self.e.t()           # divisor: not linear in e
+
+
+def test_chain_linearity_rules_in_explain():
+    model_t = svgd_fx.transform(ChainRules(), s=0.1)
+    model_t(torch.randn(4, 3)).sum().backward()
+    linear = {}
+    for row in svgd_fx.explain(model_t).rows:
+        linear.update(row["linear"])
+    assert linear == {"p": False, "a": False, "b": True, "c": True, "d": True, "e": False}
+    assert count_t_nodes(model_t) == 2   # the b*c and the d+1 σ' nodes

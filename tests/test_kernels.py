@@ -72,3 +72,21 @@ def test_triton_kernel_matches_torch_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "TRITON-OK" in res.stdout, res.stdout + res.stderr
+
+
+def test_package_works_without_triton():
+    """With Triton unimportable, svgd_fx imports, trains, and the T op runs its torch path."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["triton"] = None            # any `import triton` now raises ImportError
+        import torch, svgd_fx
+        from svgd_fx.kernels import triton_available
+        assert not triton_available()
+        m = torch.nn.Linear(4, 2)
+        mt = svgd_fx.transform(m, s=0.1)
+        torch.nn.functional.cross_entropy(mt(torch.randn(3, 4)), torch.tensor([0, 1, 0])).backward()
+        assert m.weight.grad is not None and "weight.linear.r" in mt.svgd_state
+        print("NO-TRITON-OK")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "NO-TRITON-OK" in res.stdout, res.stdout + res.stderr

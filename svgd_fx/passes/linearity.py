@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch.fx import Node
+from torch.fx.node import map_arg
 
 
 @dataclass(frozen=True)
@@ -131,28 +132,38 @@ def _callable_name(node: Node) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def chain_linearity(node: Node, inputs: list[dict[str, bool]]) -> tuple[dict[str, bool], str | None]:
+def chain_linearity(node: Node, param_map: Callable[[Node], dict[str, bool]]) -> tuple[dict[str, bool], str | None]:
     """Linearity of a parameter-derived ``node`` in each parameter below it.
 
-    ``inputs`` holds, for each tensor argument of ``node`` in order, a map parameter-name →
-    linear (constants contribute an empty map). Returns the map for ``node`` and, when some
-    parameter became non-linear here, the reason.
+    ``param_map(n)`` gives, for an input node ``n``, its map parameter-name → linear (empty for
+    constants). Every *occurrence* of an input counts (``θ * θ`` has θ in two factors), and for
+    a division only the numerator (``args[0]``) may hold a parameter. Returns the map for
+    ``node`` and, when some parameter became non-linear here, the reason.
     """
     name = _callable_name(node)
-    params = sorted({p for m in inputs for p in m})
+    occurrences = [(position, n) for position, arg in enumerate(node.args) for n in nodes_in(arg)]
+    occurrences += [(None, n) for arg in node.kwargs.values() for n in nodes_in(arg)]
+    maps = [(position, param_map(n)) for position, n in occurrences]
+    params = sorted({p for _, m in maps for p in m})
     if name in _STRUCTURAL_NAMES or name in _ADDITIVE_NAMES:
-        return {p: all(m.get(p, True) for m in inputs) for p in params}, None
+        return {p: all(m.get(p, True) for _, m in maps) for p in params}, None
     if name in _MULTIPLICATIVE_NAMES or name in _DIVISION_NAMES:
         out = {}
         for p in params:
-            holders = [i for i, m in enumerate(inputs) if p in m]
-            ok = len(holders) == 1 and inputs[holders[0]][p]
-            if name in _DIVISION_NAMES and holders != [0]:
+            holders = [(position, m[p]) for position, m in maps if p in m]
+            ok = len(holders) == 1 and holders[0][1]
+            if name in _DIVISION_NAMES and holders[0][0] != 0:
                 ok = False
             out[p] = ok
         bad = [p for p in params if not out[p]]
         return out, (f"`{name}` of parameter-derived values is not linear in {', '.join(bad)}" if bad else None)
     return {p: False for p in params}, f"`{name}` is not linear in its parameter input"
+
+
+def nodes_in(value: Any) -> list[Node]:
+    found: list[Node] = []
+    map_arg(value, lambda n: found.append(n) or n)
+    return found
 
 
 def sigma_rule(node: Node) -> OpRule | None:

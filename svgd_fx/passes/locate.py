@@ -30,9 +30,7 @@ from typing import Any, Iterable
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.fx.node import map_arg
-
-from .linearity import bind_args, chain_linearity, describe_op, sigma_rule
+from .linearity import nodes_in, bind_args, chain_linearity, describe_op, sigma_rule
 
 
 class Kind(enum.Enum):
@@ -88,9 +86,7 @@ def source_name(node: Node) -> str | None:
 
 
 def _input_nodes(node: Node) -> list[Node]:
-    found: list[Node] = []
-    map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
-    return found
+    return node.all_input_nodes
 
 
 def _location(node: Node) -> str:
@@ -154,8 +150,7 @@ def locate(
                 analysis.sigmas.append(_make_sigma(node, kind, chain, chain_why, exclude, used_names))
         elif Kind.PARAM in kinds:
             kind[node] = Kind.PARAM
-            maps = [chain[n] if kind.get(n) is Kind.PARAM else {} for n in inputs]
-            chain[node], why = chain_linearity(node, maps)
+            chain[node], why = chain_linearity(node, lambda n: chain[n] if kind.get(n) is Kind.PARAM else {})
             below = [chain_why[n] for n in inputs if n in chain_why]
             if why or below:
                 chain_why[node] = why or below[0]
@@ -173,7 +168,7 @@ def _make_sigma(node, kind, chain, chain_why, exclude, used_names) -> SigmaNode:
         bound = bind_args(node, rule.args)
         covered: set[Node] = set()
         for arg, value in bound.items():
-            nodes = [n for n in _flatten_nodes(value) if kind.get(n) is Kind.PARAM]
+            nodes = [n for n in nodes_in(value) if kind.get(n) is Kind.PARAM]
             if not nodes:
                 continue
             covered.update(nodes)
@@ -234,8 +229,3 @@ def _reconcile_shared_params(param_inputs: list[ParamInput]) -> None:
             p.linear = False
             p.reason = f"{', '.join(sorted(shared))} also enters `{p.arg}`'s op non-linearly"
 
-
-def _flatten_nodes(value: Any) -> list[Node]:
-    found: list[Node] = []
-    map_arg(value, lambda n: found.append(n) or n)
-    return found

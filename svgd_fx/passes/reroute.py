@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.fx.node import map_arg
 
 from ..errors import RerouteError
 from ..kernels import virtual_grad  # noqa: F401  (registers torch.ops.svgd_fx.virtual_grad)
@@ -77,9 +76,7 @@ def _plain_index(desc) -> int | None:
 
 
 def _inputs(node: Node) -> list[Node]:
-    found: list[Node] = []
-    map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
-    return found
+    return node.all_input_nodes
 
 
 def reroute(
