@@ -14,7 +14,6 @@ paper's 0.1 (its lr grid is SGD's, as SPEC says α_SVGD ≈ α_SGD).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time

@@ -27,7 +27,7 @@ from torch import nn
 
 from ._state import SVGDState
 from .errors import CoverageError, StateShapeError, SVGDError
-from .passes.locate import Analysis, Kind, SigmaNode, locate
+from .passes.locate import Kind, SigmaNode, locate
 from .passes.reroute import RerouteSpec, reroute
 
 ExcludeSpec = None | str | Iterable[str] | Callable[[str, nn.Parameter], bool]

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import svgd_fx
-from cases import PaperMLP
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from svgd_fx.kernels import triton_available, virtual_grad_reference
+from svgd_fx.kernels import triton_available
 
 
 @pytest.mark.parametrize("mean", [True, False])

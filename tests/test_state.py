@@ -5,7 +5,6 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import svgd_fx
 from cases import CASES, PaperMLP, loss_fn
@@ -22,24 +21,20 @@ def _batches(case, n, seed=0):
     return out
 
 
-def _train(model_t, params, batches):
+def _train(model_t, params, batches, loss_kind):
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
     grads = []
     for xs, y in batches:
         opt.zero_grad()
-        loss_fn(case_loss[0], model_t(*xs), y).backward()
+        loss_fn(loss_kind, model_t(*xs), y).backward()
         grads.append([p.grad.clone() for p in params])
         opt.step()
     return opt, grads
 
 
-case_loss = ["ce"]
-
-
 @pytest.mark.parametrize("name", ["paper_mlp", "res_cnn", "tiny_transformer"])
 def test_state_dict_round_trip_bit_identical(name):
     case = CASE[name]
-    case_loss[0] = case.loss
     torch.manual_seed(0)
     model = case.make()
     batches = _batches(case, 5)
@@ -47,12 +42,12 @@ def test_state_dict_round_trip_bit_identical(name):
     # uninterrupted: 5 steps
     full = copy.deepcopy(model)
     full_t = svgd_fx.transform(full, s=0.1)
-    _, want = _train(full_t, list(full.parameters()), batches)
+    _, want = _train(full_t, list(full.parameters()), batches, case.loss)
 
     # interrupted after 3 steps: save, then a fresh model + fresh transform loads and continues
     first = copy.deepcopy(model)
     first_t = svgd_fx.transform(first, s=0.1)
-    opt, _ = _train(first_t, list(first.parameters()), batches[:3])
+    opt, _ = _train(first_t, list(first.parameters()), batches[:3], case.loss)
     buf = io.BytesIO()
     torch.save({"model": first_t.state_dict(), "opt": opt.state_dict()}, buf)
     buf.seek(0)
