@@ -30,7 +30,8 @@ from typing import Any, Iterable
 
 import torch
 from torch.fx import GraphModule, Node
-from .linearity import nodes_in, bind_args, chain_linearity, describe_op, sigma_rule
+
+from .linearity import bind_args, chain_linearity, describe_op, nodes_in, sigma_rule
 
 
 class Kind(enum.Enum):
@@ -85,10 +86,6 @@ def source_name(node: Node) -> str | None:
     return stack[-1][0] if stack else None
 
 
-def _input_nodes(node: Node) -> list[Node]:
-    return node.all_input_nodes
-
-
 def _location(node: Node) -> str:
     trace = node.meta.get("stack_trace") or ""
     frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n(.*)', trace)
@@ -141,7 +138,7 @@ def locate(
             continue
         if node.op == "output":
             continue
-        inputs = _input_nodes(node)
+        inputs = node.all_input_nodes
         kinds = {kind.get(n, Kind.CONST) for n in inputs}
         src = source_name(node)
         if Kind.BATCH in kinds:
@@ -183,13 +180,13 @@ def _make_sigma(node, kind, chain, chain_why, exclude, used_names) -> SigmaNode:
             else:
                 linear, reason = True, f"`{rule.name}` is linear in `{arg}`"
             param_inputs.append(ParamInput(arg, params, linear, reason))
-        leftover = [n for n in _input_nodes(node) if kind.get(n) is Kind.PARAM and n not in covered]
+        leftover = [n for n in node.all_input_nodes if kind.get(n) is Kind.PARAM and n not in covered]
         if leftover:
             params = tuple(sorted({p for n in leftover for p in chain[n]}))
             param_inputs.append(ParamInput("<other>", params, False,
                                            f"`{rule.name}` argument outside the linearity table"))
     else:
-        nodes = [n for n in _input_nodes(node) if kind.get(n) is Kind.PARAM]
+        nodes = [n for n in node.all_input_nodes if kind.get(n) is Kind.PARAM]
         params = tuple(sorted({p for n in nodes for p in chain[n]}))
         param_inputs.append(ParamInput("<all>", params, False,
                                        f"op `{describe_op(node)}` is not in svgd_fx's linearity table "

@@ -75,10 +75,6 @@ def _plain_index(desc) -> int | None:
     return None
 
 
-def _inputs(node: Node) -> list[Node]:
-    return node.all_input_nodes
-
-
 def reroute(
     gm: GraphModule,
     specs: list[RerouteSpec],
@@ -120,7 +116,7 @@ def reroute(
         ]
         if not reroute_outs:
             continue
-        t_node = _insert_t(graph, spec, g, group, placeholders, order)
+        t_node = _insert_t(graph, spec, g, members, placeholders, order)
         _copy_between(graph, g, t_node, group, members, reroute_outs)
         done[spec.name] = t_node.name
     if done:
@@ -134,7 +130,7 @@ def reroute(
 def _incoming_gradient(spec: RerouteSpec, group: list[Node], members: set[Node]) -> Node:
     incoming: list[Node] = []
     for n in group:
-        for a in _inputs(n):
+        for a in n.all_input_nodes:
             if a in members or a in incoming:
                 continue
             is_tangent = a.op == "placeholder" and "Tangent" in type(a.meta.get("desc")).__name__
@@ -175,11 +171,11 @@ def _parameter_edge(start, members, out_values, out_descs, param_derived_sources
     return reached
 
 
-def _insert_t(graph, spec, g, group, placeholders, order) -> Node:
+def _insert_t(graph, spec, g, members, placeholders, order) -> Node:
     r = placeholders.get(spec.r_input)
     if r is None:
         raise RerouteError(f"svgd_fx: state input for σ' node {spec.name!r} is missing from the joint graph")
-    first_use = min((u for u in g.users if u in set(group)), key=order.__getitem__)
+    first_use = min((u for u in g.users if u in members), key=order.__getitem__)
     with graph.inserting_before(first_use):
         t_node = graph.call_function(
             torch.ops.svgd_fx.virtual_grad.default,
@@ -208,12 +204,12 @@ def _copy_between(graph, g, t_node, group, members, reroute_outs) -> None:
     """Copy the nodes of B_S on a path g → rerouted output, fed T(g); rewire those outputs."""
     below_g = {g}
     for n in group:
-        if any(a in below_g for a in _inputs(n)):
+        if any(a in below_g for a in n.all_input_nodes):
             below_g.add(n)
     above_out = set(reroute_outs)
     for n in reversed(group):
         if n in above_out:
-            above_out.update(a for a in _inputs(n) if a in members)
+            above_out.update(a for a in n.all_input_nodes if a in members)
     to_copy = [n for n in group if n in below_g and n in above_out]
 
     copies: dict[Node, Node] = {g: t_node}
