@@ -14,11 +14,12 @@ from __future__ import annotations
 from torch import nn
 
 from . import kernels  # noqa: F401  (registers torch.ops.svgd_fx.virtual_grad)
+from ._backend import backend, state_of
 from ._explain import Report, explain
 from .errors import CoverageError, RerouteError, StateShapeError, SVGDError
 from ._transform import ExcludeSpec, SVGDConfig, SVGDModule, _check_model, _resolve_exclude
 
-__all__ = ["transform", "explain", "Report", "SVGDModule", "SVGDConfig", "SVGDError", "StateShapeError",
+__all__ = ["transform", "backend", "state_of", "explain", "Report", "SVGDModule", "SVGDConfig", "SVGDError", "StateShapeError",
            "RerouteError", "CoverageError"]
 __version__ = "0.1.0"
 

@@ -236,34 +236,59 @@ class _Backend:
 @dataclass
 class Plan:
     """Everything the joint-graph pass needs for one Dynamo graph, and how to call the result."""
-    owner: SVGDModule
+    owner: Any                          # SVGDModule, or the compile backend's Binding
     gm: torch.fx.GraphModule            # Dynamo's graph + one placeholder per r
     example_inputs: list[Any]
     specs: list[RerouteSpec]
     state_keys: list[str]
     param_derived_sources: set[str]
     param_inputs: set[int]
+    r_specs: list[tuple] = field(default_factory=list)   # get_or_create arguments, per state key
+    params_seen: set[str] = field(default_factory=set)  # parameter names this graph uses
 
-    def partition(self, joint, joint_inputs, **kwargs):
-        from torch._functorch.partitioners import default_partition
-
+    def rewrite(self, joint: torch.fx.GraphModule) -> None:
+        """The reroute pass on AOTAutograd's joint graph (in place), logged per σ'."""
         changed = reroute(joint, self.specs, self.param_derived_sources, self.param_inputs)
         for spec in self.specs:
             if spec.name in changed:
                 self.owner.log.records[spec.name].t_graphs += 1
+
+    def partition(self, joint, joint_inputs, **kwargs):
+        from torch._functorch.partitioners import default_partition
+
+        self.rewrite(joint)
         return default_partition(joint, joint_inputs, **kwargs)
 
-    def wrap(self, aot_backend) -> Callable:
-        compiled = aot_backend(self.gm, self.example_inputs)
-        state, keys = self.owner.svgd_state, self.state_keys
+    def wrap(self, aot_backend, owner_of_call: Callable | None = None) -> Callable:
+        """Compile, and feed the current r tensors at every call.
 
-        def run(*args):
-            return compiled(*args, *[state[k] for k in keys])
+        ``owner_of_call(args)`` picks whose state to use per call: a compiled graph is shared by
+        every model whose code and guards match (Dynamo's cache), so the compile backend looks
+        the owner up from the parameters actually passed. ``transform`` owns its graphs alone.
+        """
+        compiled = aot_backend(self.gm, self.example_inputs)
+        keys, r_specs = self.state_keys, self.r_specs
+
+        def state_tensors(owner) -> list[torch.Tensor]:
+            tensors = owner.svgd_state.tensors
+            try:
+                return [tensors[k] for k in keys]
+            except KeyError:  # a model first seen through a graph compiled for another one
+                return [owner.svgd_state.get_or_create(*spec) for spec in r_specs]
+
+        if owner_of_call is None:
+            owner = self.owner
+
+            def run(*args):
+                return compiled(*args, *state_tensors(owner))
+        else:
+            def run(*args):
+                return compiled(*args, *state_tensors(owner_of_call(args)))
 
         return run
 
 
-def build_plan(owner: SVGDModule, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Plan:
+def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Plan:
     model, config, log = owner.model, owner.config, owner.log
     params = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     consts = {id(t) for t in model.buffers()} | {id(p) for p in model.parameters() if not p.requires_grad}
@@ -281,7 +306,7 @@ def build_plan(owner: SVGDModule, gm: torch.fx.GraphModule, example_inputs: list
     log.params_seen |= analysis.params_seen
     name_to_input = {param_nodes[n]: i for i, n in enumerate(placeholders) if n in param_nodes}
 
-    specs, keys, r_values = [], [], []
+    specs, keys, r_values, r_specs = [], [], [], []
     for sigma in analysis.sigmas:
         _disambiguate(log, sigma)
         r_shape, channel_dim = _r_shape(sigma, config)
@@ -290,8 +315,8 @@ def build_plan(owner: SVGDModule, gm: torch.fx.GraphModule, example_inputs: list
         if not sigma.routed:
             continue
         r_dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
-        r = owner.svgd_state.get_or_create(key, r_shape, r_dtype, sigma.device,
-                                           f"{sigma.name!r} ({sigma.location})")
+        r_specs.append((key, r_shape, r_dtype, sigma.device, f"{sigma.name!r} ({sigma.location})"))
+        r = owner.svgd_state.get_or_create(*r_specs[-1])
         specs.append(RerouteSpec(
             source=sigma.source, name=sigma.name, r_input=len(placeholders) + len(keys),
             routed_inputs=frozenset(name_to_input[p] for p in sigma.routed_params),
@@ -305,7 +330,8 @@ def build_plan(owner: SVGDModule, gm: torch.fx.GraphModule, example_inputs: list
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     extra = [fake_mode.from_tensor(r, static_shapes=True) if fake_mode else r for r in r_values]
     pd_sources = {src for src, kind in analysis.kinds.items() if kind is Kind.PARAM}
-    return Plan(owner, new_gm, list(example_inputs) + extra, specs, keys, pd_sources, param_inputs)
+    return Plan(owner, new_gm, list(example_inputs) + extra, specs, keys, pd_sources, param_inputs, r_specs,
+                analysis.params_seen)
 
 
 def _disambiguate(log: PassLog, sigma: SigmaNode) -> None:

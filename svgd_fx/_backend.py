@@ -1,0 +1,324 @@
+"""``torch.compile(model, backend="svgd")``: the same pass, then inductor.
+
+The backend runs the Core pass (``locate`` on Dynamo's graph, ``reroute`` on AOTAutograd's
+joint graph) as inductor's ``joint_custom_pre_pass``, so T is in the graph inductor lowers
+and fuses. Three things differ from :func:`svgd_fx.transform`:
+
+* **Where r lives.** A backend sees graphs, not the model. The first graph it compiles for
+  a model finds the ``nn.Module`` that owns the graph's parameters (the module Dynamo is
+  compiling) and binds one :class:`Binding` to it: the SVGD state, the pass log, the
+  config. Later graphs of the same model (after a graph break, or a recompile) find that
+  binding through their parameters. The model's ``state_dict()`` then carries
+  ``svgd_state.<σ' name>.r`` (``_orig_mod.svgd_state...`` from the compiled wrapper) and
+  ``load_state_dict`` fills it; :func:`state_of` returns the binding's state and creates
+  the binding early, which a checkpoint loaded before the first forward needs.
+* **Caches.** A custom joint pass has no cache key, so inductor's FX-graph cache and the
+  AOTAutograd cache are turned off for the graphs this backend compiles (and only those):
+  no compiled graph can come back from a cache without the rewrite.
+* **Coverage.** Graph pieces compile one by one during the first forward, so the check that
+  every trainable parameter was seen runs when the backward reaches the first piece, before
+  any optimizer step can use a plain gradient.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._state import SVGDState
+from ._transform import ExcludeSpec, PassLog, SVGDConfig, _check_model, _resolve_exclude, build_plan
+from .errors import CoverageError, SVGDError
+
+_OPTION_NAMES = ("s", "rho", "eps", "reduction", "exclude", "r_shape")
+
+
+@dataclass(eq=False)
+class Binding:
+    """SVGD's per-model state under the compile backend (what ``SVGDModule`` holds for transform)."""
+    model_ref: weakref.ref
+    svgd_state: SVGDState = field(default_factory=SVGDState)
+    log: PassLog = field(default_factory=PassLog)
+    config: SVGDConfig | None = None
+    excluded: frozenset[str] = frozenset()
+    coverage_checked: bool = False
+
+    @property
+    def model(self) -> nn.Module:
+        model = self.model_ref()
+        if model is None:
+            raise SVGDError("svgd_fx: the model of this SVGD state no longer exists")
+        return model
+
+    def configure(self, config: SVGDConfig, exclude: ExcludeSpec) -> None:
+        excluded = frozenset(_resolve_exclude(self.model, exclude))
+        if self.config is None:
+            self.config, self.excluded = config, excluded
+        elif (self.config, self.excluded) != (config, excluded):
+            raise SVGDError(
+                f"svgd_fx: {type(self.model).__name__} is already compiled with SVGD options "
+                f"{_describe(self.config, self.excluded)}; now asked for {_describe(config, excluded)}. "
+                "One model keeps one r per σ' node, built with one set of options: use a fresh copy of "
+                "the model (copy.deepcopy) for other options."
+            )
+
+
+def _describe(config: SVGDConfig, excluded: frozenset[str]) -> str:
+    text = (f"s={config.s}, rho={config.rho}, eps={config.eps}, reduction={config.reduction!r}, "
+            f"r_shape={config.r_shape!r}")
+    return text + (f", exclude={sorted(excluded)}" if excluded else "")
+
+
+_BINDINGS: "weakref.WeakKeyDictionary[nn.Module, Binding]" = weakref.WeakKeyDictionary()
+# id(parameter) -> (weakref to it, weakref to its model's binding): the per-call owner lookup
+_PARAM_OWNER: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def state_of(model: nn.Module) -> SVGDState:
+    """The SVGD state (one r per σ' node) of a model compiled with ``backend="svgd"``.
+
+    Accepts the model or what ``torch.compile`` returned. Creates the (empty) state if the
+    model was not compiled yet, so ``model_c.load_state_dict(checkpoint)`` can be called
+    before the first forward: the r tensors wait there and are checked when traced.
+    """
+    return _binding_for(_unwrap(model)).svgd_state
+
+
+def binding_of(model: nn.Module) -> Binding | None:
+    return _BINDINGS.get(_unwrap(model))
+
+
+def _unwrap(model: Any) -> nn.Module:
+    inner = getattr(model, "_orig_mod", model)     # torch.compile's OptimizedModule
+    if not isinstance(inner, nn.Module):
+        raise TypeError(f"svgd_fx: expected an nn.Module or what torch.compile returned, got {type(model).__name__}")
+    return inner
+
+
+def _binding_for(model: nn.Module) -> Binding:
+    binding = _BINDINGS.get(model)
+    if binding is None:
+        binding = Binding(weakref.ref(model))
+        _BINDINGS[model] = binding
+        model.register_state_dict_post_hook(_save_state_hook(binding))
+        model.register_load_state_dict_pre_hook(_load_state_hook(binding))
+    for p in model.parameters():
+        _PARAM_OWNER[id(p)] = (weakref.ref(p, lambda _, key=id(p): _PARAM_OWNER.pop(key, None)),
+                               weakref.ref(binding))
+    return binding
+
+
+def _owner_of_call(plan, compiled_for: Binding):
+    """Per call, the binding of the model whose parameters were passed (see ``Plan.wrap``).
+
+    Dynamo reuses a compiled graph for another instance of the same model class when its
+    guards pass (``torch.compile`` calls with equal options compare equal), so the state to
+    read and update is chosen from the parameters of each call, never from the closure.
+    """
+    first = min(plan.param_inputs)
+
+    def owner(args) -> Binding:
+        param = args[first]
+        entry = _PARAM_OWNER.get(id(param))
+        if entry is not None and entry[0]() is param and (binding := entry[1]()) is not None:
+            if binding.config is not None:
+                return binding
+        return _adopt(plan, compiled_for, [args[i] for i in sorted(plan.param_inputs)])
+
+    return owner
+
+
+def _adopt(plan, compiled_for: Binding, params: list[nn.Parameter]) -> Binding:
+    """A model reached through a graph compiled for another: bind it with the same options."""
+    model = _find_model(params)
+    if model is None:
+        raise SVGDError("svgd_fx: a graph compiled by the svgd backend was called with parameters of an "
+                        "nn.Module it cannot find; compile each model with torch.compile(model, ...).")
+    binding = _binding_for(model)
+    binding.configure(compiled_for.config, compiled_for.excluded)
+    for name, record in compiled_for.log.records.items():
+        binding.log.records.setdefault(name, record)
+    binding.log.params_seen |= plan.params_seen
+    binding.log.graphs += 1
+    return binding
+
+
+def _save_state_hook(binding: Binding):
+    def hook(module, state_dict, prefix, local_metadata) -> None:
+        for key, value in binding.svgd_state.state_dict(keep_vars=False).items():
+            state_dict[f"{prefix}svgd_state.{key}"] = value
+    return hook
+
+
+def _load_state_hook(binding: Binding):
+    def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+             error_msgs) -> None:
+        own = prefix + "svgd_state."
+        mine = {key[len(own):]: state_dict.pop(key) for key in list(state_dict) if key.startswith(own)}
+        binding.svgd_state._load_from_state_dict(mine, "", local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+    return hook
+
+
+# ----------------------------------------------------------------------------- finding the model
+
+def _graph_params(example_inputs: list[Any]) -> list[nn.Parameter]:
+    return [v for v in example_inputs if isinstance(v, nn.Parameter)]
+
+
+def _owns_all(module: nn.Module, params: list[nn.Parameter]) -> bool:
+    mine = {id(p) for p in module.parameters()}
+    return all(id(p) in mine for p in params)
+
+
+def _candidate_modules():
+    """Modules in the locals of the frame Dynamo is compiling, then of the Python stack."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        tx = InstructionTranslator.current_tx()
+    except Exception:  # a private API: fall back to the stack
+        tx = None
+    while tx is not None:
+        for value in getattr(tx, "f_locals", {}).values():
+            yield value
+        tx = getattr(tx, "parent", None)
+    frame = sys._getframe(1)
+    while frame is not None:
+        yield from frame.f_locals.values()
+        frame = frame.f_back
+
+
+def _find_model(params: list[nn.Parameter]) -> nn.Module | None:
+    for module, binding in list(_BINDINGS.items()):
+        if _owns_all(module, params):
+            return module
+    best = None
+    for value in _candidate_modules():
+        value = getattr(value, "_orig_mod", value)
+        if isinstance(value, nn.Module) and _owns_all(value, params):
+            if best is None or _count(value) > _count(best):
+                best = value   # the outermost module seen (a submodule's frame may come first)
+    return best
+
+
+def _count(module: nn.Module) -> int:
+    return sum(1 for _ in module.parameters())
+
+
+# ----------------------------------------------------------------------------- the backend
+
+class backend:
+    """A configured SVGD compile backend: ``torch.compile(model, backend=svgd_fx.backend(s=0.1))``.
+
+    The same options as :func:`svgd_fx.transform`; ``torch.compile(model, backend="svgd",
+    options={"s": 0.1, ...})`` builds one of these. After ``loss.backward()`` every ``p.grad``
+    holds the virtual gradient; step with ``torch.optim.SGD``.
+    """
+
+    def __init__(self, s: float | None = None, *, rho: float = 0.9, eps: float = 1e-6,
+                 reduction: str = "mean", exclude: ExcludeSpec = None, r_shape: str = "full") -> None:
+        if s is None:
+            raise ValueError(
+                "svgd_fx: the svgd backend needs T's scale s (SPEC: s is the user's choice; the paper "
+                "used 0.1, 0.01, 0.001): torch.compile(model, backend='svgd', options={'s': 0.1}) "
+                "or torch.compile(model, backend=svgd_fx.backend(s=0.1))."
+            )
+        self.config = SVGDConfig(s=s, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape)
+        self.exclude = exclude
+
+    def __repr__(self) -> str:
+        return f"svgd_fx.backend({_describe(self.config, frozenset())})"
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]):
+        params = _graph_params(example_inputs)
+        if not params:   # nothing trainable in this piece: plain inductor
+            return _compile_inductor(gm, example_inputs, None)
+        model = _find_model(params)
+        if model is None:
+            raise SVGDError(
+                "svgd_fx: the svgd backend could not find the nn.Module that owns this graph's "
+                f"parameters (shapes {[tuple(p.shape) for p in params[:4]]}...). Compile the model "
+                "itself (torch.compile(model, backend='svgd', ...)), or use svgd_fx.transform(model, s)."
+            )
+        binding = _binding_for(model)
+        _check_model(model)
+        binding.configure(self.config, self.exclude)
+        plan = build_plan(binding, gm, example_inputs)
+        owner = _owner_of_call(plan, binding)
+        compiled = plan.wrap(lambda g, xs: _compile_inductor(g, xs, plan), owner)
+        return _with_coverage_check(owner, compiled, first=binding.log.graphs == 1)
+
+
+def svgd(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **kwargs):
+    """The ``"svgd"`` backend registered under ``torch_dynamo_backends`` (see ``backend``)."""
+    if kwargs.get("mode") is not None:
+        raise ValueError("svgd_fx: the svgd backend takes no mode=; pass options={'s': ...}")
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(_OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"svgd_fx: unknown svgd backend options {unknown}; known: {list(_OPTION_NAMES)}")
+    return backend(**options)(gm, example_inputs)
+
+
+class _JointPass:
+    """Inductor's ``joint_custom_pre_pass``: the reroute on the joint graph, before partitioning."""
+
+    def __init__(self, plan) -> None:
+        self.plan = plan
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.plan.rewrite(graph.owning_module)
+
+    def uuid(self) -> None:  # no cache key: the caches that would need one are off (see module doc)
+        return None
+
+
+def _compile_inductor(gm, example_inputs, plan):
+    from torch._functorch import config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = {"fx_graph_cache": False}
+    if plan is not None:
+        patches["joint_custom_pre_pass"] = _JointPass(plan)
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _with_coverage_check(owner, compiled, first: bool):
+    """On the first graph piece, check coverage when the backward reaches it (see module doc)."""
+    if not first:
+        return compiled
+
+    def run(*args):
+        out = compiled(*args)
+        binding = owner(args)
+        if not binding.coverage_checked and torch.is_grad_enabled():
+            leaves = [t for t in (out if isinstance(out, (list, tuple)) else [out])
+                      if isinstance(t, torch.Tensor) and t.requires_grad]
+            if leaves:
+                hook = torch.autograd.graph.register_multi_grad_hook(
+                    leaves, lambda grads: _check_coverage(binding), mode="any")
+                binding._coverage_hook = hook
+        return out
+
+    return run
+
+
+def _check_coverage(binding: Binding) -> None:
+    if binding.coverage_checked:
+        return
+    model = binding.model
+    missing = [n for n, p in model.named_parameters()
+               if p.requires_grad and n not in binding.log.params_seen and n not in binding.excluded]
+    if missing:
+        raise CoverageError(
+            "svgd_fx: these trainable parameters were never seen by the SVGD pass of backend 'svgd', so "
+            f"they would silently train on plain gradients: {missing}. Usually a graph break put their use "
+            "outside the captured graphs. Fix the graph break (TORCH_LOGS=graph_breaks shows where), or "
+            "pass options={'exclude': [...]} with these names to train them on plain gradients knowingly."
+        )
+    binding.coverage_checked = True

@@ -1,0 +1,303 @@
+"""``torch.compile(model, backend="svgd")``: inductor after the rewrite, the same numbers as transform()."""
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import svgd_fx
+from cases import CASES, PaperMLP, loss_fn
+from helpers import cast_inputs
+from reference import SVGDReference
+from svgd_fx.kernels import triton_available
+
+T_CALL = "torch.ops.svgd_fx.virtual_grad.default("
+
+
+def _t_calls(codes) -> int:
+    """T nodes in inductor's generated code (a call of the custom op per T)."""
+    return sum(code.count(f"= {T_CALL}") for code in codes)
+
+
+def _step(module, params, case, xs, y, dtype):
+    for p in params:
+        p.grad = None
+    y = y.to(dtype) if y.is_floating_point() else y
+    loss_fn(case.loss, module(*cast_inputs(xs, dtype)), y).backward()
+    return [p.grad.clone() if p.grad is not None else None for p in params]
+
+
+def _compiled_and_transformed(case, dtype, s=0.1, seed=0):
+    torch.manual_seed(seed)
+    model = case.make().to(dtype)
+    twin = copy.deepcopy(model)
+    return model, torch.compile(model, backend="svgd", options={"s": s}), twin, svgd_fx.transform(twin, s=s)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name != "lstm"], ids=lambda c: c.name)
+def test_case_table_matches_transform(case):
+    """float32, 3 SGD steps: compiled virtual gradients equal transform()'s; T is in inductor's code
+    exactly once per σ' that must get one."""
+    model, model_c, twin, model_t = _compiled_and_transformed(case, torch.float32)
+    params, twin_params = list(model.parameters()), list(twin.parameters())
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+        xs, y = case.inputs(case.batch), case.target(case.batch)
+        if step == 0:
+            (got, ), codes = run_and_get_code(lambda: [_step(model_c, params, case, xs, y, torch.float32)])
+            assert _t_calls(codes) == len(case.t_nodes), f"T calls in inductor's code: {_t_calls(codes)}"
+        else:
+            got = _step(model_c, params, case, xs, y, torch.float32)
+        want = _step(model_t, twin_params, case, xs, y, torch.float32)
+        for (name, _), a, b in zip(model.named_parameters(), got, want):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                scale = b.abs().max().item()
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=max(1e-5 * scale, 1e-7),
+                                           msg=lambda m: f"step {step}, {name}: {m}")
+        with torch.no_grad():
+            for p, q in zip(params, twin_params):
+                if p.grad is not None:
+                    p -= 0.05 * p.grad
+                    q -= 0.05 * q.grad
+    rows = {row["node"]: row["t_in_graph"] for row in svgd_fx.explain(model_c).rows}
+    assert {n for n, t in rows.items() if t} == case.t_nodes
+    assert all(not rows[n] for n in case.plain)
+
+
+@pytest.mark.parametrize("name", ["paper_mlp", "res_cnn", "tiny_transformer"])
+def test_float64_changing_batch_matches_reference(name):
+    """float64 against the independent reference while the batch size changes (a last partial
+    batch): at most two compiles (static, then dynamic batch), r's shape never follows B."""
+    case = next(c for c in CASES if c.name == name)
+    torch.manual_seed(0)
+    model = case.make().double()
+    ref_model = copy.deepcopy(model)
+    model_c = torch.compile(model, backend=svgd_fx.backend(s=0.1))
+    ref = SVGDReference(ref_model, s=0.1)
+    opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, ref_model))
+    shapes = None
+    for batch in (8, 5, 8, 3, 6):
+        xs, y = cast_inputs(case.inputs(batch), torch.float64), case.target(batch)
+        y = y.double() if y.is_floating_point() else y
+        opt.zero_grad()
+        opt_ref.zero_grad()
+        loss_fn(case.loss, model_c(*xs), y).backward()
+        loss_fn(case.loss, ref(*xs), y).backward()
+        for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-11, msg=lambda m: f"B={batch} {n}: {m}")
+        opt.step()
+        opt_ref.step()
+        state = svgd_fx.state_of(model_c).tensors
+        now = {k: tuple(v.shape) for k, v in state.items()}
+        assert shapes is None or now == shapes, "r's shape must not depend on the batch size"
+        shapes = now
+    assert svgd_fx._backend.binding_of(model).log.graphs <= 2
+
+
+def test_backend_forms_and_options():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    # a backend named by string is first called at the first forward; Dynamo wraps what it raises
+    failed = torch._dynamo.exc.BackendCompilerFailed
+    with pytest.raises(failed, match="needs T's scale s"):
+        torch.compile(model, backend="svgd")(torch.randn(2, 4))
+    torch._dynamo.reset()
+    with pytest.raises(failed, match="unknown svgd backend options"):
+        torch.compile(model, backend="svgd", options={"s": 0.1, "lr": 1})(torch.randn(2, 4))
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="rho must lie"):
+        svgd_fx.backend(s=0.1, rho=1.5)
+    from torch._dynamo import list_backends
+    assert "svgd" in list_backends(exclude_tags=())
+
+
+def test_one_model_one_config():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    torch.compile(model, backend=svgd_fx.backend(s=0.1))(torch.randn(2, 4)).sum().backward()
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="already compiled with SVGD options"):
+        torch.compile(model, backend=svgd_fx.backend(s=0.2))(torch.randn(2, 4))
+
+
+def test_state_dict_round_trip_and_load_before_first_forward():
+    torch.manual_seed(0)
+    model = PaperMLP()
+    model_c = torch.compile(model, backend="svgd", options={"s": 0.1})
+    x, y = torch.randn(16, 784), torch.randint(0, 10, (16,))
+    torch.nn.functional.cross_entropy(model_c(x), y).backward()
+    saved = copy.deepcopy(model_c.state_dict())
+    assert "_orig_mod.svgd_state.net.0.linear.r" in saved and saved["_orig_mod.svgd_state.net.0.linear.r"].abs().sum() > 0
+    assert set(svgd_fx.state_of(model_c).state_dict()) == {k[len("_orig_mod.svgd_state."):] for k in saved
+                                                         if k.startswith("_orig_mod.svgd_state.")}
+
+    fresh = PaperMLP()
+    fresh_c = torch.compile(fresh, backend="svgd", options={"s": 0.1})
+    svgd_fx.state_of(fresh_c)                   # installs the hooks before the first forward
+    fresh_c.load_state_dict(saved)              # strict: every key is known
+    for m in (model, fresh):
+        for p in m.parameters():
+            p.grad = None
+    x2, y2 = torch.randn(16, 784), torch.randint(0, 10, (16,))
+    torch.nn.functional.cross_entropy(model_c(x2), y2).backward()
+    torch.nn.functional.cross_entropy(fresh_c(x2), y2).backward()
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+    bad = {k: (v[:3] if k.endswith("net.0.linear.r") else v) for k, v in saved.items()}
+    with pytest.raises(RuntimeError, match="net.0.linear"):
+        fresh_c.load_state_dict(bad)
+
+
+class _Hidden(torch.nn.Module):
+    """A layer Dynamo does not trace: its parameters live outside every captured graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.mid, self.fc2 = torch.nn.Linear(4, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 3)
+
+    @torch._dynamo.disable
+    def _eager(self, h):
+        return self.mid(h)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self._eager(torch.relu(self.fc1(x)))))
+
+
+def test_graph_break_hiding_parameters_is_loud():
+    """Parameters used only outside the captured graphs would train on plain gradients: the first
+    backward raises, naming them, before any optimizer step; exclude= makes it a choice."""
+    model = _Hidden()
+    model_c = torch.compile(model, backend="svgd", options={"s": 0.1})
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with pytest.raises(svgd_fx.CoverageError, match=r"\['mid.weight', 'mid.bias'\]"):
+        torch.nn.functional.cross_entropy(model_c(x), y).backward()
+    torch._dynamo.reset()
+    model = _Hidden()
+    model_c = torch.compile(model, backend="svgd", options={"s": 0.1, "exclude": ["mid.weight", "mid.bias"]})
+    torch.nn.functional.cross_entropy(model_c(x), y).backward()
+    report = svgd_fx.explain(model_c)
+    assert {row["node"] for row in report.rows if row["t_in_graph"]} == {"fc1.linear", "fc2.linear"}
+    assert report.params_plain == {"mid.weight": "excluded by the user", "mid.bias": "excluded by the user"}
+
+
+def test_lstm_with_allow_rnn():
+    """Dynamo traces nn.LSTM only with allow_rnn (without it, it falls back to eager for the whole
+    forward and never calls the backend: see the README)."""
+    case = next(c for c in CASES if c.name == "lstm")
+    torch.manual_seed(0)
+    model = case.make()
+    xs, y = case.inputs(4), case.target(4)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        model_c = torch.compile(model, backend="svgd", options={"s": 0.1})
+        loss_fn(case.loss, model_c(*xs), y).backward()
+    rows = {row["node"]: row["t_in_graph"] for row in svgd_fx.explain(model_c).rows}
+    assert {n for n, t in rows.items() if t} == case.t_nodes and rows["lstm.lstm"] is False
+
+
+def test_no_cache_returns_a_graph_without_the_rewrite(tmp_path, monkeypatch):
+    """With inductor's caches on, compiling the same model first with plain inductor, then with
+    svgd (twice, after a reset) must give T every time and the same gradients."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with inductor_config.patch(fx_graph_cache=True), functorch_config.patch(enable_autograd_cache=True):
+        plain = copy.deepcopy(model)
+        torch.nn.functional.cross_entropy(torch.compile(plain)(x), y).backward()
+        grads = []
+        for attempt in range(2):
+            torch._dynamo.reset()
+            m = copy.deepcopy(model)
+            model_c = torch.compile(m, backend="svgd", options={"s": 0.1})
+            _, codes = run_and_get_code(
+                lambda: torch.nn.functional.cross_entropy(model_c(x), y).backward())
+            assert _t_calls(codes) == 2, f"attempt {attempt}: T missing from the compiled code"
+            grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    assert not torch.equal(grads[0][0], plain[0].weight.grad)
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed (pip install '.[triton]')")
+def test_triton_t_under_inductor_with_changing_batch():
+    """The hazard of TORCH-NOTES: interpreter-mode Triton T + inductor + a batch size that changes
+    between steps. Two instances share one compiled graph (Dynamo's cache), one calling the Triton
+    T, one the torch T; both must agree every step, and stay near transform()'s float32 run."""
+    code = textwrap.dedent("""
+        import copy, os, sys
+        import torch, svgd_fx
+        sys.path.insert(0, os.environ["TESTS_DIR"])
+        from cases import PaperMLP, ResCNN
+        import svgd_fx.kernels._triton_impl as impl
+        calls = [0]
+        real = impl.virtual_grad_triton
+        def counted(*a):
+            calls[0] += 1
+            return real(*a)
+        impl.virtual_grad_triton = counted
+        for make, shape in ((PaperMLP, (784,)), (ResCNN, (1, 8, 8))):
+            torch.manual_seed(0)
+            models = [make() for _ in range(3)]
+            models[1].load_state_dict(models[0].state_dict()); models[2].load_state_dict(models[0].state_dict())
+            runs = [("triton", torch.compile(models[0], backend="svgd", options={"s": 0.1})),
+                    ("torch", torch.compile(models[1], backend="svgd", options={"s": 0.1})),
+                    ("torch", svgd_fx.transform(models[2], s=0.1))]
+            for step, b in enumerate((16, 16, 5, 16, 3, 11)):
+                x, y = torch.randn(b, *shape), torch.randint(0, 10, (b,))
+                for (kernel, m), src in zip(runs, models):
+                    os.environ["SVGD_FX_KERNEL"] = kernel
+                    for p in src.parameters():
+                        p.grad = None
+                    torch.nn.functional.cross_entropy(m(x), y).backward()
+                scale = max(q.grad.abs().max().item() for q in models[1].parameters())
+                for (n, p), q, t in zip(models[0].named_parameters(), models[1].parameters(), models[2].parameters()):
+                    where = f"{make.__name__} step {step} B={b} {n}"
+                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6 * scale, msg=lambda m: f"{where} triton vs torch: {m}")
+                    torch.testing.assert_close(q.grad, t.grad, rtol=1e-3, atol=2e-5 * scale, msg=lambda m: f"{where} compiled vs transform: {m}")
+                with torch.no_grad():
+                    for p in models[1].parameters():
+                        p -= 0.1 * p.grad
+                # every run starts the next step from the same parameters, statistics and r, so each
+                # comparison measures one step (float32 differences otherwise grow through BN at B=3)
+                synced = models[1].state_dict()
+                models[0].load_state_dict(synced)
+                runs[2][1].load_state_dict(synced)
+        assert calls[0] > 0, "the Triton kernel never ran"
+        print("ok", calls[0])
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", TESTS_DIR=os.path.dirname(__file__))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ok" in done.stdout
+
+
+def test_models_sharing_a_compiled_graph_keep_their_own_r():
+    """Two instances of one class compiled with equal options: Dynamo serves both from one
+    compiled graph; each must still read and update its own r (and match its own transform())."""
+    torch.manual_seed(0)
+    a, b = PaperMLP(), PaperMLP()
+    twins = [copy.deepcopy(a), copy.deepcopy(b)]
+    compiled = [torch.compile(m, backend="svgd", options={"s": 0.1}) for m in (a, b)]
+    transformed = [svgd_fx.transform(t, s=0.1) for t in twins]
+    for step in range(2):
+        for model, model_c, twin, model_t in zip((a, b), compiled, twins, transformed):
+            x, y = torch.randn(16, 784), torch.randint(0, 10, (16,))
+            for p in list(model.parameters()) + list(twin.parameters()):
+                p.grad = None
+            torch.nn.functional.cross_entropy(model_c(x), y).backward()
+            torch.nn.functional.cross_entropy(model_t(x), y).backward()
+            for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"step {step} {n}: {m}")
+    for model, model_t in zip((a, b), transformed):
+        for key, r in svgd_fx.state_of(model).tensors.items():
+            torch.testing.assert_close(r, model_t.svgd_state.tensors[key], rtol=1e-4, atol=1e-9)
+    assert svgd_fx.explain(compiled[1]).rows, "the second model's explain() shows the shared graph's σ' nodes"
