@@ -34,7 +34,7 @@ from ._state import SVGDState
 from ._transform import ExcludeSpec, PassLog, SVGDConfig, _check_model, _resolve_exclude, build_plan
 from .errors import CoverageError, SVGDError
 
-_OPTION_NAMES = ("s", "rho", "eps", "reduction", "exclude", "r_shape")
+_OPTION_NAMES = ("s", "rho", "eps", "reduction", "exclude", "r_shape", "t_impl")
 
 
 @dataclass(eq=False)
@@ -214,13 +214,17 @@ def _count(module: nn.Module) -> int:
 class backend:
     """A configured SVGD compile backend: ``torch.compile(model, backend=svgd_fx.backend(s=0.1))``.
 
-    The same options as :func:`svgd_fx.transform`; ``torch.compile(model, backend="svgd",
+    The same options as :func:`svgd_fx.transform`, plus ``t_impl``: ``"fused"`` (default) writes
+    T as aten ops into the joint graph, so inductor fuses the r update and the scaling into its
+    own kernels; ``"op"`` calls the ``svgd_fx::virtual_grad`` custom op (the Triton kernel on
+    CUDA, the torch implementation elsewhere). ``torch.compile(model, backend="svgd",
     options={"s": 0.1, ...})`` builds one of these. After ``loss.backward()`` every ``p.grad``
     holds the virtual gradient; step with ``torch.optim.SGD``.
     """
 
     def __init__(self, s: float | None = None, *, rho: float = 0.9, eps: float = 1e-6,
-                 reduction: str = "mean", exclude: ExcludeSpec = None, r_shape: str = "full") -> None:
+                 reduction: str = "mean", exclude: ExcludeSpec = None, r_shape: str = "full",
+                 t_impl: str = "fused") -> None:
         if s is None:
             raise ValueError(
                 "svgd_fx: the svgd backend needs T's scale s (SPEC: s is the user's choice; the paper "
@@ -228,7 +232,12 @@ class backend:
                 "or torch.compile(model, backend=svgd_fx.backend(s=0.1))."
             )
         self.config = SVGDConfig(s=s, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape)
+        if t_impl not in ("fused", "op"):
+            raise ValueError(f"svgd_fx: t_impl must be 'fused' (T as aten ops that inductor fuses with its "
+                             f"neighbours, the default) or 'op' (the svgd_fx::virtual_grad custom op: the "
+                             f"Triton kernel on CUDA), got {t_impl!r}")
         self.exclude = exclude
+        self.t_impl = t_impl
 
     def __repr__(self) -> str:
         return f"svgd_fx.backend({_describe(self.config, frozenset())})"
@@ -247,7 +256,7 @@ class backend:
         binding = _binding_for(model)
         _check_model(model)
         binding.configure(self.config, self.exclude)
-        plan = build_plan(binding, gm, example_inputs)
+        plan = build_plan(binding, gm, example_inputs, inline_t=self.t_impl == "fused")
         owner = _owner_of_call(plan, binding)
         compiled = plan.wrap(lambda g, xs: _compile_inductor(g, xs, plan), owner)
         return _with_coverage_check(owner, compiled, first=binding.log.graphs == 1)

@@ -288,7 +288,7 @@ class Plan:
         return run
 
 
-def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Plan:
+def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], inline_t: bool = False) -> Plan:
     model, config, log = owner.model, owner.config, owner.log
     params = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     consts = {id(t) for t in model.buffers()} | {id(p) for p in model.parameters() if not p.requires_grad}
@@ -321,7 +321,7 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any]) 
             source=sigma.source, name=sigma.name, r_input=len(placeholders) + len(keys),
             routed_inputs=frozenset(name_to_input[p] for p in sigma.routed_params),
             s=config.s, rho=config.rho, eps=config.eps,
-            mean_reduction=config.reduction == "mean", channel_dim=channel_dim,
+            mean_reduction=config.reduction == "mean", channel_dim=channel_dim, inline=inline_t,
         ))
         keys.append(key)
         r_values.append(r)

@@ -16,12 +16,40 @@ from helpers import cast_inputs
 from reference import SVGDReference
 from svgd_fx.kernels import triton_available
 
-T_CALL = "torch.ops.svgd_fx.virtual_grad.default("
+T_CALL = "= torch.ops.svgd_fx.virtual_grad.default("
 
 
-def _t_calls(codes) -> int:
-    """T nodes in inductor's generated code (a call of the custom op per T)."""
-    return sum(code.count(f"= {T_CALL}") for code in codes)
+def _code_of(fn):
+    """Run fn; return inductor's generated code, with kernels named after all their FX nodes."""
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch({"cpp.descriptive_names": "inductor_node", "kernel_name_max_ops": 10**6}):
+        _, codes = run_and_get_code(fn)
+    return "\n".join(codes)
+
+
+def _t_tag(sigma: str) -> str:
+    """How the fused T of σ' node ``sigma`` is named in the graph (reroute._inline_t)."""
+    return "svgd_T_" + "".join(c if c.isalnum() else "_" for c in sigma)
+
+
+def _check_t_in_code(code: str, with_t, without_t=()) -> None:
+    """Every σ' in ``with_t`` has its T in the generated code: its r (one of the last graph
+    inputs, ``primals_<n>``) is passed to a kernel built from T nodes. (Kernel names alone do
+    not prove it: inductor reuses one kernel for identical code, e.g. two same-shape BNs.)"""
+    import re
+
+    unpacked = re.findall(r"^\s*(.*tangents_\d+.*) = args$", code, flags=re.M)
+    assert unpacked, "no backward graph in the generated code"
+    primals = sorted({int(n) for line in unpacked for n in re.findall(r"\bprimals_(\d+)\b", line)})
+    r_inputs = [f"primals_{n}" for n in primals[-len(with_t):]] if with_t else []
+    t_calls = re.findall(r"\n\s*(cpp_fused\w*svgd_T_\w*|\w*triton\w*svgd_T_\w*)\(([^)]*)\)", code)
+    fed = {a.strip() for _, args in t_calls for a in args.split(",")}
+    assert t_calls and set(r_inputs) <= fed, f"r inputs {r_inputs} not all written by a T kernel; T kernels got {sorted(fed)}"
+    named = {n for n in with_t if _t_tag(n) in code}
+    assert named, f"no T-named kernel in the code for {sorted(with_t)}"
+    extra = [n for n in without_t if _t_tag(n) in code]
+    assert not extra, f"T in inductor's code for {extra}, which must keep the plain gradient"
 
 
 def _step(module, params, case, xs, y, dtype):
@@ -50,8 +78,10 @@ def test_case_table_matches_transform(case):
         torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
         xs, y = case.inputs(case.batch), case.target(case.batch)
         if step == 0:
-            (got, ), codes = run_and_get_code(lambda: [_step(model_c, params, case, xs, y, torch.float32)])
-            assert _t_calls(codes) == len(case.t_nodes), f"T calls in inductor's code: {_t_calls(codes)}"
+            got = []
+            code = _code_of(lambda: got.extend(_step(model_c, params, case, xs, y, torch.float32)))
+            _check_t_in_code(code, case.t_nodes, case.plain)
+            assert T_CALL not in code     # the default T is fused, not the custom op
         else:
             got = _step(model_c, params, case, xs, y, torch.float32)
         want = _step(model_t, twin_params, case, xs, y, torch.float32)
@@ -218,9 +248,8 @@ def test_no_cache_returns_a_graph_without_the_rewrite(tmp_path, monkeypatch):
             torch._dynamo.reset()
             m = copy.deepcopy(model)
             model_c = torch.compile(m, backend="svgd", options={"s": 0.1})
-            _, codes = run_and_get_code(
-                lambda: torch.nn.functional.cross_entropy(model_c(x), y).backward())
-            assert _t_calls(codes) == 2, f"attempt {attempt}: T missing from the compiled code"
+            code = _code_of(lambda: torch.nn.functional.cross_entropy(model_c(x), y).backward())
+            _check_t_in_code(code, ["0.linear", "2.linear"])
             grads.append([p.grad for p in m.parameters()])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
@@ -248,8 +277,8 @@ def test_triton_t_under_inductor_with_changing_batch():
             torch.manual_seed(0)
             models = [make() for _ in range(3)]
             models[1].load_state_dict(models[0].state_dict()); models[2].load_state_dict(models[0].state_dict())
-            runs = [("triton", torch.compile(models[0], backend="svgd", options={"s": 0.1})),
-                    ("torch", torch.compile(models[1], backend="svgd", options={"s": 0.1})),
+            runs = [("triton", torch.compile(models[0], backend="svgd", options={"s": 0.1, "t_impl": "op"})),
+                    ("torch", torch.compile(models[1], backend="svgd", options={"s": 0.1, "t_impl": "op"})),
                     ("torch", svgd_fx.transform(models[2], s=0.1))]
             for step, b in enumerate((16, 16, 5, 16, 3, 11)):
                 x, y = torch.randn(b, *shape), torch.randint(0, 10, (b,))
@@ -301,3 +330,54 @@ def test_models_sharing_a_compiled_graph_keep_their_own_r():
         for key, r in svgd_fx.state_of(model).tensors.items():
             torch.testing.assert_close(r, model_t.svgd_state.tensors[key], rtol=1e-4, atol=1e-9)
     assert svgd_fx.explain(compiled[1]).rows, "the second model's explain() shows the shared graph's σ' nodes"
+
+
+@pytest.mark.parametrize("name", ["paper_mlp", "res_cnn"])
+def test_custom_op_t_matches_fused(name):
+    """t_impl="op" (the svgd_fx::virtual_grad call, Triton on CUDA) gives the fused T's numbers,
+    and its code calls the op once per σ' with a T."""
+    case = next(c for c in CASES if c.name == name)
+    torch.manual_seed(0)
+    a = case.make()
+    b = copy.deepcopy(a)
+    fused = torch.compile(a, backend=svgd_fx.backend(s=0.1))
+    op = torch.compile(b, backend=svgd_fx.backend(s=0.1, t_impl="op"))
+    for step in range(3):
+        xs, y = case.inputs(case.batch), case.target(case.batch)
+        got = _step(fused, list(a.parameters()), case, xs, y, torch.float32)
+        if step == 0:
+            want = []
+            code = _code_of(lambda: want.extend(_step(op, list(b.parameters()), case, xs, y, torch.float32)))
+            assert code.count(T_CALL) == len(case.t_nodes)
+        else:
+            want = _step(op, list(b.parameters()), case, xs, y, torch.float32)
+        scale = max(w.abs().max().item() for w in want if w is not None)
+        for (n, _), u, v in zip(a.named_parameters(), got, want):
+            torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-6 * scale, msg=lambda m: f"step {step} {n}: {m}")
+        with torch.no_grad():
+            for p, q in zip(a.parameters(), b.parameters()):
+                p -= 0.05 * p.grad
+                q -= 0.05 * q.grad
+
+
+def test_channel_mode_and_sum_reduction_fused():
+    """The fused T's r_shape="channel" and reduction="sum" branches against transform()."""
+    case = next(c for c in CASES if c.name == "res_cnn")
+    for kw in ({"r_shape": "channel"}, {"reduction": "sum"}):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = case.make().double()
+        twin = copy.deepcopy(model)
+        model_c = torch.compile(model, backend=svgd_fx.backend(s=0.1, **kw))
+        model_t = svgd_fx.transform(twin, s=0.1, **kw)
+        reduction = kw.get("reduction", "mean")
+        for batch in (8, 5, 8):
+            xs, y = cast_inputs(case.inputs(batch), torch.float64), case.target(batch)
+            for m, src in ((model_c, model), (model_t, twin)):
+                for p in src.parameters():
+                    p.grad = None
+                loss_fn(case.loss, m(*xs), y, reduction=reduction).backward()
+            for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"{kw} B={batch} {n}: {m}")
+        for key, r in svgd_fx.state_of(model).tensors.items():
+            torch.testing.assert_close(r, model_t.svgd_state.tensors[key], rtol=1e-10, atol=0)

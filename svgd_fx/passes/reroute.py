@@ -49,6 +49,7 @@ class RerouteSpec:
     eps: float
     mean_reduction: bool
     channel_dim: int = -1
+    inline: bool = False         # T as aten ops (fused by inductor) instead of the custom op
 
 
 def _is_backward(node: Node) -> bool:
@@ -176,19 +177,64 @@ def _insert_t(graph, spec, g, members, placeholders, order) -> Node:
     if r is None:
         raise RerouteError(f"svgd_fx: state input for σ' node {spec.name!r} is missing from the joint graph")
     first_use = min((u for u in g.users if u in members), key=order.__getitem__)
+    meta = {k: v for k, v in first_use.meta.items() if k != "val"}
+    meta.update(partitioner_tag="is_backward", svgd_sigma=spec.name)
     with graph.inserting_before(first_use):
+        if spec.inline:
+            return _inline_t(graph, spec, g, r, meta)
         t_node = graph.call_function(
             torch.ops.svgd_fx.virtual_grad.default,
             (g, r, spec.s, spec.rho, spec.eps, spec.mean_reduction, spec.channel_dim),
         )
-    t_node.meta.update({k: v for k, v in first_use.meta.items() if k != "val"})
+    t_node.meta.update(meta)
     g_val = g.meta.get("val")
     if isinstance(g_val, torch.Tensor):
         with _fake_mode_of(g_val):
             t_node.meta["val"] = torch.empty_like(g_val, memory_format=torch.contiguous_format)
-    t_node.meta["partitioner_tag"] = "is_backward"
-    t_node.meta["svgd_sigma"] = spec.name
     return t_node
+
+
+def _inline_t(graph, spec, g, r, meta) -> Node:
+    """T spelled in aten ops, for inductor to fuse (the formula of ``virtual_grad_reference``):
+
+    ``r ← ρ·r + (1-ρ)·mean_b (B·g)²`` written back into r with ``copy_``, then
+    ``T(g) = s·g / sqrt(r + ε)``. The output reads r through the ``copy_``, which orders the
+    update first and keeps it alive (nothing else uses it). B is read from g at run time.
+    Node names start with ``svgd_T_`` (they show in inductor's generated code).
+    """
+    aten = torch.ops.aten
+    g_val, r_val = g.meta["val"], r.meta["val"]
+    tag = "svgd_T_" + "".join(c if c.isalnum() else "_" for c in spec.name)
+
+    def emit(target, *args):
+        node = graph.create_node("call_function", target, args, name=tag)
+        node.meta.update(meta)
+        vals = [a.meta["val"] if isinstance(a, Node) else a for a in args]
+        with _fake_mode_of(g_val):
+            node.meta["val"] = target(*vals)
+        return node
+
+    batch = g_val.shape[0] if isinstance(g_val.shape[0], int) else emit(aten.sym_size.int, g, 0)
+    gr = g if g_val.dtype == r_val.dtype else emit(torch.ops.prims.convert_element_type.default, g, r_val.dtype)
+    sq = emit(aten.mul.Tensor, gr, gr)
+    if spec.channel_dim >= 0:    # r per channel: mean over the other per-sample dims first
+        other = [d for d in range(1, g_val.dim()) if d != spec.channel_dim]
+        if other:
+            sq = emit(aten.mean.dim, sq, other)
+    stat = emit(aten.sum.dim_IntList, sq, [0])
+    # mean_b (B·g)² = B·Σ_b g² for a mean loss; mean_b g² = Σ_b g² / B for a sum loss
+    stat = emit(aten.mul.Tensor if spec.mean_reduction else aten.div.Tensor, stat, batch)
+    r_new = emit(aten.add.Tensor, emit(aten.mul.Tensor, r, spec.rho), emit(aten.mul.Tensor, stat, 1.0 - spec.rho))
+    r_now = emit(aten.copy_.default, r, r_new)
+    denom = emit(aten.sqrt.default, emit(aten.add.Tensor, r_now, spec.eps))
+    if spec.channel_dim >= 0:
+        shape = [1] * g_val.dim()
+        shape[spec.channel_dim] = -1
+        denom = emit(aten.view.default, denom, shape)
+    out = emit(aten.div.Tensor, emit(aten.mul.Tensor, gr, spec.s), denom)
+    if g_val.dtype != r_val.dtype:
+        out = emit(torch.ops.prims.convert_element_type.default, out, g_val.dtype)
+    return out
 
 
 def _fake_mode_of(value):

@@ -1,0 +1,159 @@
+"""Time one full training step (forward, backward, optimizer step) for SVGD and its baselines.
+
+    python -m benchmarks.step_time                       # all models, prints a Markdown table
+    python -m benchmarks.step_time --models mlp128 --rounds 5 --json out.json
+
+Every method trains its own copy of the same model on the same batch; methods run
+interleaved (round-robin, in a shuffled order each round) on one thread after a warm-up that
+includes every compile. Reported: median step time and its spread (p10-p90) over all timed
+steps, and the ratio to compiled SGD, as the median over rounds of the per-round ratio (the
+baseline is measured in the same round, so machine noise cancels). "state bytes" is what the
+optimizer keeps besides the parameters: r for SVGD, exp_avg + exp_avg_sq for Adam.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import svgd_fx
+from benchmarks.models import PaperMLP, PreActResNet20, TinyGPT
+
+MODELS = {
+    # name: (constructor, batch -> (inputs, targets), batch size, lr)
+    "mlp32": (PaperMLP, lambda b: (torch.randn(b, 784), torch.randint(0, 10, (b,))), 32),
+    "mlp128": (PaperMLP, lambda b: (torch.randn(b, 784), torch.randint(0, 10, (b,))), 128),
+    "resnet20": (PreActResNet20, lambda b: (torch.randn(b, 1, 28, 28), torch.randint(0, 10, (b,))), 32),
+    "gpt": (TinyGPT, lambda b: (torch.randint(0, 256, (b, 64)), torch.randint(0, 256, (b, 64))), 16),
+}
+
+
+def _loss(out, y):
+    return F.cross_entropy(out.flatten(0, -2) if out.dim() > 2 else out, y.flatten())
+
+
+def make_methods(base: torch.nn.Module, s: float = 0.1) -> dict:
+    """name -> (callable model, its parameters' module, optimizer)."""
+    def fresh():
+        return copy.deepcopy(base)
+
+    methods = {}
+    m = fresh()
+    methods["SGD eager"] = (m, m, torch.optim.SGD(m.parameters(), lr=0.01))
+    for name, opt in [("SGD compiled", lambda p: torch.optim.SGD(p, lr=0.01)),
+                      ("SGD+momentum", lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
+                      ("Adam foreach", lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True)),
+                      ("Adam fused", lambda p: torch.optim.Adam(p, lr=1e-3, fused=True)),
+                      ("RMSProp", lambda p: torch.optim.RMSprop(p, lr=1e-3))]:
+        m = fresh()
+        methods[name] = (torch.compile(m), m, opt(m.parameters()))
+    m = fresh()
+    methods["SVGD transform"] = (svgd_fx.transform(m, s=s), m, torch.optim.SGD(m.parameters(), lr=0.01))
+    m = fresh()
+    methods["SVGD backend"] = (torch.compile(m, backend="svgd", options={"s": s}), m,
+                               torch.optim.SGD(m.parameters(), lr=0.01))
+    return methods
+
+
+def state_bytes(name: str, model, module, opt) -> int:
+    if name.startswith("SVGD"):
+        state = model.svgd_state if name == "SVGD transform" else svgd_fx.state_of(module)
+        return sum(t.numel() * t.element_size() for t in state.tensors.values())
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def step(model, module, opt, x, y) -> None:
+    opt.zero_grad(set_to_none=True)
+    _loss(model(x), y).backward()
+    opt.step()
+
+
+def time_model(key: str, rounds: int, steps: int, warmup: int, seed: int = 0) -> dict:
+    make, data, batch = MODELS[key]
+    torch.manual_seed(seed)
+    base = make()
+    x, y = data(batch)
+    methods = make_methods(base)
+    compile_s = {}
+    for name, (model, module, opt) in methods.items():
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            step(model, module, opt, x, y)
+        compile_s[name] = time.perf_counter() - t0
+    times = {name: [] for name in methods}
+    per_round = {name: [] for name in methods}
+    order = list(methods)
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            model, module, opt = methods[name]
+            got = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                step(model, module, opt, x, y)
+                got.append(time.perf_counter() - t0)
+            times[name] += got
+            per_round[name].append(statistics.median(got))
+    base_rounds = per_round["SGD compiled"]
+    rows = []
+    for name in methods:
+        ts = sorted(times[name])
+        ratio = statistics.median(a / b for a, b in zip(per_round[name], base_rounds))
+        rows.append({
+            "method": name, "median_ms": 1e3 * statistics.median(ts),
+            "p10_ms": 1e3 * ts[len(ts) // 10], "p90_ms": 1e3 * ts[(9 * len(ts)) // 10],
+            "ratio_to_compiled_sgd": ratio, "state_bytes": state_bytes(name, *methods[name]),
+            "warmup_s": compile_s[name],
+        })
+    return {"model": key, "batch": batch, "params": sum(p.numel() for p in base.parameters()), "rows": rows}
+
+
+def to_markdown(results: list[dict], meta: dict) -> str:
+    lines = [f"Step time (forward + backward + optimizer step), {meta['device']}, {meta['threads']} thread(s), "
+             f"torch {meta['torch']}; median of {meta['rounds']}×{meta['steps']} interleaved steps.", ""]
+    for res in results:
+        lines += [f"### {res['model']} (batch {res['batch']}, {res['params']:,} parameters)", "",
+                  "| method | median ms | p10–p90 ms | × compiled SGD | optimizer state bytes |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in res["rows"]:
+            lines.append(f"| {r['method']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}–{r['p90_ms']:.2f} | "
+                         f"{r['ratio_to_compiled_sgd']:.3f} | {r['state_bytes']:,} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)}")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per method per round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per method (compiles happen here)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="write all figures to this path")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    meta = {"device": f"CPU ({platform.processor() or platform.machine()})", "threads": args.threads,
+            "torch": torch.__version__, "rounds": args.rounds, "steps": args.steps}
+    results = []
+    for key in args.models.split(","):
+        results.append(time_model(key, args.rounds, args.steps, args.warmup))
+        print(to_markdown(results[-1:], meta), flush=True)
+    out = {"meta": meta, "results": results}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
