@@ -16,11 +16,11 @@ from torch import nn
 from . import kernels  # noqa: F401  (registers torch.ops.svgd_fx.virtual_grad)
 from ._backend import backend, state_of
 from ._explain import Report, explain
-from .errors import CoverageError, RerouteError, StateShapeError, SVGDError
+from .errors import CoverageError, NonFiniteGradientError, RerouteError, StateShapeError, SVGDError
 from ._transform import ExcludeSpec, SVGDConfig, SVGDModule, _check_model, _resolve_exclude
 
 __all__ = ["transform", "backend", "state_of", "explain", "Report", "SVGDModule", "SVGDConfig", "SVGDError", "StateShapeError",
-           "RerouteError", "CoverageError"]
+           "RerouteError", "CoverageError", "NonFiniteGradientError"]
 __version__ = "0.1.0"
 
 
@@ -33,6 +33,7 @@ def transform(
     reduction: str = "mean",
     exclude: ExcludeSpec = None,
     r_shape: str = "full",
+    nonfinite: str = "raise",
 ) -> SVGDModule:
     """Return ``model`` with SVGD's backward: after ``loss.backward()`` every ``p.grad`` holds
     the virtual gradient (SPEC), to be used by plain SGD (``torch.optim.SGD``).
@@ -48,8 +49,11 @@ def transform(
     r_shape:   "full" (r has the σ' output's per-sample shape, SPEC's default) or "channel"
                (r over the channel dimension only, for σ' nodes whose per-sample shape varies,
                e.g. a sequence length that changes between batches).
+    nonfinite: "raise" (default): an inf/NaN in ∇σ'J raises ``NonFiniteGradientError`` naming
+               the σ' node, inside the backward, before any optimizer step; "skip": training
+               goes on. Either way r is never updated from a non-finite statistic.
     """
-    config = SVGDConfig(s=s, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape)
+    config = SVGDConfig(s=s, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape, nonfinite=nonfinite)
     _check_model(model)
     excluded = _resolve_exclude(model, exclude)
     return SVGDModule(model, config, excluded)

@@ -34,7 +34,7 @@ from ._state import SVGDState
 from ._transform import ExcludeSpec, PassLog, SVGDConfig, _check_model, _resolve_exclude, build_plan
 from .errors import CoverageError, SVGDError
 
-_OPTION_NAMES = ("s", "rho", "eps", "reduction", "exclude", "r_shape", "t_impl")
+_OPTION_NAMES = ("s", "rho", "eps", "reduction", "exclude", "r_shape", "nonfinite", "t_impl")
 
 
 @dataclass(eq=False)
@@ -224,14 +224,15 @@ class backend:
 
     def __init__(self, s: float | None = None, *, rho: float = 0.9, eps: float = 1e-6,
                  reduction: str = "mean", exclude: ExcludeSpec = None, r_shape: str = "full",
-                 t_impl: str = "fused") -> None:
+                 nonfinite: str = "raise", t_impl: str = "fused") -> None:
         if s is None:
             raise ValueError(
                 "svgd_fx: the svgd backend needs T's scale s (SPEC: s is the user's choice; the paper "
                 "used 0.1, 0.01, 0.001): torch.compile(model, backend='svgd', options={'s': 0.1}) "
                 "or torch.compile(model, backend=svgd_fx.backend(s=0.1))."
             )
-        self.config = SVGDConfig(s=s, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape)
+        self.config = SVGDConfig(s=s, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape,
+                                 nonfinite=nonfinite)
         if t_impl not in ("fused", "op"):
             raise ValueError(f"svgd_fx: t_impl must be 'fused' (T as aten ops that inductor fuses with its "
                              f"neighbours, the default) or 'op' (the svgd_fx::virtual_grad custom op: the "

@@ -24,6 +24,7 @@ class SVGDState(nn.Module):
         super().__init__()
         self.tensors: dict[str, torch.Tensor] = {}      # "<σ' name>.r" -> tensor
         self._pending: dict[str, torch.Tensor] = {}     # loaded before the first trace
+        self.flags: dict[str, torch.Tensor] = {}        # "<σ' name>.nonfinite" -> count (not saved)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -35,6 +36,10 @@ class SVGDState(nn.Module):
                       device: torch.device, where: str) -> torch.Tensor:
         """The state tensor ``key``; created zero (or from a pending load) on first use."""
         existing = self.tensors.get(key)
+        if existing is not None and (existing.device != torch.device(device) or existing.dtype != dtype):
+            # the model moved (``model.to(...)`` under the compile backend, where r is not a
+            # submodule of it) or changed dtype: the recompiled graph gets r where its values are
+            existing = self.tensors[key] = existing.to(device=device, dtype=dtype)
         if existing is not None:
             if tuple(existing.shape) != tuple(shape):
                 raise StateShapeError(
@@ -56,10 +61,18 @@ class SVGDState(nn.Module):
         self.tensors[key] = tensor
         return tensor
 
+    def flag(self, key: str, device: torch.device) -> torch.Tensor:
+        """A 0-dim counter the fused T increments when ∇σ'J is not finite (``nonfinite="raise"``)."""
+        flag = self.flags.get(key)
+        if flag is None or flag.device != torch.device(device):
+            flag = self.flags[key] = torch.zeros((), dtype=torch.float32, device=device)
+        return flag
+
     # -- nn.Module plumbing: dotted keys, device moves, state_dict ---------------------------
     def _apply(self, fn, recurse=True):
         self.tensors = {k: fn(v) for k, v in self.tensors.items()}
         self._pending = {k: fn(v) for k, v in self._pending.items()}
+        self.flags = {k: fn(v).float() for k, v in self.flags.items()}
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

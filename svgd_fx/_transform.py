@@ -40,6 +40,7 @@ class SVGDConfig:
     eps: float = 1e-6
     reduction: str = "mean"
     r_shape: str = "full"
+    nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
         def real(name, value):
@@ -63,6 +64,10 @@ class SVGDConfig:
         if self.r_shape not in ("full", "channel"):
             raise ValueError(f"svgd_fx: r_shape must be 'full' (r per output element, SPEC's default) "
                              f"or 'channel' (r per channel), got {self.r_shape!r}")
+        if self.nonfinite not in ("raise", "skip"):
+            raise ValueError(f"svgd_fx: nonfinite must be 'raise' (an inf/NaN in ∇σ'J raises, naming the "
+                             f"σ' node) or 'skip' (r keeps its old values there; training goes on), "
+                             f"got {self.nonfinite!r}")
         object.__setattr__(self, "s", s)
         object.__setattr__(self, "rho", rho)
         object.__setattr__(self, "eps", eps)
@@ -245,6 +250,7 @@ class Plan:
     param_inputs: set[int]
     r_specs: list[tuple] = field(default_factory=list)   # get_or_create arguments, per state key
     params_seen: set[str] = field(default_factory=set)  # parameter names this graph uses
+    flag_keys: list[str] = field(default_factory=list)  # non-finite counters (fused T, "raise")
 
     def rewrite(self, joint: torch.fx.GraphModule) -> None:
         """The reroute pass on AOTAutograd's joint graph (in place), logged per σ'."""
@@ -267,14 +273,20 @@ class Plan:
         the owner up from the parameters actually passed. ``transform`` owns its graphs alone.
         """
         compiled = aot_backend(self.gm, self.example_inputs)
-        keys, r_specs = self.state_keys, self.r_specs
+        keys, r_specs, flag_keys = self.state_keys, self.r_specs, self.flag_keys
+        device = r_specs[0][3] if r_specs else None
 
         def state_tensors(owner) -> list[torch.Tensor]:
-            tensors = owner.svgd_state.tensors
+            state = owner.svgd_state
             try:
-                return [tensors[k] for k in keys]
+                tensors = [state.tensors[k] for k in keys]
             except KeyError:  # a model first seen through a graph compiled for another one
-                return [owner.svgd_state.get_or_create(*spec) for spec in r_specs]
+                tensors = [state.get_or_create(*spec) for spec in r_specs]
+            if flag_keys:
+                flags = [state.flag(k, device) for k in flag_keys]
+                _raise_if_flagged(state, flag_keys, flags)
+                tensors += flags
+            return tensors
 
         if owner_of_call is None:
             owner = self.owner
@@ -286,6 +298,23 @@ class Plan:
                 return compiled(*args, *state_tensors(owner_of_call(args)))
 
         return run
+
+
+def _raise_if_flagged(state, flag_keys: list[str], flags: list[torch.Tensor]) -> None:
+    """The fused T cannot raise inside inductor's kernels: it counts, and the next call raises."""
+    if not bool(torch.stack(flags).any()):
+        return
+    from .kernels.t_op import _nonfinite
+
+    names = [k.rsplit(".", 1)[0] for k, f in zip(flag_keys, flags) if bool(f)]
+    for f in flags:
+        f.zero_()
+    error = _nonfinite(", ".join(names))
+    error.args = (error.args[0].replace("the gradient arriving", "the previous backward's gradient arriving")
+                  + " (Under the compile backend's fused T the error comes at the next forward: the "
+                  "optimizer may already have stepped on those gradients; t_impl='op' raises inside "
+                  "the backward instead.)",)
+    raise error
 
 
 def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], inline_t: bool = False) -> Plan:
@@ -306,7 +335,7 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
     log.params_seen |= analysis.params_seen
     name_to_input = {param_nodes[n]: i for i, n in enumerate(placeholders) if n in param_nodes}
 
-    specs, keys, r_values, r_specs = [], [], [], []
+    routed, keys, r_values, r_specs = [], [], [], []
     for sigma in analysis.sigmas:
         _disambiguate(log, sigma)
         r_shape, channel_dim = _r_shape(sigma, config)
@@ -316,22 +345,30 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
             continue
         r_dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
         r_specs.append((key, r_shape, r_dtype, sigma.device, f"{sigma.name!r} ({sigma.location})"))
-        r = owner.svgd_state.get_or_create(*r_specs[-1])
-        specs.append(RerouteSpec(
-            source=sigma.source, name=sigma.name, r_input=len(placeholders) + len(keys),
+        r_values.append(owner.svgd_state.get_or_create(*r_specs[-1]))
+        routed.append((sigma, channel_dim))
+        keys.append(key)
+
+    raising = config.nonfinite == "raise"
+    flag_keys = [f"{sigma.name}.nonfinite" for sigma, _ in routed] if inline_t and raising else []
+    flags = [owner.svgd_state.flag(k, sigma.device) for k, (sigma, _) in zip(flag_keys, routed)]
+    specs = [
+        RerouteSpec(
+            source=sigma.source, name=sigma.name, r_input=len(placeholders) + i,
             routed_inputs=frozenset(name_to_input[p] for p in sigma.routed_params),
             s=config.s, rho=config.rho, eps=config.eps,
             mean_reduction=config.reduction == "mean", channel_dim=channel_dim, inline=inline_t,
-        ))
-        keys.append(key)
-        r_values.append(r)
-
-    new_gm = _with_state_inputs(gm, keys)
+            raise_nonfinite=raising,
+            flag_input=len(placeholders) + len(keys) + i if flag_keys else None,
+        )
+        for i, (sigma, channel_dim) in enumerate(routed)
+    ]
+    new_gm = _with_state_inputs(gm, keys + flag_keys)
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
-    extra = [fake_mode.from_tensor(r, static_shapes=True) if fake_mode else r for r in r_values]
+    extra = [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t for t in r_values + flags]
     pd_sources = {src for src, kind in analysis.kinds.items() if kind is Kind.PARAM}
     return Plan(owner, new_gm, list(example_inputs) + extra, specs, keys, pd_sources, param_inputs, r_specs,
-                analysis.params_seen)
+                analysis.params_seen, flag_keys)
 
 
 def _disambiguate(log: PassLog, sigma: SigmaNode) -> None:

@@ -15,3 +15,7 @@ class RerouteError(SVGDError, RuntimeError):
 
 class CoverageError(SVGDError, RuntimeError):
     """A trainable parameter was never seen by the pass (it would train on plain gradients)."""
+
+
+class NonFiniteGradientError(SVGDError, FloatingPointError):
+    """inf/NaN in ∇σ'J at a σ' node (r keeps its old values there); see ``nonfinite=``."""

@@ -381,3 +381,44 @@ def test_channel_mode_and_sum_reduction_fused():
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"{kw} B={batch} {n}: {m}")
         for key, r in svgd_fx.state_of(model).tensors.items():
             torch.testing.assert_close(r, model_t.svgd_state.tensors[key], rtol=1e-10, atol=0)
+
+
+def test_no_grad_and_eval_forwards_leave_r_alone():
+    """Forwards without a backward (no_grad, or eval() for validation) neither touch r nor add
+    a T to the graphs they compile."""
+    torch.manual_seed(0)
+    for kind in ("transform", "backend"):
+        torch._dynamo.reset()
+        model = PaperMLP()
+        wrapped = svgd_fx.transform(model, s=0.1) if kind == "transform" else \
+            torch.compile(model, backend="svgd", options={"s": 0.1})
+        x, y = torch.randn(16, 784), torch.randint(0, 10, (16,))
+        torch.nn.functional.cross_entropy(wrapped(x), y).backward()
+        state = wrapped.svgd_state if kind == "transform" else svgd_fx.state_of(model)
+        before = {k: v.clone() for k, v in state.tensors.items()}
+        with torch.no_grad():
+            wrapped(torch.randn(16, 784))
+        model.eval()
+        with torch.no_grad():
+            wrapped(torch.randn(7, 784))
+        wrapped(torch.randn(7, 784)).sum()        # eval forward with grad enabled, no backward
+        for k, v in state.tensors.items():
+            assert torch.equal(v, before[k]), f"{kind}: {k} changed without a backward"
+
+
+def test_model_cast_after_compiling_moves_r():
+    """Under the backend r is not a submodule of the model: after model.double() the recompiled
+    graph gets r converted (same values), and the virtual gradients stay finite."""
+    torch.manual_seed(0)
+    model = PaperMLP()
+    model_c = torch.compile(model, backend="svgd", options={"s": 0.1})
+    x, y = torch.randn(16, 784), torch.randint(0, 10, (16,))
+    torch.nn.functional.cross_entropy(model_c(x), y).backward()
+    r = {k: v.clone() for k, v in svgd_fx.state_of(model).tensors.items()}
+    model.double()
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model_c(x.double()), y).backward()
+    for key, value in svgd_fx.state_of(model).tensors.items():
+        assert value.dtype == torch.float64, key
+        assert (value >= 0.9 * r[key].double() - 1e-12).all(), key   # updated from the old values
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -120,3 +120,56 @@ def test_r_shape_never_depends_on_batch():
         shapes.add(tuple((k, tuple(v.shape)) for k, v in model_t.svgd_state.tensors.items()))
     assert len(shapes) == 1
     assert dict(next(iter(shapes)))["stem.conv2d.r"] == (6, 8, 8)
+
+
+_RESUME = r"""
+import sys, torch, svgd_fx
+sys.path.insert(0, {tests!r})
+from cases import PaperMLP
+torch.manual_seed(0)
+mode, phase, path = sys.argv[1:4]
+model = PaperMLP()
+if mode == "transform":
+    wrapped = svgd_fx.transform(model, s=0.1)
+else:
+    wrapped = torch.compile(model, backend="svgd", options={{"s": 0.1}})
+    svgd_fx.state_of(wrapped)          # hooks in place before loading into a fresh model
+opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+gen = torch.Generator().manual_seed(1)
+batches = [(torch.randn(16, 784, generator=gen), torch.randint(0, 10, (16,), generator=gen)) for _ in range(5)]
+if phase == "resume":
+    saved = torch.load(path + ".ckpt", weights_only=True)
+    wrapped.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    batches = batches[3:]
+grads = []
+for i, (x, y) in enumerate(batches):
+    if phase == "full" and i == 3:
+        torch.save({{"model": wrapped.state_dict(), "opt": opt.state_dict()}}, path + ".ckpt")
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(wrapped(x), y).backward()
+    grads.append([p.grad.clone() for p in model.parameters()])
+    opt.step()
+torch.save(grads[-2:], path + "." + phase)
+"""
+
+
+@pytest.mark.parametrize("mode", ["transform", "backend"])
+def test_resume_in_a_fresh_process_is_bit_identical(tmp_path, mode):
+    """Save after 3 steps; a new Python process builds a fresh model, loads model + optimizer
+    state (weights_only=True) and its next 2 virtual gradients equal the uninterrupted run's."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "resume.py"
+    script.write_text(_RESUME.format(tests=os.path.dirname(__file__)))
+    path = str(tmp_path / "run")
+    for phase in ("full", "resume"):
+        done = subprocess.run([sys.executable, str(script), mode, phase, path], capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    full, resumed = torch.load(path + ".full"), torch.load(path + ".resume")
+    for step, (a, b) in enumerate(zip(full, resumed)):
+        for i, (u, v) in enumerate(zip(a, b)):
+            assert torch.equal(u, v), f"{mode}: step {step + 4}, parameter {i} differs after resuming"

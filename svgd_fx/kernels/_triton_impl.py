@@ -44,7 +44,9 @@ def _kernel():
             u = x * scale
             acc += tl.sum(u * u, axis=0)
         r_old = tl.load(r_ptr + cols, mask=col_mask, other=0.0)
-        r_new = rho * r_old + (1.0 - rho) * (acc / B)
+        stat = acc / B
+        finite = (stat == stat) & (stat != float("inf"))     # never poison r with inf/NaN
+        r_new = tl.where(finite, rho * r_old + (1.0 - rho) * stat, r_old)
         tl.store(r_ptr + cols, r_new, mask=col_mask)
         d = s / tl.sqrt(r_new + eps)
         for b0 in range(0, B, BLOCK_B):

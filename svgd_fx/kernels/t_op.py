@@ -30,6 +30,17 @@ def _stat_dims(g: torch.Tensor, channel_dim: int) -> list[int]:
     return [d for d in range(g.dim()) if d != channel_dim]
 
 
+def _nonfinite(name: str) -> Exception:
+    from ..errors import NonFiniteGradientError
+
+    return NonFiniteGradientError(
+        f"svgd_fx: inf/NaN in the gradient arriving at σ' node {name!r} (∇σ'J); its r was left as it "
+        "was. The loss or an activation overflowed (in fp16, use torch.amp.GradScaler). Pass "
+        "nonfinite='skip' to carry on: r then keeps its old values wherever the batch statistic is "
+        "not finite, and the (non-finite) gradient is left for you to skip."
+    )
+
+
 def virtual_grad_reference(
     g: torch.Tensor,
     r: torch.Tensor,
@@ -38,14 +49,26 @@ def virtual_grad_reference(
     eps: float,
     mean_reduction: bool,
     channel_dim: int,
+    raise_nonfinite: bool = False,
+    name: str = "",
 ) -> torch.Tensor:
-    """The torch implementation of T (also the fallback wherever Triton is not used)."""
+    """The torch implementation of T (also the fallback wherever Triton is not used).
+
+    r is never updated from a non-finite statistic: such elements keep their old value (or,
+    with ``raise_nonfinite``, r is left untouched and ``NonFiniteGradientError`` is raised).
+    """
     batch = g.shape[0]
     gr = g.to(r.dtype)
     # Per-sample gradient of the per-sample loss: B·g for a mean loss (SPEC, "One step").
     u = gr * batch if mean_reduction else gr
     stat = u.square().mean(dim=_stat_dims(g, channel_dim))
-    r.mul_(rho).add_(stat, alpha=1.0 - rho)
+    finite = torch.isfinite(stat)
+    if bool(finite.all()):
+        r.mul_(rho).add_(stat, alpha=1.0 - rho)
+    elif raise_nonfinite:
+        raise _nonfinite(name)
+    else:
+        r.copy_(torch.where(finite, r * rho + stat * (1.0 - rho), r))
     denom = torch.sqrt(r + eps)
     if channel_dim >= 0:
         shape = [1] * g.dim()
@@ -63,14 +86,18 @@ def virtual_grad(
     eps: float,
     mean_reduction: bool,
     channel_dim: int,
+    raise_nonfinite: bool = False,
+    name: str = "",
 ) -> torch.Tensor:
     if g.shape[0] == 0:  # an empty batch carries no statistics: r stays as it is
         return torch.empty_like(g, memory_format=torch.contiguous_format)
     if _kernel_choice(g, channel_dim) == "triton":
+        if raise_nonfinite and not bool(torch.isfinite(g).all()):
+            raise _nonfinite(name)
         return _triton_impl.virtual_grad_triton(g, r, s, rho, eps, mean_reduction)
-    return virtual_grad_reference(g, r, s, rho, eps, mean_reduction, channel_dim)
+    return virtual_grad_reference(g, r, s, rho, eps, mean_reduction, channel_dim, raise_nonfinite, name)
 
 
 @virtual_grad.register_fake
-def _(g, r, s, rho, eps, mean_reduction, channel_dim):
+def _(g, r, s, rho, eps, mean_reduction, channel_dim, raise_nonfinite=False, name=""):
     return torch.empty_like(g, memory_format=torch.contiguous_format)

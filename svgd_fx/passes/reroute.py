@@ -50,6 +50,8 @@ class RerouteSpec:
     mean_reduction: bool
     channel_dim: int = -1
     inline: bool = False         # T as aten ops (fused by inductor) instead of the custom op
+    raise_nonfinite: bool = True   # inf/NaN in g raises (the op), or is counted (fused, flag_input)
+    flag_input: int | None = None  # plain-input index of the fused T's non-finite counter
 
 
 def _is_backward(node: Node) -> bool:
@@ -183,10 +185,12 @@ def _insert_t(graph, spec, g, members, placeholders, order) -> Node:
     meta.update(partitioner_tag="is_backward", svgd_sigma=spec.name)
     with graph.inserting_before(first_use):
         if spec.inline:
-            return _inline_t(graph, spec, g, r, meta)
+            flag = placeholders.get(spec.flag_input) if spec.flag_input is not None else None
+            return _inline_t(graph, spec, g, r, meta, flag)
         t_node = graph.call_function(
             torch.ops.svgd_fx.virtual_grad.default,
-            (g, r, spec.s, spec.rho, spec.eps, spec.mean_reduction, spec.channel_dim),
+            (g, r, spec.s, spec.rho, spec.eps, spec.mean_reduction, spec.channel_dim,
+             spec.raise_nonfinite, spec.name),
         )
     t_node.meta.update(meta)
     g_val = g.meta.get("val")
@@ -196,12 +200,14 @@ def _insert_t(graph, spec, g, members, placeholders, order) -> Node:
     return t_node
 
 
-def _inline_t(graph, spec, g, r, meta) -> Node:
+def _inline_t(graph, spec, g, r, meta, flag=None) -> Node:
     """T spelled in aten ops, for inductor to fuse (the formula of ``virtual_grad_reference``):
 
     ``r ← ρ·r + (1-ρ)·mean_b (B·g)²`` written back into r with ``copy_``, then
     ``T(g) = s·g / sqrt(r + ε)``. The output reads r through the ``copy_``, which orders the
     update first and keeps it alive (nothing else uses it). B is read from g at run time.
+    Elements whose statistic is not finite keep their old r; with a ``flag`` input, such a
+    step also adds 1 to it (the caller raises at the next call: kernels cannot raise).
     Node names start with ``svgd_T_`` (they show in inductor's generated code).
     """
     aten = torch.ops.aten
@@ -227,7 +233,13 @@ def _inline_t(graph, spec, g, r, meta) -> Node:
     # mean_b (B·g)² = B·Σ_b g² for a mean loss; mean_b g² = Σ_b g² / B for a sum loss
     stat = emit(aten.mul.Tensor if spec.mean_reduction else aten.div.Tensor, stat, batch)
     r_new = emit(aten.add.Tensor, emit(aten.mul.Tensor, r, spec.rho), emit(aten.mul.Tensor, stat, 1.0 - spec.rho))
-    r_now = emit(aten.copy_.default, r, r_new)
+    finite = emit(aten.lt.Scalar, stat, float("inf"))     # stat ≥ 0: false for inf and NaN
+    r_now = emit(aten.copy_.default, r, emit(aten.where.self, finite, r_new, r))
+    if flag is not None:   # count a non-finite step; "+ 0·flag" keeps the counter's update alive
+        bad = emit(aten.sum.default, emit(torch.ops.prims.convert_element_type.default,
+                                          emit(aten.logical_not.default, finite), torch.float32))
+        flag_now = emit(aten.copy_.default, flag, emit(aten.add.Tensor, flag, bad))
+        r_now = emit(aten.add.Tensor, r_now, emit(aten.mul.Tensor, flag_now, 0.0))
     denom = emit(aten.sqrt.default, emit(aten.add.Tensor, r_now, spec.eps))
     if spec.channel_dim >= 0:
         shape = [1] * g_val.dim()
