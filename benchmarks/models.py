@@ -62,6 +62,45 @@ class PreActResNet20(nn.Module):
         return self.fc(h.mean(dim=(2, 3)))
 
 
+class PaperVGG(nn.Module):
+    """The paper's small VGG (Fig. 10: "6 parameter layers, 46,126 params" on 3×32×32 CIFAR-10).
+
+    The figure gives only its first layers ("3×3, 3 conv, bias/ReLU, 3×3, 16, bias/ReLU");
+    the rest is taken from the authors' code (``experiments/vgg_so.py``, ``inference``):
+    three VGG blocks, each ``num`` 3×3 stride-1 'SAME' convs with bias and ReLU (all but the
+    last keep the block's input width, the last widens to the block's output width), then a
+    BatchNorm (ε = 1e-3) on the block output:
+
+        block(c_in → 16, 2 convs) · max-pool 3×3/2 · block(16 → 32, 2 convs) · max-pool 3×3/2 ·
+        block(32 → 128, 1 conv) · global average pool · Linear(128 → 10)
+
+    Counting with 3 input channels: convs 84 + 448 + 2,320 + 4,640 + 36,992, BatchNorm γ/β
+    32 + 64 + 256, Linear 1,290: 46,126 parameters, exactly the paper's figure, in 6 parameter
+    layers (5 convs + 1 Linear). TF's 'SAME' 3×3/2 max-pool pads only bottom/right; here the
+    pool pads 1 on every side (same output size, 32→16→8 or 28→14→7). The authors' BatchNorm
+    always used batch statistics, at test time too; this one uses running statistics in
+    ``eval()`` (the PyTorch convention).
+    """
+
+    def __init__(self, in_channels: int = 3, classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for c_out, convs, pool in ((16, 2, True), (32, 2, True), (128, 1, False)):
+            for i in range(convs):
+                out = c_out if i == convs - 1 else c
+                layers += [nn.Conv2d(c, out, 3, 1, 1), nn.ReLU()]
+                c = out
+            layers.append(nn.BatchNorm2d(c, eps=1e-3))
+            if pool:
+                layers.append(nn.MaxPool2d(3, 2, 1))
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
 class GPTBlock(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
