@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from . import kernels  # noqa: F401  (registers torch.ops.svgd_fx.virtual_grad)
@@ -33,7 +34,9 @@ def transform(
     reduction: str = "mean",
     exclude: ExcludeSpec = None,
     r_shape: str = "full",
-    nonfinite: str = "raise",
+    nonfinite: str | None = None,
+    grad_scaler=None,
+    distributed: bool = False,
 ) -> SVGDModule:
     """Return ``model`` with SVGD's backward: after ``loss.backward()`` every ``p.grad`` holds
     the virtual gradient (SPEC), to be used by plain SGD (``torch.optim.SGD``).
@@ -49,11 +52,29 @@ def transform(
     r_shape:   "full" (r has the σ' output's per-sample shape, SPEC's default) or "channel"
                (r over the channel dimension only, for σ' nodes whose per-sample shape varies,
                e.g. a sequence length that changes between batches).
-    nonfinite: "raise" (default): an inf/NaN in ∇σ'J raises ``NonFiniteGradientError`` naming
-               the σ' node, inside the backward, before any optimizer step; "skip": training
-               goes on. Either way r is never updated from a non-finite statistic.
+    nonfinite: "raise" (default without a scaler): an inf/NaN in ∇σ'J raises
+               ``NonFiniteGradientError`` naming the σ' node, inside the backward, before any
+               optimizer step; "skip" (default with a scaler): training goes on. Either way r
+               is never updated from a non-finite statistic.
+    grad_scaler: the ``torch.amp.GradScaler`` that scales the loss (fp16 training). r is then
+               built from the unscaled gradient, and a step the scaler skips (inf/NaN found)
+               leaves r as it was. Call ``scaler.update()`` once per step, as usual.
+    distributed: with DDP (each rank sees part of the batch), all-reduce T's batch statistic
+               over torch.distributed's default group before T, so every rank's r is what one
+               process would build on the joined batch (r-sized, one all-reduce per σ' node).
     """
-    config = SVGDConfig(s=s, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape, nonfinite=nonfinite)
+    if nonfinite is None:
+        nonfinite = "skip" if grad_scaler is not None else "raise"
+    config = SVGDConfig(s=s, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape, nonfinite=nonfinite,
+                        distributed=bool(distributed))
     _check_model(model)
     excluded = _resolve_exclude(model, exclude)
-    return SVGDModule(model, config, excluded)
+    return SVGDModule(model, config, excluded, _check_scaler(grad_scaler))
+
+
+def _check_scaler(scaler):
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"svgd_fx: grad_scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    if scaler is not None and not scaler.is_enabled():
+        return None    # a disabled scaler scales nothing
+    return scaler

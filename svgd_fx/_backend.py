@@ -34,7 +34,8 @@ from ._state import SVGDState
 from ._transform import ExcludeSpec, PassLog, SVGDConfig, _check_model, _resolve_exclude, build_plan
 from .errors import CoverageError, SVGDError
 
-_OPTION_NAMES = ("s", "rho", "eps", "reduction", "exclude", "r_shape", "nonfinite", "t_impl")
+_OPTION_NAMES = ("s", "rho", "eps", "reduction", "exclude", "r_shape", "nonfinite", "grad_scaler",
+                 "distributed", "t_impl")
 
 
 @dataclass(eq=False)
@@ -46,6 +47,7 @@ class Binding:
     config: SVGDConfig | None = None
     excluded: frozenset[str] = frozenset()
     coverage_checked: bool = False
+    grad_scaler: Any = None
 
     @property
     def model(self) -> nn.Module:
@@ -54,10 +56,10 @@ class Binding:
             raise SVGDError("svgd_fx: the model of this SVGD state no longer exists")
         return model
 
-    def configure(self, config: SVGDConfig, exclude: ExcludeSpec) -> None:
+    def configure(self, config: SVGDConfig, exclude: ExcludeSpec, grad_scaler=None) -> None:
         excluded = frozenset(_resolve_exclude(self.model, exclude))
         if self.config is None:
-            self.config, self.excluded = config, excluded
+            self.config, self.excluded, self.grad_scaler = config, excluded, grad_scaler
         elif (self.config, self.excluded) != (config, excluded):
             raise SVGDError(
                 f"svgd_fx: {type(self.model).__name__} is already compiled with SVGD options "
@@ -139,7 +141,7 @@ def _adopt(plan, compiled_for: Binding, params: list[nn.Parameter]) -> Binding:
         raise SVGDError("svgd_fx: a graph compiled by the svgd backend was called with parameters of an "
                         "nn.Module it cannot find; compile each model with torch.compile(model, ...).")
     binding = _binding_for(model)
-    binding.configure(compiled_for.config, compiled_for.excluded)
+    binding.configure(compiled_for.config, compiled_for.excluded, compiled_for.grad_scaler)
     for name, record in compiled_for.log.records.items():
         binding.log.records.setdefault(name, record)
     binding.log.params_seen |= plan.params_seen
@@ -217,22 +219,29 @@ class backend:
     The same options as :func:`svgd_fx.transform`, plus ``t_impl``: ``"fused"`` (default) writes
     T as aten ops into the joint graph, so inductor fuses the r update and the scaling into its
     own kernels; ``"op"`` calls the ``svgd_fx::virtual_grad`` custom op (the Triton kernel on
-    CUDA, the torch implementation elsewhere). ``torch.compile(model, backend="svgd",
+    CUDA, the torch implementation elsewhere; also what a ``grad_scaler`` uses).
+    ``torch.compile(model, backend="svgd",
     options={"s": 0.1, ...})`` builds one of these. After ``loss.backward()`` every ``p.grad``
     holds the virtual gradient; step with ``torch.optim.SGD``.
     """
 
     def __init__(self, s: float | None = None, *, rho: float = 0.9, eps: float = 1e-6,
                  reduction: str = "mean", exclude: ExcludeSpec = None, r_shape: str = "full",
-                 nonfinite: str = "raise", t_impl: str = "fused") -> None:
+                 nonfinite: str | None = None, grad_scaler=None, distributed: bool = False,
+                 t_impl: str = "fused") -> None:
+        from . import _check_scaler
+
         if s is None:
             raise ValueError(
                 "svgd_fx: the svgd backend needs T's scale s (SPEC: s is the user's choice; the paper "
                 "used 0.1, 0.01, 0.001): torch.compile(model, backend='svgd', options={'s': 0.1}) "
                 "or torch.compile(model, backend=svgd_fx.backend(s=0.1))."
             )
+        self.grad_scaler = _check_scaler(grad_scaler)
+        if nonfinite is None:
+            nonfinite = "skip" if self.grad_scaler is not None else "raise"
         self.config = SVGDConfig(s=s, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape,
-                                 nonfinite=nonfinite)
+                                 nonfinite=nonfinite, distributed=bool(distributed))
         if t_impl not in ("fused", "op"):
             raise ValueError(f"svgd_fx: t_impl must be 'fused' (T as aten ops that inductor fuses with its "
                              f"neighbours, the default) or 'op' (the svgd_fx::virtual_grad custom op: the "
@@ -256,7 +265,7 @@ class backend:
             )
         binding = _binding_for(model)
         _check_model(model)
-        binding.configure(self.config, self.exclude)
+        binding.configure(self.config, self.exclude, self.grad_scaler)
         plan = build_plan(binding, gm, example_inputs, inline_t=self.t_impl == "fused")
         owner = _owner_of_call(plan, binding)
         compiled = plan.wrap(lambda g, xs: _compile_inductor(g, xs, plan), owner)

@@ -25,6 +25,8 @@ class SVGDState(nn.Module):
         self.tensors: dict[str, torch.Tensor] = {}      # "<σ' name>.r" -> tensor
         self._pending: dict[str, torch.Tensor] = {}     # loaded before the first trace
         self.flags: dict[str, torch.Tensor] = {}        # "<σ' name>.nonfinite" -> count (not saved)
+        self.prev: dict[str, torch.Tensor] = {}         # r at the start of the step (GradScaler)
+        self.scale_used: float | None = None            # the GradScaler scale of the last forward
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -73,6 +75,7 @@ class SVGDState(nn.Module):
         self.tensors = {k: fn(v) for k, v in self.tensors.items()}
         self._pending = {k: fn(v) for k, v in self._pending.items()}
         self.flags = {k: fn(v).float() for k, v in self.flags.items()}
+        self.prev = {}
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -41,6 +41,7 @@ class SVGDConfig:
     reduction: str = "mean"
     r_shape: str = "full"
     nonfinite: str = "raise"
+    distributed: bool = False
 
     def __post_init__(self) -> None:
         def real(name, value):
@@ -110,6 +111,15 @@ def _check_model(model: nn.Module) -> dict[str, nn.Parameter]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"svgd_fx.transform takes an nn.Module (or a torch.fx.GraphModule), "
                         f"got {type(model).__name__}")
+    sharded = [name or "<root>" for name, m in model.named_modules()
+               if any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule") for c in type(m).__mro__)]
+    if sharded:
+        raise SVGDError(
+            f"svgd_fx: FSDP is not supported (sharded modules: {sharded[:4]}). FSDP replaces the "
+            "parameters by flat or sharded ones and gathers them inside its own hooks, so the pass "
+            "cannot see which parameter enters which σ' node. Use DDP with "
+            "transform(..., distributed=True), or keep the model unsharded."
+        )
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("svgd_fx: the model has no trainable parameters (none with requires_grad=True): "
@@ -128,9 +138,10 @@ class SVGDModule(nn.Module):
     the original model) plus ``svgd_state.<σ' name>.r`` for every r.
     """
 
-    def __init__(self, model: nn.Module, config: SVGDConfig, exclude: set[str]) -> None:
+    def __init__(self, model: nn.Module, config: SVGDConfig, exclude: set[str], grad_scaler=None) -> None:
         super().__init__()
         self.model = model
+        self.grad_scaler = grad_scaler
         self.svgd_state = SVGDState()
         self.config = config
         self.excluded = frozenset(exclude)
@@ -251,6 +262,7 @@ class Plan:
     r_specs: list[tuple] = field(default_factory=list)   # get_or_create arguments, per state key
     params_seen: set[str] = field(default_factory=set)  # parameter names this graph uses
     flag_keys: list[str] = field(default_factory=list)  # non-finite counters (fused T, "raise")
+    scaled: bool = False                                # a GradScaler's 1/S is the last input
 
     def rewrite(self, joint: torch.fx.GraphModule) -> None:
         """The reroute pass on AOTAutograd's joint graph (in place), logged per σ'."""
@@ -273,7 +285,7 @@ class Plan:
         the owner up from the parameters actually passed. ``transform`` owns its graphs alone.
         """
         compiled = aot_backend(self.gm, self.example_inputs)
-        keys, r_specs, flag_keys = self.state_keys, self.r_specs, self.flag_keys
+        keys, r_specs, flag_keys, scaled = self.state_keys, self.r_specs, self.flag_keys, self.scaled
         device = r_specs[0][3] if r_specs else None
 
         def state_tensors(owner) -> list[torch.Tensor]:
@@ -286,6 +298,8 @@ class Plan:
                 flags = [state.flag(k, device) for k in flag_keys]
                 _raise_if_flagged(state, flag_keys, flags)
                 tensors += flags
+            if scaled:
+                tensors.append(_scaler_step_boundary(owner, device))
             return tensors
 
         if owner_of_call is None:
@@ -298,6 +312,35 @@ class Plan:
                 return compiled(*args, *state_tensors(owner_of_call(args)))
 
         return run
+
+
+def _scaler_step_boundary(owner, device) -> torch.Tensor:
+    """With a GradScaler: 1/S for T's statistic, and r rolled back after a skipped step.
+
+    Called at every forward. GradScaler lowers its scale exactly when it found inf/NaN and
+    skipped ``optimizer.step()`` (its backoff factor is < 1), so a scale below the one of the
+    previous forward means that step's r update must be discarded: r goes back to its copy
+    from the start of that step. (Call ``scaler.update()`` once per step, as torch documents.)
+    """
+    scaler, state = owner.grad_scaler, owner.svgd_state
+    if scaler._scale is None:
+        scaler._lazy_init_scale_growth_tracker(torch.device(device))
+    now = float(scaler._scale.item())
+    if state.scale_used is not None and now < state.scale_used and state.prev:
+        with torch.no_grad():
+            for key, r in state.tensors.items():
+                if key in state.prev:
+                    r.copy_(state.prev[key])
+    state.scale_used = now
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            for key, r in state.tensors.items():
+                kept = state.prev.get(key)
+                if kept is None or kept.shape != r.shape or kept.dtype != r.dtype or kept.device != r.device:
+                    state.prev[key] = r.clone()
+                else:
+                    kept.copy_(r)
+    return torch.reciprocal(scaler._scale.to(device)).reshape(())
 
 
 def _raise_if_flagged(state, flag_keys: list[str], flags: list[torch.Tensor]) -> None:
@@ -350,6 +393,8 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
         keys.append(key)
 
     raising = config.nonfinite == "raise"
+    scaled = getattr(owner, "grad_scaler", None) is not None
+    inline_t = inline_t and not scaled and not config.distributed   # these use the T op
     flag_keys = [f"{sigma.name}.nonfinite" for sigma, _ in routed] if inline_t and raising else []
     flags = [owner.svgd_state.flag(k, sigma.device) for k, (sigma, _) in zip(flag_keys, routed)]
     specs = [
@@ -360,15 +405,18 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
             mean_reduction=config.reduction == "mean", channel_dim=channel_dim, inline=inline_t,
             raise_nonfinite=raising,
             flag_input=len(placeholders) + len(keys) + i if flag_keys else None,
+            scale_input=len(placeholders) + len(keys) + len(flag_keys) if scaled else None,
+            sync=config.distributed,
         )
         for i, (sigma, channel_dim) in enumerate(routed)
     ]
-    new_gm = _with_state_inputs(gm, keys + flag_keys)
+    new_gm = _with_state_inputs(gm, keys + flag_keys + (["grad_scaler.inv_scale"] if scaled else []))
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
-    extra = [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t for t in r_values + flags]
+    scale = [torch.ones((), device=r_specs[0][3] if r_specs else "cpu")] if scaled else []
+    extra = [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t for t in r_values + flags + scale]
     pd_sources = {src for src, kind in analysis.kinds.items() if kind is Kind.PARAM}
     return Plan(owner, new_gm, list(example_inputs) + extra, specs, keys, pd_sources, param_inputs, r_specs,
-                analysis.params_seen, flag_keys)
+                analysis.params_seen, flag_keys, scaled)
 
 
 def _disambiguate(log: PassLog, sigma: SigmaNode) -> None:

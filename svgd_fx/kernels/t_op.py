@@ -41,6 +41,22 @@ def _nonfinite(name: str) -> Exception:
     )
 
 
+def _all_reduced_stat(u: torch.Tensor, g: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("svgd_fx: distributed=True, but torch.distributed is not initialized "
+                           "(call torch.distributed.init_process_group first)")
+    summed = u.square().sum(dim=0)                       # per-sample shape
+    if channel_dim >= 0:
+        other = [d - 1 for d in _stat_dims(g, channel_dim) if d != 0]
+        if other:
+            summed = summed.mean(dim=other)
+    buffer = torch.cat([summed.flatten(), summed.new_tensor([float(g.shape[0])])])
+    dist.all_reduce(buffer)
+    return (buffer[:-1] / buffer[-1]).view_as(summed)
+
+
 def virtual_grad_reference(
     g: torch.Tensor,
     r: torch.Tensor,
@@ -51,8 +67,15 @@ def virtual_grad_reference(
     channel_dim: int,
     raise_nonfinite: bool = False,
     name: str = "",
+    inv_scale: torch.Tensor | None = None,
+    sync: bool = False,
 ) -> torch.Tensor:
     """The torch implementation of T (also the fallback wherever Triton is not used).
+
+    ``inv_scale`` (a GradScaler's 1/S): g arrives S× too large; r is built from g/S, and the
+    output stays S× large for ``scaler.unscale_`` to divide. ``sync``: the batch statistic is
+    all-reduced over torch.distributed's default group (sum of per-sample squares and sample
+    count), so every rank's r is the one a single process would build on the joined batch.
 
     r is never updated from a non-finite statistic: such elements keep their old value (or,
     with ``raise_nonfinite``, r is left untouched and ``NonFiniteGradientError`` is raised).
@@ -61,7 +84,12 @@ def virtual_grad_reference(
     gr = g.to(r.dtype)
     # Per-sample gradient of the per-sample loss: B·g for a mean loss (SPEC, "One step").
     u = gr * batch if mean_reduction else gr
-    stat = u.square().mean(dim=_stat_dims(g, channel_dim))
+    if inv_scale is not None:
+        u = u * inv_scale.to(r.dtype)
+    if sync:
+        stat = _all_reduced_stat(u, g, channel_dim)
+    else:
+        stat = u.square().mean(dim=_stat_dims(g, channel_dim))
     finite = torch.isfinite(stat)
     if bool(finite.all()):
         r.mul_(rho).add_(stat, alpha=1.0 - rho)
@@ -88,16 +116,20 @@ def virtual_grad(
     channel_dim: int,
     raise_nonfinite: bool = False,
     name: str = "",
+    inv_scale: torch.Tensor | None = None,
+    sync: bool = False,
 ) -> torch.Tensor:
-    if g.shape[0] == 0:  # an empty batch carries no statistics: r stays as it is
+    if g.shape[0] == 0 and not sync:  # an empty batch carries no statistics: r stays as it is
         return torch.empty_like(g, memory_format=torch.contiguous_format)
-    if _kernel_choice(g, channel_dim) == "triton":
+    if inv_scale is None and not sync and _kernel_choice(g, channel_dim) == "triton":
         if raise_nonfinite and not bool(torch.isfinite(g).all()):
             raise _nonfinite(name)
         return _triton_impl.virtual_grad_triton(g, r, s, rho, eps, mean_reduction)
-    return virtual_grad_reference(g, r, s, rho, eps, mean_reduction, channel_dim, raise_nonfinite, name)
+    return virtual_grad_reference(g, r, s, rho, eps, mean_reduction, channel_dim, raise_nonfinite, name,
+                                  inv_scale, sync)
 
 
 @virtual_grad.register_fake
-def _(g, r, s, rho, eps, mean_reduction, channel_dim, raise_nonfinite=False, name=""):
+def _(g, r, s, rho, eps, mean_reduction, channel_dim, raise_nonfinite=False, name="", inv_scale=None,
+      sync=False):
     return torch.empty_like(g, memory_format=torch.contiguous_format)

@@ -52,6 +52,8 @@ class RerouteSpec:
     inline: bool = False         # T as aten ops (fused by inductor) instead of the custom op
     raise_nonfinite: bool = True   # inf/NaN in g raises (the op), or is counted (fused, flag_input)
     flag_input: int | None = None  # plain-input index of the fused T's non-finite counter
+    scale_input: int | None = None  # plain-input index of a GradScaler's 1/S (op path only)
+    sync: bool = False             # all-reduce T's batch statistic (torch.distributed; op path only)
 
 
 def _is_backward(node: Node) -> bool:
@@ -190,7 +192,8 @@ def _insert_t(graph, spec, g, members, placeholders, order) -> Node:
         t_node = graph.call_function(
             torch.ops.svgd_fx.virtual_grad.default,
             (g, r, spec.s, spec.rho, spec.eps, spec.mean_reduction, spec.channel_dim,
-             spec.raise_nonfinite, spec.name),
+             spec.raise_nonfinite, spec.name,
+             placeholders[spec.scale_input] if spec.scale_input is not None else None, spec.sync),
         )
     t_node.meta.update(meta)
     g_val = g.meta.get("val")
