@@ -291,9 +291,9 @@ class Plan:
         def state_tensors(owner) -> list[torch.Tensor]:
             state = owner.svgd_state
             try:
-                tensors = [state.tensors[k] for k in keys]
+                tensors = [_own_version(state.tensors[k]) for k in keys]
             except KeyError:  # a model first seen through a graph compiled for another one
-                tensors = [state.get_or_create(*spec) for spec in r_specs]
+                tensors = [_own_version(state.get_or_create(*spec)) for spec in r_specs]
             if flag_keys:
                 flags = [state.flag(k, device) for k in flag_keys]
                 _raise_if_flagged(state, flag_keys, flags)
@@ -312,6 +312,17 @@ class Plan:
                 return compiled(*args, *state_tensors(owner_of_call(args)))
 
         return run
+
+
+def _own_version(r: torch.Tensor) -> torch.Tensor:
+    """r as this call's graph sees it: the same storage, its own autograd version counter.
+
+    Autograd saves r for the backward, where T updates it in place (bumping the version of the
+    tensor it was given). With one alias per call, two forwards before one backward (a model
+    called twice, e.g. a siamese loss) each find their saved r unchanged, and update r in turn.
+    """
+    return torch.empty(0, dtype=r.dtype, device=r.device).set_(r.untyped_storage(), r.storage_offset(),
+                                                              r.size(), r.stride())
 
 
 def _scaler_step_boundary(owner, device) -> torch.Tensor:
