@@ -77,11 +77,16 @@ def step(model, module, opt, x, y) -> None:
     opt.step()
 
 
-def time_model(key: str, rounds: int, steps: int, warmup: int, seed: int = 0) -> dict:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_model(key: str, rounds: int, steps: int, warmup: int, seed: int = 0, device: str = "cpu") -> dict:
     make, data, batch = MODELS[key]
     torch.manual_seed(seed)
-    base = make()
-    x, y = data(batch)
+    base = make().to(device)
+    x, y = (t.to(device) for t in data(batch))
     methods = make_methods(base)
     compile_s = {}
     for name, (model, module, opt) in methods.items():
@@ -99,8 +104,10 @@ def time_model(key: str, rounds: int, steps: int, warmup: int, seed: int = 0) ->
             model, module, opt = methods[name]
             got = []
             for _ in range(steps):
+                _sync(device)
                 t0 = time.perf_counter()
                 step(model, module, opt, x, y)
+                _sync(device)
                 got.append(time.perf_counter() - t0)
             times[name] += got
             per_round[name].append(statistics.median(got))
@@ -168,14 +175,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per method (compiles happen here)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     parser.add_argument("--json", help="write all figures to this path")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    meta = {"device": f"CPU ({platform.processor() or platform.machine()})", "threads": args.threads,
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        f"CPU ({platform.processor() or platform.machine()})"
+    meta = {"device": name, "threads": args.threads,
             "torch": torch.__version__, "rounds": args.rounds, "steps": args.steps}
     results = []
     for key in args.models.split(","):
-        results.append(time_model(key, args.rounds, args.steps, args.warmup))
+        results.append(time_model(key, args.rounds, args.steps, args.warmup, device=args.device))
         print(to_markdown(results[-1:], meta), flush=True)
     recompiles = epoch_recompiles()
     print(f"Compiles in a normal loop ({recompiles['setup']}): after each epoch "
