@@ -177,34 +177,45 @@ def _owns_all(module: nn.Module, params: list[nn.Parameter]) -> bool:
     return all(id(p) in mine for p in params)
 
 
-def _candidate_modules():
-    """Modules in the locals of the frame Dynamo is compiling, then of the Python stack."""
+def _frame_locals():
+    """Locals of the frame Dynamo is compiling (and its parents), then, separately, of the stack."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
         tx = InstructionTranslator.current_tx()
     except Exception:  # a private API: fall back to the stack
         tx = None
+    traced = []
     while tx is not None:
-        for value in getattr(tx, "f_locals", {}).values():
-            yield value
+        traced += list(getattr(tx, "f_locals", {}).values())
         tx = getattr(tx, "parent", None)
-    frame = sys._getframe(1)
+    yield traced
+    stack, frame = [], sys._getframe(1)
     while frame is not None:
-        yield from frame.f_locals.values()
+        stack += list(frame.f_locals.values())
         frame = frame.f_back
+    yield stack
 
 
 def _find_model(params: list[nn.Parameter]) -> nn.Module | None:
-    for module, binding in list(_BINDINGS.items()):
+    """The module whose parameters include all of ``params``: an already bound one, else the
+    largest owning module among the compiled frame's locals (a submodule's frame may be the one
+    compiled after a graph break), else among the Python stack's."""
+    for module in list(_BINDINGS.keys()):
         if _owns_all(module, params):
             return module
-    best = None
-    for value in _candidate_modules():
-        value = getattr(value, "_orig_mod", value)
-        if isinstance(value, nn.Module) and _owns_all(value, params):
-            if best is None or _count(value) > _count(best):
-                best = value   # the outermost module seen (a submodule's frame may come first)
-    return best
+    for values in _frame_locals():
+        best = None
+        for value in values:
+            try:
+                value = getattr(value, "_orig_mod", value)
+            except Exception:  # an object with an unusual __getattr__
+                continue
+            if isinstance(value, nn.Module) and _owns_all(value, params):
+                if best is None or _count(value) > _count(best):
+                    best = value
+        if best is not None:
+            return best
+    return None
 
 
 def _count(module: nn.Module) -> int:
