@@ -422,3 +422,41 @@ def test_model_cast_after_compiling_moves_r():
         assert value.dtype == torch.float64, key
         assert (value >= 0.9 * r[key].double() - 1e-12).all(), key   # updated from the old values
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+class _Inner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(5, 5), torch.nn.Linear(5, 5)
+
+    def forward(self, h):
+        h = torch.tanh(self.a(h))
+        torch._dynamo.graph_break()          # the rest compiles from this frame (self = _Inner)
+        return self.b(h)
+
+
+class _Outer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.inner, self.out = torch.nn.Linear(4, 5), _Inner(), torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(self.inner(torch.relu(self.inp(x))))
+
+
+def test_graph_break_inside_a_submodule_keeps_one_state_with_root_names():
+    torch.manual_seed(0)
+    model = _Outer()
+    twin = copy.deepcopy(model)
+    model_c = torch.compile(model, backend="svgd", options={"s": 0.1})
+    model_t = svgd_fx.transform(twin, s=0.1)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    for _ in range(2):
+        for m, src in ((model_c, model), (model_t, twin)):
+            src.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+        for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{n}: {m}")
+    assert set(svgd_fx.state_of(model).tensors) == set(model_t.svgd_state.tensors) == \
+        {"inp.linear.r", "inner.a.linear.r", "inner.b.linear.r", "out.linear.r"}
+    assert svgd_fx._backend.binding_of(model.inner) is None   # bound once, at the root
