@@ -356,7 +356,10 @@ def _scaler_step_boundary(owner, device) -> torch.Tensor:
 
 def _raise_if_flagged(state, flag_keys: list[str], flags: list[torch.Tensor]) -> None:
     """The fused T cannot raise inside inductor's kernels: it counts, and the next call raises."""
-    if not any(f.item() for f in flags):   # a few µs per flag on the CPU
+    if flags[0].device.type == "cpu":
+        if not any(f.item() for f in flags):   # a few µs per flag
+            return
+    elif not bool(torch.stack(flags).any()):   # one device sync per forward, not one per flag
         return
     from .kernels.t_op import _nonfinite
 
