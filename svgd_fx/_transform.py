@@ -366,12 +366,7 @@ def _raise_if_flagged(state, flag_keys: list[str], flags: list[torch.Tensor]) ->
     names = [k.rsplit(".", 1)[0] for k, f in zip(flag_keys, flags) if bool(f)]
     for f in flags:
         f.zero_()
-    error = _nonfinite(", ".join(names))
-    error.args = (error.args[0].replace("the gradient arriving", "the previous backward's gradient arriving")
-                  + " (Under the compile backend's fused T the error comes at the next forward: the "
-                  "optimizer may already have stepped on those gradients; t_impl='op' raises inside "
-                  "the backward instead.)",)
-    raise error
+    raise _nonfinite(", ".join(names), deferred=True)
 
 
 def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], inline_t: bool = False) -> Plan:

@@ -30,14 +30,19 @@ def _stat_dims(g: torch.Tensor, channel_dim: int) -> list[int]:
     return [d for d in range(g.dim()) if d != channel_dim]
 
 
-def _nonfinite(name: str) -> Exception:
+def _nonfinite(name: str, deferred: bool = False) -> Exception:
+    """The error for inf/NaN in ∇σ'J; ``deferred``: found by the fused T, raised at the next forward."""
     from ..errors import NonFiniteGradientError
 
+    which = "the previous backward's gradient" if deferred else "the gradient"
+    late = (" (Under the compile backend's fused T the error comes at the next forward: the optimizer "
+            "may already have stepped on those gradients; t_impl='op' raises inside the backward instead.)"
+            if deferred else "")
     return NonFiniteGradientError(
-        f"svgd_fx: inf/NaN in the gradient arriving at σ' node {name!r} (∇σ'J); its r was left as it "
+        f"svgd_fx: inf/NaN in {which} arriving at σ' node {name!r} (∇σ'J); its r was left as it "
         "was. The loss or an activation overflowed (in fp16, use torch.amp.GradScaler). Pass "
         "nonfinite='skip' to carry on: r then keeps its old values wherever the batch statistic is "
-        "not finite, and the (non-finite) gradient is left for you to skip."
+        "not finite, and the (non-finite) gradient is left for you to skip." + late
     )
 
 

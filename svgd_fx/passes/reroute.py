@@ -217,14 +217,7 @@ def _inline_t(graph, spec, g, r, meta, flag=None) -> Node:
     g_val, r_val = g.meta["val"], r.meta["val"]
     tag = "svgd_T_" + "".join(c if c.isalnum() else "_" for c in spec.name)
 
-    def emit(target, *args):
-        node = graph.create_node("call_function", target, args, name=tag)
-        node.meta.update(meta)
-        vals = [a.meta["val"] if isinstance(a, Node) else a for a in args]
-        with _fake_mode_of(g_val):
-            node.meta["val"] = target(*vals)
-        return node
-
+    emit = _emitter(graph, tag, meta, g_val)
     batch = g_val.shape[0] if isinstance(g_val.shape[0], int) else emit(aten.sym_size.int, g, 0)
     gr = g if g_val.dtype == r_val.dtype else emit(torch.ops.prims.convert_element_type.default, g, r_val.dtype)
     sq = emit(aten.mul.Tensor, gr, gr)
@@ -271,13 +264,8 @@ def _sum_batch_first(graph, out: Node) -> None:
     aten = torch.ops.aten
     ndim = out.meta["val"].dim()
 
-    def emit(target, *args):
-        node = graph.create_node("call_function", target, args, name=tag)
-        node.meta.update({k: v for k, v in out.meta.items() if k not in ("val", "svgd_t_parts")})
-        vals = [a.meta["val"] if isinstance(a, Node) else a for a in args]
-        with _fake_mode_of(out.meta["val"]):
-            node.meta["val"] = target(*vals)
-        return node
+    meta = {k: v for k, v in out.meta.items() if k not in ("val", "svgd_t_parts")}
+    emit = _emitter(graph, tag, meta, out.meta["val"])
 
     def batch_sum(node):
         """(dims without the batch) if node is a keepdim=False sum over the batch, else None."""
@@ -306,6 +294,20 @@ def _sum_batch_first(graph, out: Node) -> None:
         graph.erase_node(reduce)
         if factor is not None and not user.users:
             graph.erase_node(user)
+
+
+def _emitter(graph, tag: str, meta: dict, like: torch.Tensor):
+    """``emit(target, *args)``: a call_function node named after ``tag``, with ``meta`` and its
+    fake value computed by running ``target`` on the arguments' fake values."""
+    def emit(target, *args):
+        node = graph.create_node("call_function", target, args, name=tag)
+        node.meta.update(meta)
+        vals = [a.meta["val"] if isinstance(a, Node) else a for a in args]
+        with _fake_mode_of(like):
+            node.meta["val"] = target(*vals)
+        return node
+
+    return emit
 
 
 def _fake_mode_of(value):
