@@ -51,3 +51,40 @@ def run_against_reference(case: Case, dtype, steps=3, s=0.1, lr=0.05, seed=0, **
         opt.step()
         opt_ref.step()
     return model_t, history
+
+
+def t_fired(wrapped) -> set[str]:
+    """σ' nodes that got a T, by explain(): for transform's result or a model under the backend."""
+    return {row["node"] for row in svgd_fx.explain(wrapped).rows if row["t_in_graph"]}
+
+
+def assert_t_fired(wrapped, state, expected) -> None:
+    """T sits at exactly ``expected`` and has run there (its r moved off zero)."""
+    assert t_fired(wrapped) == set(expected), f"T at {sorted(t_fired(wrapped))}, expected {sorted(expected)}"
+    idle = [k for k, r in state.tensors.items() if not r.abs().sum() > 0]
+    assert not idle, f"r never updated: {idle}"
+
+
+def train_changing_batches(case: Case, wrap, rtol: float, atol: float, batches=(8, 5, 8, 3, 6), after_step=None):
+    """float64 SGD with batch sizes that change between steps (a last partial batch), ``wrap(model)``
+    against the reference, gradients compared every step; returns ``(model, wrapped)``."""
+    torch.manual_seed(0)
+    model = case.make().double()
+    ref_model = copy.deepcopy(model)
+    wrapped = wrap(model)
+    ref = SVGDReference(ref_model, s=0.1)
+    opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, ref_model))
+    for batch in batches:
+        xs, y = cast_inputs(case.inputs(batch), torch.float64), case.target(batch)
+        y = y.double() if y.is_floating_point() else y
+        opt.zero_grad()
+        opt_ref.zero_grad()
+        loss_fn(case.loss, wrapped(*xs), y).backward()
+        loss_fn(case.loss, ref(*xs), y).backward()
+        for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol, msg=lambda m: f"B={batch} {n}: {m}")
+        opt.step()
+        opt_ref.step()
+        if after_step is not None:
+            after_step(model, wrapped)
+    return model, wrapped

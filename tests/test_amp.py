@@ -8,6 +8,9 @@ import torch
 
 import svgd_fx
 from cases import PaperMLP
+from helpers import assert_t_fired
+
+SMALL_T = {"net.0.linear", "net.1.batch_norm", "net.3.linear", "net.4.batch_norm", "net.6.linear"}
 
 
 def _wrap(model, kind, **kw):
@@ -61,6 +64,7 @@ def test_grad_scaler_fp16_matches_fp32_and_skipped_steps_keep_r(kind):
         torch.testing.assert_close(r16[key], r32[key], rtol=5e-2, atol=1e-6 * r32[key].max().item(),
                                    msg=lambda m: f"{key}: {m}")
     assert skipped >= 1 and kept >= 4 and len(set(scales)) >= 3, (skipped, kept, scales)
+    assert_t_fired(wrapped16, _state(wrapped16, model16), SMALL_T)
 
 
 def test_grad_scaler_must_be_a_grad_scaler():
@@ -87,6 +91,7 @@ def test_bf16_autocast_keeps_r_in_float32(kind):
         scale = max(p.grad.abs().max().item() for p in model32.parameters())
         for (n, p), q in zip(model16.named_parameters(), model32.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-1, atol=3e-2 * scale, msg=lambda m: f"step {step} {n}: {m}")
+    assert_t_fired(wrapped16, _state(wrapped16, model16), SMALL_T)
     for key, r in _state(wrapped16, model16).tensors.items():
         assert r.dtype == torch.float32, key
         torch.testing.assert_close(r, _state(wrapped32, model32).tensors[key], rtol=0.1, atol=1e-3 * r.max().item())

@@ -12,8 +12,7 @@ from torch._inductor.utils import run_and_get_code
 
 import svgd_fx
 from cases import CASES, PaperMLP, loss_fn
-from helpers import cast_inputs
-from reference import SVGDReference
+from helpers import assert_t_fired, cast_inputs, train_changing_batches
 from svgd_fx.kernels import triton_available
 
 T_CALL = "= torch.ops.svgd_fx.virtual_grad.default("
@@ -106,28 +105,16 @@ def test_float64_changing_batch_matches_reference(name):
     """float64 against the independent reference while the batch size changes (a last partial
     batch): at most two compiles (static, then dynamic batch), r's shape never follows B."""
     case = next(c for c in CASES if c.name == name)
-    torch.manual_seed(0)
-    model = case.make().double()
-    ref_model = copy.deepcopy(model)
-    model_c = torch.compile(model, backend=svgd_fx.backend(s=0.1))
-    ref = SVGDReference(ref_model, s=0.1)
-    opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, ref_model))
-    shapes = None
-    for batch in (8, 5, 8, 3, 6):
-        xs, y = cast_inputs(case.inputs(batch), torch.float64), case.target(batch)
-        y = y.double() if y.is_floating_point() else y
-        opt.zero_grad()
-        opt_ref.zero_grad()
-        loss_fn(case.loss, model_c(*xs), y).backward()
-        loss_fn(case.loss, ref(*xs), y).backward()
-        for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-11, msg=lambda m: f"B={batch} {n}: {m}")
-        opt.step()
-        opt_ref.step()
-        state = svgd_fx.state_of(model_c).tensors
-        now = {k: tuple(v.shape) for k, v in state.items()}
-        assert shapes is None or now == shapes, "r's shape must not depend on the batch size"
-        shapes = now
+    shapes = []
+
+    def r_shapes(model, model_c):
+        now = {k: tuple(v.shape) for k, v in svgd_fx.state_of(model_c).tensors.items()}
+        assert not shapes or now == shapes[-1], "r's shape must not depend on the batch size"
+        shapes.append(now)
+
+    model, model_c = train_changing_batches(case, lambda m: torch.compile(m, backend=svgd_fx.backend(s=0.1)),
+                                            rtol=1e-8, atol=1e-11, after_step=r_shapes)
+    assert_t_fired(model_c, svgd_fx.state_of(model_c), case.t_nodes)
     assert svgd_fx._backend.binding_of(model).log.graphs <= 2
 
 
@@ -329,7 +316,9 @@ def test_models_sharing_a_compiled_graph_keep_their_own_r():
     for model, model_t in zip((a, b), transformed):
         for key, r in svgd_fx.state_of(model).tensors.items():
             torch.testing.assert_close(r, model_t.svgd_state.tensors[key], rtol=1e-4, atol=1e-9)
-    assert svgd_fx.explain(compiled[1]).rows, "the second model's explain() shows the shared graph's σ' nodes"
+    mlp_t = next(c for c in CASES if c.name == "paper_mlp").t_nodes
+    for model, model_c in zip((a, b), compiled):    # explain() of the second shows the shared graph's σ'
+        assert_t_fired(model_c, svgd_fx.state_of(model), mlp_t)
 
 
 @pytest.mark.parametrize("name", ["paper_mlp", "res_cnn"])
@@ -395,6 +384,7 @@ def test_no_grad_and_eval_forwards_leave_r_alone():
         x, y = torch.randn(16, 784), torch.randint(0, 10, (16,))
         torch.nn.functional.cross_entropy(wrapped(x), y).backward()
         state = wrapped.svgd_state if kind == "transform" else svgd_fx.state_of(model)
+        assert_t_fired(wrapped, state, next(c for c in CASES if c.name == "paper_mlp").t_nodes)
         before = {k: v.clone() for k, v in state.tensors.items()}
         with torch.no_grad():
             wrapped(torch.randn(16, 784))
@@ -414,6 +404,7 @@ def test_model_cast_after_compiling_moves_r():
     model_c = torch.compile(model, backend="svgd", options={"s": 0.1})
     x, y = torch.randn(16, 784), torch.randint(0, 10, (16,))
     torch.nn.functional.cross_entropy(model_c(x), y).backward()
+    assert_t_fired(model_c, svgd_fx.state_of(model), next(c for c in CASES if c.name == "paper_mlp").t_nodes)
     r = {k: v.clone() for k, v in svgd_fx.state_of(model).tensors.items()}
     model.double()
     model.zero_grad()

@@ -45,6 +45,9 @@ for step in range(3):
     for key, r in ddp.module.svgd_state.tensors.items():
         torch.testing.assert_close(r, single_t.svgd_state.tensors[key], rtol=1e-10, atol=0, msg=lambda m: f"rank {rank} {key}: {m}")
     opt.step(); opt_single.step()
+fired = {row["node"] for row in svgd_fx.explain(ddp.module).rows if row["t_in_graph"]}
+assert fired == {"m.0.linear", "m.1.layer_norm", "m.3.conv1d", "m.5.linear"}, fired
+assert all(r.abs().sum() > 0 for r in ddp.module.svgd_state.tensors.values())
 print("ok", rank, len(ddp.module.svgd_state.tensors))
 dist.destroy_process_group()
 """

@@ -4,7 +4,10 @@ import pytest
 import torch
 
 import svgd_fx
-from cases import PaperMLP
+from cases import CASES, PaperMLP
+from helpers import assert_t_fired
+
+MLP_T = next(c for c in CASES if c.name == "paper_mlp").t_nodes
 
 KINDS = ["transform", "backend_fused", "backend_op"]
 
@@ -36,6 +39,7 @@ def test_nonfinite_raises_naming_the_node_and_keeps_r(kind):
     x, y = torch.randn(16, 784), torch.randint(0, 10, (16,))
     _backward(wrapped, x, y)
     state = _state(wrapped, model)
+    assert_t_fired(wrapped, state, MLP_T)
     before = {k: v.clone() for k, v in state.tensors.items()}
     if kind == "backend_fused":    # kernels cannot raise: counted, raised by the next forward
         _backward(wrapped, x, y, blow_up=True)
@@ -59,6 +63,7 @@ def test_nonfinite_skip_keeps_r_and_goes_on(kind):
     x, y = torch.randn(16, 784), torch.randint(0, 10, (16,))
     _backward(wrapped, x, y)
     state = _state(wrapped, model)
+    assert_t_fired(wrapped, state, MLP_T)
     before = {k: v.clone() for k, v in state.tensors.items()}
     model.zero_grad()
     _backward(wrapped, x, y, blow_up=True)       # no error

@@ -150,6 +150,9 @@ for i, (x, y) in enumerate(batches):
     torch.nn.functional.cross_entropy(wrapped(x), y).backward()
     grads.append([p.grad.clone() for p in model.parameters()])
     opt.step()
+fired = {{row["node"] for row in svgd_fx.explain(wrapped).rows if row["t_in_graph"]}}
+state = wrapped.svgd_state if mode == "transform" else svgd_fx.state_of(wrapped)
+assert len(fired) == 9 and all(r.abs().sum() > 0 for r in state.tensors.values()), fired   # T ran at all 9 σ'
 torch.save(grads[-2:], path + "." + phase)
 """
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import svgd_fx
+from helpers import assert_t_fired
 
 KINDS = ["transform", "fused", "op"]
 
@@ -41,6 +42,7 @@ def test_two_forwards_then_one_backward(kind):
     F.cross_entropy(ref_t(x1), y).backward()
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"{kind} {n}: {m}")
+    assert_t_fired(wrapped, _state(wrapped, model), {"0.linear", "2.linear"})
 
 
 def test_retain_graph_second_backward():
@@ -59,6 +61,7 @@ def test_retain_graph_second_backward():
         F.cross_entropy(ref_t(x), y).backward()
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
+    assert_t_fired(wrapped, _state(wrapped, model), {"0.linear", "2.linear"})
 
     torch._dynamo.reset()
     loss = F.cross_entropy(svgd_fx.transform(_net(), s=0.1)(x), y)

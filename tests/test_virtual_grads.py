@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cases import CASES
-from helpers import count_t_nodes, run_against_reference, t_rows
+from helpers import count_t_nodes, run_against_reference, t_rows, train_changing_batches
 
 
 def _check_t_placement(model_t, case):
@@ -41,31 +41,10 @@ def test_float32_matches_reference(case):
 def test_changing_batch_size_matches_reference(name):
     """Batch sizes that change between steps (a last partial batch; Dynamo's dynamic-shape
     recompile after the second size) keep matching the reference, with one r per σ'."""
-    import copy
-
     import svgd_fx
-    from cases import loss_fn
-    from helpers import cast_inputs
-    from reference import SVGDReference
 
     case = next(c for c in CASES if c.name == name)
-    torch.manual_seed(0)
-    model = case.make().double()
-    ref_model = copy.deepcopy(model)
-    model_t = svgd_fx.transform(model, s=0.1)
-    ref = SVGDReference(ref_model, s=0.1)
-    opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, ref_model))
-    for batch in (8, 5, 8, 3, 6):
-        xs, y = cast_inputs(case.inputs(batch), torch.float64), case.target(batch)
-        y = y.double() if y.is_floating_point() else y
-        opt.zero_grad()
-        opt_ref.zero_grad()
-        loss_fn(case.loss, model_t(*xs), y).backward()
-        loss_fn(case.loss, ref(*xs), y).backward()
-        for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"B={batch} {n}: {m}")
-        opt.step()
-        opt_ref.step()
+    model, model_t = train_changing_batches(case, lambda m: svgd_fx.transform(m, s=0.1), rtol=1e-9, atol=1e-12)
     with_t = {name for name, has_t in t_rows(model_t).items() if has_t}
     assert with_t == case.t_nodes
     # every backward graph (one per Dynamo recompile) carries all the T nodes
