@@ -15,36 +15,45 @@ import torch
 from torch import nn
 
 from . import kernels  # noqa: F401  (registers torch.ops.svgd_fx.virtual_grad)
+from ._accumulate import accumulate
 from ._backend import backend, state_of
 from ._explain import Report, explain
-from .errors import CoverageError, NonFiniteGradientError, RerouteError, StateShapeError, SVGDError
+from ._tso import SwitchOnPlateau, switch_to_sgd, switched
+from .errors import CoverageError, FactorError, NonFiniteGradientError, RerouteError, StateShapeError, SVGDError
 from ._transform import ExcludeSpec, SVGDConfig, SVGDModule, _check_model, _resolve_exclude
 
-__all__ = ["transform", "backend", "state_of", "explain", "Report", "SVGDModule", "SVGDConfig", "SVGDError", "StateShapeError",
+__all__ = ["transform", "accumulate", "switch_to_sgd", "switched", "SwitchOnPlateau", "FactorError", "backend", "state_of", "explain", "Report", "SVGDModule", "SVGDConfig", "SVGDError", "StateShapeError",
            "RerouteError", "CoverageError", "NonFiniteGradientError"]
 __version__ = "0.1.0"
 
 
 def transform(
     model: nn.Module,
-    s: float,
+    s: float | None = None,
     *,
-    rho: float = 0.9,
-    eps: float = 1e-6,
+    method: str = "svgd",
+    rho: float | None = None,
+    eps: float | None = None,
     reduction: str = "mean",
     exclude: ExcludeSpec = None,
-    r_shape: str = "full",
+    r_shape: str | None = None,
     nonfinite: str | None = None,
     grad_scaler=None,
     distributed: bool = False,
+    gamma: float | None = None,
+    t_int: int | None = None,
+    damping: float | None = None,
+    switch_at_step: int | None = None,
 ) -> SVGDModule:
     """Return ``model`` with SVGD's backward: after ``loss.backward()`` every ``p.grad`` holds
     the virtual gradient (SPEC), to be used by plain SGD (``torch.optim.SGD``).
 
     model:     any ``nn.Module`` (or ``torch.fx.GraphModule``); it is not modified, and the
                result shares its parameters and buffers.
-    s:         T's scale (> 0). The paper used 0.1, 0.01 and 0.001.
-    rho, eps:  r's decay in [0, 1) and the floor under sqrt(r + eps).
+    s:         T's scale (> 0), required for SVGD. The paper used 0.1, 0.01 and 0.001.
+    method:    "svgd" (default) or "tso-alra" (Ida & Fujiwara: two-sided Kronecker T on Linear
+               and Conv2d layers, then a switch to SGD; docs/tso-alra.md).
+    rho, eps:  r's decay in [0, 1) (default 0.9) and the floor under sqrt(r + eps) (1e-6).
     reduction: how the loss combines the batch: "mean" (torch's default; the per-sample
                gradient is B·g) or "sum" (it is g).
     exclude:   parameter names, or a predicate ``(name, param) -> bool``, to keep on plain
@@ -62,14 +71,29 @@ def transform(
     distributed: with DDP (each rank sees part of the batch), all-reduce T's batch statistic
                over torch.distributed's default group before T, so every rank's r is what one
                process would build on the joined batch (r-sized, one all-reduce per σ' node).
+    gamma, t_int, damping, switch_at_step:  TSO-ALRA's options (method="tso-alra" only): the
+               new observation's weight in the factors' averages (0.05), steps between inverse
+               roots (20), ε in U(Λ+εI)^-½Uᵀ (1e-6), and after how many steps to train on plain
+               gradients (None: when ``svgd_fx.switch_to_sgd(model_t)`` is called).
     """
-    if nonfinite is None:
-        nonfinite = "skip" if grad_scaler is not None else "raise"
-    config = SVGDConfig(s=s, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape, nonfinite=nonfinite,
-                        distributed=bool(distributed))
+    config = make_config(s=s, method=method, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape,
+                         nonfinite=nonfinite, grad_scaler=grad_scaler, distributed=distributed, gamma=gamma,
+                         t_int=t_int, damping=damping, switch_at_step=switch_at_step)
     _check_model(model)
     excluded = _resolve_exclude(model, exclude)
     return SVGDModule(model, config, excluded, _check_scaler(grad_scaler))
+
+
+def make_config(*, s, method, rho, eps, reduction, r_shape, nonfinite, grad_scaler, distributed, gamma, t_int,
+                damping, switch_at_step) -> SVGDConfig:
+    if method == "tso-alra" and grad_scaler is not None:
+        raise ValueError("svgd_fx: grad_scaler is not supported with method='tso-alra' yet (the factors "
+                         "would be built from S× scaled gradients)")
+    if nonfinite is None:
+        nonfinite = "skip" if grad_scaler is not None else "raise"
+    return SVGDConfig.from_options(method=method, s=s, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape,
+                                   nonfinite=nonfinite, distributed=bool(distributed), gamma=gamma, t_int=t_int,
+                                   damping=damping, switch_at_step=switch_at_step)
 
 
 def _check_scaler(scaler):

@@ -34,8 +34,8 @@ from ._state import SVGDState
 from ._transform import ExcludeSpec, PassLog, SVGDConfig, _check_model, _resolve_exclude, build_plan
 from .errors import CoverageError, SVGDError
 
-_OPTION_NAMES = ("s", "rho", "eps", "reduction", "exclude", "r_shape", "nonfinite", "grad_scaler",
-                 "distributed", "t_impl")
+_OPTION_NAMES = ("s", "method", "rho", "eps", "reduction", "exclude", "r_shape", "nonfinite", "grad_scaler",
+                 "distributed", "t_impl", "gamma", "t_int", "damping", "switch_at_step")
 
 
 @dataclass(eq=False)
@@ -70,8 +70,12 @@ class Binding:
 
 
 def _describe(config: SVGDConfig, excluded: frozenset[str]) -> str:
-    text = (f"s={config.s}, rho={config.rho}, eps={config.eps}, reduction={config.reduction!r}, "
-            f"r_shape={config.r_shape!r}")
+    if config.method == "tso-alra":
+        text = (f"method='tso-alra', gamma={config.gamma}, t_int={config.t_int}, damping={config.damping}, "
+                f"switch_at_step={config.switch_at_step}, reduction={config.reduction!r}")
+    else:
+        text = (f"s={config.s}, rho={config.rho}, eps={config.eps}, reduction={config.reduction!r}, "
+                f"r_shape={config.r_shape!r}")
     return text + (f", exclude={sorted(excluded)}" if excluded else "")
 
 
@@ -236,23 +240,24 @@ class backend:
     holds the virtual gradient; step with ``torch.optim.SGD``.
     """
 
-    def __init__(self, s: float | None = None, *, rho: float = 0.9, eps: float = 1e-6,
-                 reduction: str = "mean", exclude: ExcludeSpec = None, r_shape: str = "full",
-                 nonfinite: str | None = None, grad_scaler=None, distributed: bool = False,
-                 t_impl: str = "fused") -> None:
-        from . import _check_scaler
+    def __init__(self, s: float | None = None, *, method: str = "svgd", rho: float | None = None,
+                 eps: float | None = None, reduction: str = "mean", exclude: ExcludeSpec = None,
+                 r_shape: str | None = None, nonfinite: str | None = None, grad_scaler=None,
+                 distributed: bool = False, t_impl: str = "fused", gamma: float | None = None,
+                 t_int: int | None = None, damping: float | None = None,
+                 switch_at_step: int | None = None) -> None:
+        from . import _check_scaler, make_config
 
-        if s is None:
+        if s is None and method == "svgd":
             raise ValueError(
                 "svgd_fx: the svgd backend needs T's scale s (SPEC: s is the user's choice; the paper "
                 "used 0.1, 0.01, 0.001): torch.compile(model, backend='svgd', options={'s': 0.1}) "
                 "or torch.compile(model, backend=svgd_fx.backend(s=0.1))."
             )
         self.grad_scaler = _check_scaler(grad_scaler)
-        if nonfinite is None:
-            nonfinite = "skip" if self.grad_scaler is not None else "raise"
-        self.config = SVGDConfig(s=s, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape,
-                                 nonfinite=nonfinite, distributed=bool(distributed))
+        self.config = make_config(s=s, method=method, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape,
+                                  nonfinite=nonfinite, grad_scaler=self.grad_scaler, distributed=distributed,
+                                  gamma=gamma, t_int=t_int, damping=damping, switch_at_step=switch_at_step)
         if t_impl not in ("fused", "op"):
             raise ValueError(f"svgd_fx: t_impl must be 'fused' (T as aten ops that inductor fuses with its "
                              f"neighbours, the default) or 'op' (the svgd_fx::virtual_grad custom op: the "

@@ -15,17 +15,24 @@ class Report:
     def __str__(self) -> str:
         if not self.rows:
             return "svgd_fx: no σ' node captured yet (run one forward/backward first)"
-        head = ["node", "op", "source", "params (linear?)", "T", "r_shape", "r_bytes"]
+        tso = any(row.get("state_shapes") for row in self.rows)
+        head = ["node", "op", "source", "params (linear?)", "T", "factors" if tso else "r_shape",
+                "state_bytes" if tso else "r_bytes"]
         body = []
         for row in self.rows:
             params = ", ".join(f"{p}:{'yes' if ok else 'no'}" for p, ok in row["linear"].items())
+            if tso:
+                shapes = row.get("state_shapes") or {}
+                shape = " ".join(f"{k}:{'x'.join(map(str, shapes[k]))}" for k in ("A", "B") if k in shapes) or "-"
+            else:
+                shape = "x".join(map(str, row["r_shape"])) if row["r_shape"] is not None else "-"
             body.append([row["node"], row["op"], row["source"], params, "T" if row["t_in_graph"] else "-",
-                         "x".join(map(str, row["r_shape"])) if row["r_shape"] is not None else "-",
-                         str(row["r_bytes"])])
+                         shape, str(row["r_bytes"])])
         widths = [min(48, max(len(h), *(len(r[i]) for r in body))) for i, h in enumerate(head)]
         fmt = lambda cells: "  ".join(c[:w].ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]
-        lines.append(f"r total: {self.r_bytes:,} bytes  vs Adam's exp_avg+exp_avg_sq: {self.adam_bytes:,} bytes"
+        what = "TSO-ALRA state (factors, roots, steps)" if tso else "r"
+        lines.append(f"{what} total: {self.r_bytes:,} bytes  vs Adam's exp_avg+exp_avg_sq: {self.adam_bytes:,} bytes"
                      f" ({self.r_bytes / max(self.adam_bytes, 1):.1%})")
         for row in self.rows:
             for p, why in row["reasons"].items():
@@ -56,8 +63,14 @@ def explain(model_t) -> Report:
         sigma = rec.sigma
         linear = {p: inp.linear for inp in sigma.param_inputs for p in inp.params}
         reasons = {p: inp.reason for inp in sigma.param_inputs for p in inp.params}
-        r = model_t.svgd_state.tensors.get(rec.key) if rec.key else None
+        tensors = model_t.svgd_state.tensors
+        r = tensors.get(rec.key) if rec.key else None
         nbytes = r.numel() * r.element_size() if r is not None else 0
+        state_shapes = {}
+        for key in rec.state_keys:     # TSO-ALRA: factors, roots, step counter
+            if key in tensors:
+                nbytes += tensors[key].numel() * tensors[key].element_size()
+                state_shapes[key.rsplit(".", 1)[1]] = tuple(tensors[key].shape)
         r_bytes += nbytes
         touched.update(p for p, ok in linear.items() if ok and rec.t_graphs)
         rows.append({
@@ -65,6 +78,7 @@ def explain(model_t) -> Report:
             "params": list(linear), "linear": linear, "reasons": reasons,
             "t_in_graph": rec.t_graphs > 0, "r_key": rec.key,
             "r_shape": tuple(r.shape) if r is not None else rec.r_shape, "r_bytes": nbytes,
+            "state_shapes": state_shapes,
         })
     trainable = {n: p for n, p in model_t.model.named_parameters() if p.requires_grad}
     adam = sum(2 * p.numel() * p.element_size() for p in trainable.values())

@@ -27,6 +27,8 @@ class SVGDState(nn.Module):
         self.flags: dict[str, torch.Tensor] = {}        # "<σ' name>.nonfinite" -> count (not saved)
         self.prev: dict[str, torch.Tensor] = {}         # r at the start of the step (GradScaler)
         self.scale_used: float | None = None            # the GradScaler scale of the last forward
+        self.accs: dict[str, torch.Tensor] = {}         # "<σ' name>.r" -> [Σ g², n_all, n_here] (not saved)
+        self.collecting: dict[str, torch.Tensor] = {}   # device -> 0-dim 0/1: T collects (accumulation)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -70,12 +72,32 @@ class SVGDState(nn.Module):
             flag = self.flags[key] = torch.zeros((), dtype=torch.float32, device=device)
         return flag
 
+    def acc(self, key: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Gradient accumulation's pooled statistic for r ``key``: Σ (g/S)², then the sample
+        counts of all ranks and of this one (see :mod:`svgd_fx._accumulate`)."""
+        acc = self.accs.get(key)
+        if acc is None or acc.numel() != numel + 2 or acc.dtype != dtype or acc.device != torch.device(device):
+            acc = self.accs[key] = torch.zeros(numel + 2, dtype=dtype, device=device)
+        return acc
+
+    def collect_flag(self, device: torch.device) -> torch.Tensor:
+        """The 0-dim mode input of every graph on ``device``: 1 inside ``svgd_fx.accumulate``."""
+        key = str(torch.device(device))
+        flag = self.collecting.get(key)
+        if flag is None:
+            flag = self.collecting[key] = torch.zeros((), dtype=torch.float32, device=device)
+            if any(bool(f) for f in self.collecting.values()):
+                flag.fill_(1.0)
+        return flag
+
     # -- nn.Module plumbing: dotted keys, device moves, state_dict ---------------------------
     def _apply(self, fn, recurse=True):
         self.tensors = {k: fn(v) for k, v in self.tensors.items()}
         self._pending = {k: fn(v) for k, v in self._pending.items()}
         self.flags = {k: fn(v).float() for k, v in self.flags.items()}
         self.prev = {}
+        self.accs = {}
+        self.collecting = {}
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

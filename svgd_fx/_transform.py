@@ -33,23 +33,70 @@ from .passes.reroute import RerouteSpec, reroute
 ExcludeSpec = None | str | Iterable[str] | Callable[[str, nn.Parameter], bool]
 
 
+METHODS = ("svgd", "tso-alra")
+_SVGD_ONLY = {"s": None, "rho": 0.9, "eps": 1e-6, "r_shape": "full"}
+_TSO_ONLY = {"gamma": 0.05, "t_int": 20, "damping": 1e-6, "switch_at_step": None}
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"svgd_fx: {name} must be a real number, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class SVGDConfig:
-    s: float
+    """The options of one transform (SVGD's, or TSO-ALRA's with ``method="tso-alra"``)."""
+    s: float | None = None
     rho: float = 0.9
     eps: float = 1e-6
     reduction: str = "mean"
     r_shape: str = "full"
     nonfinite: str = "raise"
     distributed: bool = False
+    method: str = "svgd"
+    gamma: float = 0.05
+    t_int: int = 20
+    damping: float = 1e-6
+    switch_at_step: int | None = None
+
+    @classmethod
+    def from_options(cls, method: str = "svgd", **options) -> "SVGDConfig":
+        """Options as the user gave them (None: not given): defaults filled in per method, and
+        an option of the other method is an error rather than silently ignored."""
+        if method not in METHODS:
+            raise ValueError(f"svgd_fx: method must be one of {METHODS}, got {method!r}")
+        other = _TSO_ONLY if method == "svgd" else _SVGD_ONLY
+        given = sorted(k for k in other if options.get(k) is not None)
+        if given:
+            raise ValueError(f"svgd_fx: {given} {'is' if len(given) == 1 else 'are'} not an option of "
+                             f"method={method!r} (SVGD takes s, rho, eps, r_shape; TSO-ALRA takes gamma, "
+                             "t_int, damping, switch_at_step)")
+        own = _SVGD_ONLY if method == "svgd" else _TSO_ONLY
+        filled = {k: (options[k] if options.get(k) is not None else default) for k, default in own.items()}
+        rest = {k: v for k, v in options.items() if k not in _SVGD_ONLY and k not in _TSO_ONLY and v is not None}
+        return cls(method=method, **filled, **rest)
 
     def __post_init__(self) -> None:
-        def real(name, value):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                raise ValueError(f"svgd_fx: {name} must be a real number, got {value!r}")
-            return float(value)
+        if self.method not in METHODS:
+            raise ValueError(f"svgd_fx: method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "svgd":
+            self._check_svgd()
+        else:
+            self._check_tso()
+        if self.reduction not in ("mean", "sum"):
+            raise ValueError(f"svgd_fx: reduction must be 'mean' or 'sum' (how the loss combines the "
+                             f"batch: it sets the per-sample gradient B·g or g), got {self.reduction!r}")
+        if self.nonfinite not in ("raise", "skip"):
+            raise ValueError(f"svgd_fx: nonfinite must be 'raise' (an inf/NaN in ∇σ'J raises, naming the "
+                             f"σ' node) or 'skip' (r keeps its old values there; training goes on), "
+                             f"got {self.nonfinite!r}")
 
-        s, rho, eps = real("s", self.s), real("rho", self.rho), real("eps", self.eps)
+    def _check_svgd(self) -> None:
+        if self.s is None:
+            raise ValueError("svgd_fx: SVGD needs T's scale s (SPEC: s is the user's choice; the paper used "
+                             "0.1, 0.01, 0.001), e.g. svgd_fx.transform(model, s=0.1)")
+        s, rho, eps = _real("s", self.s), _real("rho", self.rho), _real("eps", self.eps)
         if not (0 < s < float("inf")):
             raise ValueError(f"svgd_fx: s must be a finite number > 0 (the scale of T; the paper used "
                              f"0.1, 0.01, 0.001), got s={self.s!r}")
@@ -59,19 +106,33 @@ class SVGDConfig:
         if not (0 < eps < float("inf")):
             raise ValueError(f"svgd_fx: eps must be a finite number > 0 (it keeps sqrt(r + eps) away "
                              f"from zero), got eps={self.eps!r}")
-        if self.reduction not in ("mean", "sum"):
-            raise ValueError(f"svgd_fx: reduction must be 'mean' or 'sum' (how the loss combines the "
-                             f"batch: it sets the per-sample gradient B·g or g), got {self.reduction!r}")
         if self.r_shape not in ("full", "channel"):
             raise ValueError(f"svgd_fx: r_shape must be 'full' (r per output element, SPEC's default) "
                              f"or 'channel' (r per channel), got {self.r_shape!r}")
-        if self.nonfinite not in ("raise", "skip"):
-            raise ValueError(f"svgd_fx: nonfinite must be 'raise' (an inf/NaN in ∇σ'J raises, naming the "
-                             f"σ' node) or 'skip' (r keeps its old values there; training goes on), "
-                             f"got {self.nonfinite!r}")
         object.__setattr__(self, "s", s)
         object.__setattr__(self, "rho", rho)
         object.__setattr__(self, "eps", eps)
+
+    def _check_tso(self) -> None:
+        gamma, damping = _real("gamma", self.gamma), _real("damping", self.damping)
+        if not (0 <= gamma < 1):
+            raise ValueError(f"svgd_fx: gamma must lie in [0, 1) (the weight of the new observation in the "
+                             f"factors' moving averages, Eqs. 17-18), got gamma={self.gamma!r}")
+        if not (0 < damping < float("inf")):
+            raise ValueError(f"svgd_fx: damping must be a finite number > 0 (ε in U(Λ+εI)^-½Uᵀ), "
+                             f"got damping={self.damping!r}")
+        if isinstance(self.t_int, bool) or not isinstance(self.t_int, int) or self.t_int < 1:
+            raise ValueError(f"svgd_fx: t_int must be an int ≥ 1 (steps between inverse-root refreshes), "
+                             f"got t_int={self.t_int!r}")
+        k = self.switch_at_step
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ValueError(f"svgd_fx: switch_at_step must be None or an int ≥ 0 (the number of TSO-ALRA "
+                             f"steps before plain SGD), got switch_at_step={k!r}")
+        if self.distributed:
+            raise ValueError("svgd_fx: distributed=True is not supported with method='tso-alra' yet (the "
+                             "Kronecker factors would be per rank)")
+        object.__setattr__(self, "gamma", gamma)
+        object.__setattr__(self, "damping", damping)
 
 
 @dataclass
@@ -81,6 +142,7 @@ class SigmaRecord:
     key: str | None                           # state key ("fc.linear.r"), or None if not routed
     r_shape: tuple[int, ...] | None
     t_graphs: int = 0                         # number of backward graphs with a T node for it
+    state_keys: tuple[str, ...] = ()          # TSO-ALRA: the layer's factor, root and step keys
 
 
 @dataclass
@@ -262,11 +324,18 @@ class Plan:
     r_specs: list[tuple] = field(default_factory=list)   # get_or_create arguments, per state key
     params_seen: set[str] = field(default_factory=set)  # parameter names this graph uses
     flag_keys: list[str] = field(default_factory=list)  # non-finite counters (fused T, "raise")
-    scaled: bool = False                                # a GradScaler's 1/S is the last input
+    scaled: bool = False                                # a GradScaler's 1/S follows the accumulators
+    collect_device: Any = None                          # where the "collect" mode input lives (last)
+    method: str = "svgd"                                # "tso-alra": specs are KronSpecs
 
     def rewrite(self, joint: torch.fx.GraphModule) -> None:
         """The reroute pass on AOTAutograd's joint graph (in place), logged per σ'."""
-        changed = reroute(joint, self.specs, self.param_derived_sources, self.param_inputs)
+        if self.method == "tso-alra":
+            from .passes.kronecker import precondition
+
+            changed = precondition(joint, self.specs, self.param_derived_sources, self.param_inputs)
+        else:
+            changed = reroute(joint, self.specs, self.param_derived_sources, self.param_inputs)
         for spec in self.specs:
             if spec.name in changed:
                 self.owner.log.records[spec.name].t_graphs += 1
@@ -286,20 +355,26 @@ class Plan:
         """
         compiled = aot_backend(self.gm, self.example_inputs)
         keys, r_specs, flag_keys, scaled = self.state_keys, self.r_specs, self.flag_keys, self.scaled
-        device = r_specs[0][3] if r_specs else None
+        device, collect_device = (r_specs[0][3] if r_specs else None), self.collect_device
 
         def state_tensors(owner) -> list[torch.Tensor]:
             state = owner.svgd_state
             try:
-                tensors = [_own_version(state.tensors[k]) for k in keys]
+                rs = [state.tensors[k] for k in keys]
             except KeyError:  # a model first seen through a graph compiled for another one
-                tensors = [_own_version(state.get_or_create(*spec)) for spec in r_specs]
+                rs = [state.get_or_create(*spec) for spec in r_specs]
+            tensors = [_own_version(r) for r in rs]
             if flag_keys:
                 flags = [state.flag(k, device) for k in flag_keys]
                 _raise_if_flagged(state, flag_keys, flags)
                 tensors += flags
+            if collect_device is None:      # TSO-ALRA: no accumulation
+                return tensors
+            tensors += [_own_version(state.acc(k, r.numel(), r.dtype, r.device)) for k, r in zip(keys, rs)]
             if scaled:
                 tensors.append(_scaler_step_boundary(owner, device))
+            if keys:
+                tensors.append(state.collect_flag(collect_device))
             return tensors
 
         if owner_of_call is None:
@@ -386,6 +461,8 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
     log.graphs += 1
     log.params_seen |= analysis.params_seen
     name_to_input = {param_nodes[n]: i for i, n in enumerate(placeholders) if n in param_nodes}
+    if config.method == "tso-alra":
+        return _tso_plan(owner, gm, example_inputs, analysis, param_nodes, name_to_input, param_inputs)
 
     routed, keys, r_values, r_specs = [], [], [], []
     for sigma in analysis.sigmas:
@@ -406,6 +483,11 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
     inline_t = inline_t and not scaled and not config.distributed   # these use the T op
     flag_keys = [f"{sigma.name}.nonfinite" for sigma, _ in routed] if inline_t and raising else []
     flags = [owner.svgd_state.flag(k, sigma.device) for k, (sigma, _) in zip(flag_keys, routed)]
+    accs = [owner.svgd_state.acc(k, r.numel(), r.dtype, r.device) for k, r in zip(keys, r_values)]
+    # the op reads "collect" on the host (a CPU scalar: no device sync); the fused T on the device
+    collect_device = torch.device(r_specs[0][3] if r_specs and inline_t else "cpu")
+    first_acc = len(placeholders) + len(keys) + len(flag_keys)
+    after_accs = first_acc + len(keys)
     specs = [
         RerouteSpec(
             source=sigma.source, name=sigma.name, r_input=len(placeholders) + i,
@@ -414,18 +496,39 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
             mean_reduction=config.reduction == "mean", channel_dim=channel_dim, inline=inline_t,
             raise_nonfinite=raising,
             flag_input=len(placeholders) + len(keys) + i if flag_keys else None,
-            scale_input=len(placeholders) + len(keys) + len(flag_keys) if scaled else None,
+            scale_input=after_accs if scaled else None,
             sync=config.distributed,
+            acc_input=first_acc + i,
+            collect_input=after_accs + int(scaled),
         )
         for i, (sigma, channel_dim) in enumerate(routed)
     ]
-    new_gm = _with_state_inputs(gm, keys + flag_keys + (["grad_scaler.inv_scale"] if scaled else []))
+    names = keys + flag_keys + [k + ".acc" for k in keys] + (["grad_scaler.inv_scale"] if scaled else [])
+    new_gm = _with_state_inputs(gm, names + (["collect"] if keys else []))
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     scale = [torch.ones((), device=r_specs[0][3] if r_specs else "cpu")] if scaled else []
-    extra = [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t for t in r_values + flags + scale]
+    collect = [owner.svgd_state.collect_flag(collect_device)] if keys else []
+    extra = [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t
+             for t in r_values + flags + accs + scale + collect]
     pd_sources = {src for src, kind in analysis.kinds.items() if kind is Kind.PARAM}
     return Plan(owner, new_gm, list(example_inputs) + extra, specs, keys, pd_sources, param_inputs, r_specs,
-                analysis.params_seen, flag_keys, scaled)
+                analysis.params_seen, flag_keys, scaled, collect_device)
+
+
+def _tso_plan(owner, gm, example_inputs, analysis, param_nodes, name_to_input, param_inputs) -> Plan:
+    from ._tso import plan_layers
+
+    for sigma in analysis.sigmas:
+        _disambiguate(owner.log, sigma)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    specs, r_specs = plan_layers(owner, analysis, param_nodes, name_to_input, len(placeholders))
+    keys = [spec[0] for spec in r_specs]
+    values = [owner.svgd_state.get_or_create(*spec) for spec in r_specs]
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    extra = [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t for t in values]
+    pd_sources = {src for src, kind in analysis.kinds.items() if kind is Kind.PARAM}
+    return Plan(owner, _with_state_inputs(gm, keys), list(example_inputs) + extra, specs, keys, pd_sources,
+                param_inputs, r_specs, analysis.params_seen, method="tso-alra")
 
 
 def _disambiguate(log: PassLog, sigma: SigmaNode) -> None:

@@ -19,3 +19,7 @@ class CoverageError(SVGDError, RuntimeError):
 
 class NonFiniteGradientError(SVGDError, FloatingPointError):
     """inf/NaN in ∇σ'J at a σ' node (r keeps its old values there); see ``nonfinite=``."""
+
+
+class FactorError(SVGDError, FloatingPointError):
+    """TSO-ALRA: a Kronecker factor that is non-finite or not positive definite after damping."""

@@ -1,6 +1,6 @@
 """DDP with 2 CPU processes (gloo, loopback): each rank sees half the batch; with
 distributed=True every rank's r and its virtual gradients after DDP's all-reduce equal one
-process on the joined batch."""
+process on the joined batch — also with gradient accumulation (two passes, micro-batches)."""
 
 import os
 import socket
@@ -42,6 +42,23 @@ for step in range(3):
     torch.nn.functional.cross_entropy(single_t(x), y).backward()
     for (n, p), q in zip(local.named_parameters(), single.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13, msg=lambda m: f"rank {rank} step {step} {n}: {m}")
+    for key, r in ddp.module.svgd_state.tensors.items():
+        torch.testing.assert_close(r, single_t.svgd_state.tensors[key], rtol=1e-10, atol=0, msg=lambda m: f"rank {rank} {key}: {m}")
+    opt.step(); opt_single.step()
+def micro(wrapped, xs, ys):     # this rank's 8 samples as micro-batches of 3 and 5 (mean loss over 8)
+    for part in (slice(0, 3), slice(3, 8)):
+        (torch.nn.functional.cross_entropy(wrapped(xs[part]), ys[part]) * (xs[part].shape[0] / 8)).backward()
+for step in range(3, 5):        # gradient accumulation, exact two passes: = one step on the joined batch
+    x, y = torch.randn(8 * world, 6, generator=gen).double(), torch.randint(0, 4, (8 * world,), generator=gen)
+    mine = slice(8 * rank, 8 * (rank + 1))
+    opt.zero_grad(); opt_single.zero_grad()
+    with svgd_fx.accumulate(ddp, phase="statistics"):
+        micro(ddp, x[mine], y[mine])
+    with svgd_fx.accumulate(ddp, phase="gradients"):
+        micro(ddp, x[mine], y[mine])
+    torch.nn.functional.cross_entropy(single_t(x), y).backward()
+    for (n, p), q in zip(local.named_parameters(), single.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13, msg=lambda m: f"rank {rank} accumulated step {step} {n}: {m}")
     for key, r in ddp.module.svgd_state.tensors.items():
         torch.testing.assert_close(r, single_t.svgd_state.tensors[key], rtol=1e-10, atol=0, msg=lambda m: f"rank {rank} {key}: {m}")
     opt.step(); opt_single.step()

@@ -10,8 +10,11 @@
 ``r`` is float32 (float64 when ``g`` is float64); the arithmetic runs in r's dtype and
 the result has g's dtype. ``channel_dim < 0`` keeps r at the full per-sample shape of g
 (SPEC's default); ``channel_dim = c >= 1`` keeps r over dim ``c`` of g only.
+
+TSO-ALRA's two-sided T (``torch.ops.svgd_fx.kron_t``) is in :mod:`.kron_op`.
 """
 
+from .kron_op import inverse_root, kron_t
 from .t_op import virtual_grad, virtual_grad_reference, triton_available
 
-__all__ = ["virtual_grad", "virtual_grad_reference", "triton_available"]
+__all__ = ["virtual_grad", "virtual_grad_reference", "triton_available", "kron_t", "inverse_root"]

@@ -46,20 +46,28 @@ def _nonfinite(name: str, deferred: bool = False) -> Exception:
     )
 
 
-def _all_reduced_stat(u: torch.Tensor, g: torch.Tensor, channel_dim: int) -> torch.Tensor:
+def _all_reduce(buffer: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("svgd_fx: distributed=True, but torch.distributed is not initialized "
                            "(call torch.distributed.init_process_group first)")
-    summed = u.square().sum(dim=0)                       # per-sample shape
+    dist.all_reduce(buffer)
+    return buffer
+
+
+def _batch_sums(u: torch.Tensor, channel_dim: int, sync: bool) -> tuple[torch.Tensor, float]:
+    """Σ_b u[b]² (per-sample shape, or per channel: mean over the other per-sample dims first)
+    and the number of samples; with ``sync``, summed over torch.distributed's default group."""
+    summed = u.square().sum(dim=0)
     if channel_dim >= 0:
-        other = [d - 1 for d in _stat_dims(g, channel_dim) if d != 0]
+        other = [d - 1 for d in _stat_dims(u, channel_dim) if d != 0]
         if other:
             summed = summed.mean(dim=other)
-    buffer = torch.cat([summed.flatten(), summed.new_tensor([float(g.shape[0])])])
-    dist.all_reduce(buffer)
-    return (buffer[:-1] / buffer[-1]).view_as(summed)
+    if not sync:
+        return summed, float(u.shape[0])
+    buffer = _all_reduce(torch.cat([summed.flatten(), summed.new_tensor([float(u.shape[0])])]))
+    return buffer[:-1].view_as(summed), float(buffer[-1])
 
 
 def virtual_grad_reference(
@@ -74,6 +82,8 @@ def virtual_grad_reference(
     name: str = "",
     inv_scale: torch.Tensor | None = None,
     sync: bool = False,
+    acc: torch.Tensor | None = None,
+    collect: bool = False,
 ) -> torch.Tensor:
     """The torch implementation of T (also the fallback wherever Triton is not used).
 
@@ -82,26 +92,34 @@ def virtual_grad_reference(
     all-reduced over torch.distributed's default group (sum of per-sample squares and sample
     count), so every rank's r is the one a single process would build on the joined batch.
 
+    ``collect`` (gradient accumulation, see :mod:`svgd_fx._accumulate`): r is not updated; the
+    batch's raw Σ_b (g/S)² is added to ``acc[:-2]`` and its sample count (all ranks', this
+    rank's) to ``acc[-2]``, ``acc[-1]``, for one update of r from all micro-batches later.
+
     r is never updated from a non-finite statistic: such elements keep their old value (or,
     with ``raise_nonfinite``, r is left untouched and ``NonFiniteGradientError`` is raised).
     """
     batch = g.shape[0]
     gr = g.to(r.dtype)
-    # Per-sample gradient of the per-sample loss: B·g for a mean loss (SPEC, "One step").
-    u = gr * batch if mean_reduction else gr
-    if inv_scale is not None:
-        u = u * inv_scale.to(r.dtype)
-    if sync:
-        stat = _all_reduced_stat(u, g, channel_dim)
+    u = gr if inv_scale is None else gr * inv_scale.to(r.dtype)
+    if collect:
+        sums, count = _batch_sums(u, channel_dim, sync)
+        finite = torch.isfinite(sums)
+        if raise_nonfinite and not bool(finite.all()):
+            raise _nonfinite(name)
+        acc[:-2].add_(torch.where(finite, sums, 0).flatten())
+        acc[-2:].add_(acc.new_tensor([count, float(batch)]))
     else:
-        stat = u.square().mean(dim=_stat_dims(g, channel_dim))
-    finite = torch.isfinite(stat)
-    if bool(finite.all()):
-        r.mul_(rho).add_(stat, alpha=1.0 - rho)
-    elif raise_nonfinite:
-        raise _nonfinite(name)
-    else:
-        r.copy_(torch.where(finite, r * rho + stat * (1.0 - rho), r))
+        # Per-sample gradient of the per-sample loss: B·g for a mean loss (SPEC, "One step").
+        sums, count = _batch_sums(u * batch if mean_reduction else u, channel_dim, sync)
+        stat = sums / count
+        finite = torch.isfinite(stat)
+        if bool(finite.all()):
+            r.mul_(rho).add_(stat, alpha=1.0 - rho)
+        elif raise_nonfinite:
+            raise _nonfinite(name)
+        else:
+            r.copy_(torch.where(finite, r * rho + stat * (1.0 - rho), r))
     denom = torch.sqrt(r + eps)
     if channel_dim >= 0:
         shape = [1] * g.dim()
@@ -110,7 +128,7 @@ def virtual_grad_reference(
     return (gr * s / denom).to(g.dtype).contiguous()
 
 
-@torch.library.custom_op("svgd_fx::virtual_grad", mutates_args=("r",))
+@torch.library.custom_op("svgd_fx::virtual_grad", mutates_args=("r", "acc"))
 def virtual_grad(
     g: torch.Tensor,
     r: torch.Tensor,
@@ -123,9 +141,17 @@ def virtual_grad(
     name: str = "",
     inv_scale: torch.Tensor | None = None,
     sync: bool = False,
+    acc: torch.Tensor | None = None,
+    collect: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if g.shape[0] == 0 and not sync:  # an empty batch carries no statistics: r stays as it is
         return torch.empty_like(g, memory_format=torch.contiguous_format)
+    collecting = collect is not None and bool(collect)   # a CPU scalar: no device sync
+    if collecting and acc is None:
+        raise RuntimeError(f"svgd_fx: σ' node {name!r} is asked to collect statistics but has no accumulator")
+    if collecting:
+        return virtual_grad_reference(g, r, s, rho, eps, mean_reduction, channel_dim, raise_nonfinite, name,
+                                      inv_scale, sync, acc, True)
     if inv_scale is None and not sync and _kernel_choice(g, channel_dim) == "triton":
         if raise_nonfinite and not bool(torch.isfinite(g).all()):
             raise _nonfinite(name)
@@ -136,5 +162,5 @@ def virtual_grad(
 
 @virtual_grad.register_fake
 def _(g, r, s, rho, eps, mean_reduction, channel_dim, raise_nonfinite=False, name="", inv_scale=None,
-      sync=False):
+      sync=False, acc=None, collect=None):
     return torch.empty_like(g, memory_format=torch.contiguous_format)

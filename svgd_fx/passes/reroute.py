@@ -54,6 +54,8 @@ class RerouteSpec:
     flag_input: int | None = None  # plain-input index of the fused T's non-finite counter
     scale_input: int | None = None  # plain-input index of a GradScaler's 1/S (op path only)
     sync: bool = False             # all-reduce T's batch statistic (torch.distributed; op path only)
+    acc_input: int | None = None      # plain-input index of the accumulation buffer (svgd_fx.accumulate)
+    collect_input: int | None = None  # plain-input index of the 0-dim "collect" mode (1: accumulate)
 
 
 def _is_backward(node: Node) -> bool:
@@ -186,14 +188,15 @@ def _insert_t(graph, spec, g, members, placeholders, order) -> Node:
     meta = {k: v for k, v in first_use.meta.items() if k != "val"}
     meta.update(partitioner_tag="is_backward", svgd_sigma=spec.name)
     with graph.inserting_before(first_use):
+        optional = [placeholders.get(i) if i is not None else None
+                    for i in (spec.flag_input, spec.scale_input, spec.acc_input, spec.collect_input)]
+        flag, inv_scale, acc, collect = optional
         if spec.inline:
-            flag = placeholders.get(spec.flag_input) if spec.flag_input is not None else None
-            return _inline_t(graph, spec, g, r, meta, flag)
+            return _inline_t(graph, spec, g, r, meta, flag, acc, collect)
         t_node = graph.call_function(
             torch.ops.svgd_fx.virtual_grad.default,
             (g, r, spec.s, spec.rho, spec.eps, spec.mean_reduction, spec.channel_dim,
-             spec.raise_nonfinite, spec.name,
-             placeholders[spec.scale_input] if spec.scale_input is not None else None, spec.sync),
+             spec.raise_nonfinite, spec.name, inv_scale, spec.sync, acc, collect),
         )
     t_node.meta.update(meta)
     g_val = g.meta.get("val")
@@ -203,7 +206,7 @@ def _insert_t(graph, spec, g, members, placeholders, order) -> Node:
     return t_node
 
 
-def _inline_t(graph, spec, g, r, meta, flag=None) -> Node:
+def _inline_t(graph, spec, g, r, meta, flag=None, acc=None, collect=None) -> Node:
     """T spelled in aten ops, for inductor to fuse (the formula of ``virtual_grad_reference``):
 
     ``r ← ρ·r + (1-ρ)·mean_b (B·g)²`` written back into r with ``copy_``, then
@@ -211,6 +214,9 @@ def _inline_t(graph, spec, g, r, meta, flag=None) -> Node:
     update first and keeps it alive (nothing else uses it). B is read from g at run time.
     Elements whose statistic is not finite keep their old r; with a ``flag`` input, such a
     step also adds 1 to it (the caller raises at the next call: kernels cannot raise).
+    With ``acc`` and ``collect`` inputs (gradient accumulation): where ``collect`` is 1, r is
+    kept and Σ_b g² and B are added to ``acc`` instead (kernels cannot branch: both are
+    computed, ``where`` picks; the extra work is r-sized).
     Node names start with ``svgd_T_`` (they show in inductor's generated code).
     """
     aten = torch.ops.aten
@@ -225,12 +231,25 @@ def _inline_t(graph, spec, g, r, meta, flag=None) -> Node:
         other = [d for d in range(1, g_val.dim()) if d != spec.channel_dim]
         if other:
             sq = emit(aten.mean.dim, sq, other)
-    stat = emit(aten.sum.dim_IntList, sq, [0])
+    sums = emit(aten.sum.dim_IntList, sq, [0])
     # mean_b (B·g)² = B·Σ_b g² for a mean loss; mean_b g² = Σ_b g² / B for a sum loss
-    stat = emit(aten.mul.Tensor if spec.mean_reduction else aten.div.Tensor, stat, batch)
+    stat = emit(aten.mul.Tensor if spec.mean_reduction else aten.div.Tensor, sums, batch)
     r_new = emit(aten.add.Tensor, emit(aten.mul.Tensor, r, spec.rho), emit(aten.mul.Tensor, stat, 1.0 - spec.rho))
     finite = emit(aten.lt.Scalar, stat, float("inf"))     # stat ≥ 0: false for inf and NaN
-    r_now = emit(aten.copy_.default, r, emit(aten.where.self, finite, r_new, r))
+    r_new = emit(aten.where.self, finite, r_new, r)
+    if acc is not None:
+        collecting = emit(aten.gt.Scalar, collect, 0.5)
+        r_new = emit(aten.where.self, collecting, r, r_new)
+        numel = r_val.numel()
+        pooled = emit(aten.add.Tensor, emit(aten.view.default, emit(aten.slice.Tensor, acc, 0, 0, numel), [-1]),
+                      emit(aten.view.default, emit(aten.where.ScalarOther, emit(aten.logical_and.default, finite, collecting),
+                                                   sums, 0.0), [-1]))
+        counts = emit(aten.add.Tensor, emit(aten.slice.Tensor, acc, 0, numel, numel + 2),
+                      emit(aten.mul.Tensor, collect, batch))
+        acc_now = emit(aten.copy_.default, acc, emit(aten.cat.default, [pooled, counts]))
+    r_now = emit(aten.copy_.default, r, r_new)
+    if acc is not None:    # "+ 0·count" keeps the accumulator's update alive (a finite count)
+        r_now = emit(aten.add.Tensor, r_now, emit(aten.mul.Tensor, emit(aten.select.int, acc_now, 0, -1), 0.0))
     if flag is not None:   # count a non-finite step; "+ 0·flag" keeps the counter's update alive
         bad = emit(aten.sum.default, emit(torch.ops.prims.convert_element_type.default,
                                           emit(aten.logical_not.default, finite), torch.float32))
@@ -302,7 +321,7 @@ def _emitter(graph, tag: str, meta: dict, like: torch.Tensor):
     def emit(target, *args):
         node = graph.create_node("call_function", target, args, name=tag)
         node.meta.update(meta)
-        vals = [a.meta["val"] if isinstance(a, Node) else a for a in args]
+        vals = torch.fx.node.map_arg(args, lambda a: a.meta["val"])
         with _fake_mode_of(like):
             node.meta["val"] = target(*vals)
         return node

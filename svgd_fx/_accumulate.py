@@ -1,0 +1,146 @@
+"""Gradient accumulation: several backward passes per optimizer step.
+
+Semantics (the paper's minibatch m is the whole accumulated batch): the K micro-batches of
+one step form one batch of N = Σ_k B_k samples, and the accumulated loss is its mean
+(``loss / K`` per micro-batch with equal sizes; in general Σ_k sum-of-losses_k / N), or its
+sum with ``reduction="sum"``. The per-sample gradient is then N·g (or g), and one step is::
+
+    r_t = ρ·r_{t-1} + (1-ρ)·mean over all N samples of (N·g)²
+    T(g_k) = s·g_k / sqrt(r_t + ε)        for every micro-batch k
+
+T of every micro-batch needs r_t, which depends on all micro-batches. For a 2-D linear σ'
+T is a row scaling of grad_W that could wait for the last micro-batch, but for a conv or a
+``[B, T, C]`` linear the scaling varies over output positions and does not factor out of the
+parameter gradient. So there are two ways, both here:
+
+* **exact, two passes** — ``phase="statistics"`` runs the micro-batches once to pool their
+  statistics and commit r_t (gradients and buffers such as BatchNorm's running stats are put
+  back as they were at exit), then ``phase="gradients"`` runs them again with T on that r_t
+  and r left alone. Equal to one big batch (for models without batch-coupled layers such as
+  BatchNorm, whose statistics differ per micro-batch anyway; random layers such as dropout
+  must draw the same masks in both passes). Costs two forward/backward passes.
+* **one pass** (``phase="single"``, the default) — T of every micro-batch uses r_{t-1} (r as
+  the previous step left it) and r is updated once, at the end, from the pooled statistics of
+  all micro-batches. Equal to one big batch with T reading r *before* the step's update: the
+  ordering of the authors' TensorFlow code (SPEC, "The authors' TensorFlow code differs").
+
+Mechanism: every compiled graph has a 0-dim "collect" input; inside ``accumulate`` it is 1,
+and T then adds Σ_b (g/S)² and the sample counts to an r-sized accumulator instead of
+updating r (no recompilation; outside, the accumulator is untouched). The exit commits.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .errors import SVGDError
+
+_PHASES = ("single", "statistics", "gradients")
+
+
+def _owner_of(model):
+    """The object that holds r and the config: an ``SVGDModule``, or the compile backend's binding."""
+    from ._backend import _binding_for, _unwrap
+    from ._transform import SVGDModule
+
+    inner = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+    if isinstance(inner, SVGDModule):
+        return inner
+    if isinstance(getattr(inner, "_orig_mod", inner), nn.Module):
+        return _binding_for(_unwrap(inner))
+    raise TypeError("svgd_fx.accumulate takes what svgd_fx.transform or torch.compile(..., backend='svgd') "
+                    f"returned, got {type(model).__name__}")
+
+
+@contextmanager
+def accumulate(model, phase: str = "single") -> Iterator[None]:
+    """Run the micro-batches of one optimizer step inside this block (see the module docstring).
+
+    >>> with svgd_fx.accumulate(model_t):                      # one pass, T on r_{t-1}
+    ...     for x, y in zip(xs, ys):
+    ...         (F.cross_entropy(model_t(x), y) / len(xs)).backward()
+    >>> opt.step(); opt.zero_grad()
+
+    Exact (Algorithm 1 on the accumulated batch), two passes over the same micro-batches:
+
+    >>> with svgd_fx.accumulate(model_t, phase="statistics"):  # r_t; .grad and buffers restored
+    ...     for x, y in zip(xs, ys):
+    ...         (F.cross_entropy(model_t(x), y) / len(xs)).backward()
+    >>> with svgd_fx.accumulate(model_t, phase="gradients"):   # T with r_t; r unchanged
+    ...     for x, y in zip(xs, ys):
+    ...         (F.cross_entropy(model_t(x), y) / len(xs)).backward()
+    >>> opt.step(); opt.zero_grad()
+
+    Forwards and backwards must both happen inside the block. If the block raises, r is left
+    as it was before it.
+    """
+    if phase not in _PHASES:
+        raise ValueError(f"svgd_fx.accumulate: phase must be one of {_PHASES}, got {phase!r}")
+    owner = _owner_of(model)
+    config = getattr(owner, "config", None)
+    if getattr(config, "method", "svgd") != "svgd":
+        raise ValueError(f"svgd_fx.accumulate supports SVGD only; this model uses method={config.method!r}")
+    state = owner.svgd_state
+    if any(bool(f) for f in state.collecting.values()):
+        raise SVGDError("svgd_fx.accumulate: already inside an accumulate block for this model (they do not nest)")
+    restore = _snapshot(owner.model) if phase == "statistics" else None
+    _reset(state)
+    _set_collecting(state, True)
+    committed = False
+    try:
+        yield
+        committed = phase != "gradients"
+    finally:
+        _set_collecting(state, False)
+        if committed:
+            _commit(state, owner.config)
+        _reset(state)
+        if restore is not None:
+            restore()
+
+
+def _set_collecting(state, on: bool) -> None:
+    state.collect_flag("cpu")
+    for flag in state.collecting.values():
+        flag.fill_(1.0 if on else 0.0)
+
+
+def _reset(state) -> None:
+    for acc in state.accs.values():
+        acc.zero_()
+
+
+@torch.no_grad()
+def _commit(state, config) -> None:
+    """r ← ρ·r + (1-ρ)·stat, stat = mean over the accumulated batch of the per-sample gradient²."""
+    if config is None:
+        return
+    for key, acc in state.accs.items():
+        r = state.tensors.get(key)
+        n_all, n_here = float(acc[-2]), float(acc[-1])
+        if r is None or n_all == 0:
+            continue    # this σ' saw no micro-batch (no backward reached it)
+        sums = acc[:-2].view_as(r)
+        # mean loss: the per-sample gradient is N_here·g (N_here = this rank's accumulated
+        # batch: its loss is the mean over it), averaged over the N_all samples of all ranks
+        stat = sums * (n_here * n_here / n_all) if config.reduction == "mean" else sums / n_all
+        r.mul_(config.rho).add_(stat, alpha=1.0 - config.rho)
+
+
+def _snapshot(model: nn.Module):
+    """Gradients and buffers now, and a function that puts them back (the statistics pass)."""
+    grads = {p: (None if p.grad is None else p.grad.clone()) for p in model.parameters()}
+    buffers = {b: b.clone() for b in model.buffers()}
+
+    @torch.no_grad()
+    def restore() -> None:
+        for p, g in grads.items():
+            p.grad = g
+        for b, saved in buffers.items():
+            b.copy_(saved)
+
+    return restore

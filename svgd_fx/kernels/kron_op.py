@@ -1,0 +1,88 @@
+"""``svgd_fx::kron_t``: TSO-ALRA's two-sided T for one Kronecker layer (``docs/tso-alra.md``).
+
+One node sits on both edges into the layer's parameter-gradient computation: it takes the
+rows of ∇σ'J (``g``, ``[N, m]``) and the rows of the layer's input (``a``, ``[N, n]``, the
+bias column of ones already appended), updates the Kronecker factors from this batch
+(Eqs. 17–18), refreshes their inverse roots every ``t_int`` steps, and returns
+``(g·R_B, a·R_A)``: the weight gradient ``(g·R_B)ᵀ(a·R_A) = R_B·Ĝ·R_A`` is Eq. (16).
+After the switch to SGD it returns its inputs unchanged and leaves the factors alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _factor_error(name: str, side: str, detail: str) -> Exception:
+    from ..errors import FactorError
+
+    return FactorError(
+        f"svgd_fx: TSO-ALRA's factor {side} of layer {name!r} {detail}. The factor's damped inverse root "
+        "U(Λ+εI)^-½Uᵀ is undefined, and a NaN would spread through every later step. Raise the damping "
+        "(transform(..., damping=...)), lower the learning rate, or look for an overflow in the loss.")
+
+
+def inverse_root(factor: torch.Tensor, damping: float, name: str = "", side: str = "") -> torch.Tensor:
+    """``U (Λ + ε I)^{-1/2} Uᵀ`` by ``torch.linalg.eigh`` in float64, in the factor's dtype."""
+    f64 = factor.double()
+    if not bool(torch.isfinite(f64).all()):
+        raise _factor_error(name, side, "holds inf/NaN")
+    f64 = (f64 + f64.mT) / 2        # symmetric by construction; keep eigh's input exactly so
+    try:
+        lam, u = torch.linalg.eigh(f64)
+    except RuntimeError as failure:   # torch.linalg.LinAlgError: eigh did not converge
+        raise _factor_error(name, side, f"could not be decomposed ({failure})") from None
+    damped = lam + damping
+    if not bool(torch.isfinite(damped).all()) or float(damped.min()) <= 0:
+        raise _factor_error(name, side, f"is not positive definite after damping (smallest eigenvalue "
+                                        f"{float(lam.min()):.3e}, damping {damping:g})")
+    return ((u * damped.rsqrt()) @ u.mT).to(factor.dtype)
+
+
+@torch.library.custom_op("svgd_fx::kron_t", mutates_args=("A", "A_root", "B", "B_root", "steps"))
+def kron_t(
+    g: torch.Tensor,
+    a: torch.Tensor,
+    A: torch.Tensor,
+    A_root: torch.Tensor,
+    B: torch.Tensor,
+    B_root: torch.Tensor,
+    steps: torch.Tensor,
+    switched: torch.Tensor,
+    gamma: float,
+    t_int: int,
+    damping: float,
+    batch: int,
+    mean_reduction: bool,
+    switch_at_step: int,
+    name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    t = int(steps) + 1                   # steps and switched live on the CPU: no device sync
+    if bool(switched) or (switch_at_step >= 0 and t > switch_at_step) or g.shape[0] == 0:
+        return g.clone(), a.clone()
+    gf, af = g.to(B.dtype), a.to(A.dtype)
+    stat_a = af.mT @ af / af.shape[0]                           # mean over samples and locations
+    # β = B·g (mean loss) or g (sum): (1/B) Σ ββᵀ = B·Σ ggᵀ or Σ ggᵀ / B (sum over locations)
+    stat_b = (gf.mT @ gf) * (batch if mean_reduction else 1.0 / batch)
+    for side, stat in (("A", stat_a), ("B", stat_b)):
+        if not bool(torch.isfinite(stat).all()):
+            raise _factor_error(name, side, "would be updated from a non-finite statistic (inf/NaN in "
+                                            + ("the layer's input)" if side == "A" else "∇σ'J)"))
+    if t == 1:
+        A.copy_(stat_a)
+        B.copy_(stat_b)
+    else:
+        A.mul_(1.0 - gamma).add_(stat_a, alpha=gamma)
+        B.mul_(1.0 - gamma).add_(stat_b, alpha=gamma)
+    if (t - 1) % t_int == 0:
+        A_root.copy_(inverse_root(A, damping, name, "A"))
+        B_root.copy_(inverse_root(B, damping, name, "B"))
+    steps.fill_(t)
+    return (gf @ B_root).to(g.dtype), (af @ A_root).to(a.dtype)
+
+
+@kron_t.register_fake
+def _(g, a, A, A_root, B, B_root, steps, switched, gamma, t_int, damping, batch, mean_reduction,
+      switch_at_step, name):
+    return torch.empty_like(g, memory_format=torch.contiguous_format), \
+        torch.empty_like(a, memory_format=torch.contiguous_format)

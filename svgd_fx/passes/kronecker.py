@@ -1,0 +1,211 @@
+"""TSO-ALRA on the joint graph: the two-sided Kronecker T of a Linear or Conv2d layer.
+
+Which σ' nodes qualify (``kronecker_layer``, on Dynamo's torch-level graph): ``F.linear`` and
+``F.conv2d`` (``groups=1``, symmetric padding) whose weight argument is a trainable parameter
+itself. Everything else keeps the plain gradient (``docs/tso-alra.md`` says why).
+
+The rewrite (``precondition``, on AOTAutograd's joint graph), for layer S with incoming
+gradient g = ∇σ'J (found as in :mod:`.reroute`) and forward input x::
+
+    rows:  G = g as [N, m]        X = x as [N, n]  (linear: leading dims flattened;
+                                                    conv2d: im2col patches; bias: a column of 1s)
+    T:     (G·R_B, X·R_A) = svgd_fx::kron_t(G, X, A, A_root, B, B_root, steps, switched, ...)
+    grads: ∇W = (G·R_B)ᵀ (X·R_A)[:, :n-1]      ∇b = (G·R_B)ᵀ (X·R_A)[:, n-1]
+
+The backward group's outputs that carry S's weight and bias gradients (its *parameter
+edges*, as in :mod:`.reroute`) are replaced by these; its activation edges are left alone,
+so back-propagation through x stays exact. Unused outputs of fused backward ops are then
+narrowed away (``convolution_backward`` computes only the input gradient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..errors import RerouteError
+from ..kernels import kron_t  # noqa: F401  (registers torch.ops.svgd_fx.kron_t)
+from .linearity import bind_args, sigma_rule
+from .reroute import (_emitter, _fwd_source, _incoming_gradient, _is_backward, _narrow_output_masks,
+                      _parameter_edge, _plain_index)
+
+STATE_PARTS = ("A", "A_root", "B", "B_root", "steps")
+
+
+@dataclass(frozen=True)
+class KronLayer:
+    """What ``kronecker_layer`` found on the torch-level graph."""
+    kind: str                             # "linear" | "conv2d"
+    weight: str                           # parameter names
+    bias: str | None                      # trainable bias folded into A (None: no bias column)
+    weight_shape: tuple[int, ...]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """(n, m): the sides of A (input rows, + 1 with a bias) and of B (output channels)."""
+        n = 1
+        for d in self.weight_shape[1:]:
+            n *= d
+        return n + (self.bias is not None), self.weight_shape[0]
+
+
+def _pair(value) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def kronecker_layer(sigma, param_names: dict[Node, str], trainable: set[str]) -> tuple[KronLayer | None, str]:
+    """The Kronecker layer σ' is, or None and why its parameters keep the plain gradient."""
+    from .locate import _example_value
+
+    plain = ("TSO-ALRA preconditions Linear and Conv2d weights only (Kronecker factors of s = Wᵀa); "
+             f"`{sigma.op}` keeps the plain gradient")
+    if sigma.op not in ("linear", "conv2d"):
+        return None, plain
+    bound = bind_args(sigma.node, sigma_rule(sigma.node).args)
+    weight, bias = bound.get("weight"), bound.get("bias")
+    if not isinstance(weight, Node) or param_names.get(weight) not in trainable:
+        return None, "its weight is not a trainable parameter itself (a parameter-derived value or frozen)"
+    bias_name = param_names.get(bias) if isinstance(bias, Node) else None
+    if isinstance(bias, Node) and bias_name is None and bias.op != "placeholder":
+        return None, "its bias is a parameter-derived value: A's bias column needs the parameter itself"
+    shape = tuple(int(d) for d in _example_value(weight).shape)
+    if sigma.op == "linear":
+        return KronLayer("linear", param_names[weight], bias_name if bias_name in trainable else None, shape), ""
+    if int(bound.get("groups", 1)) != 1:
+        return None, "a grouped convolution (groups > 1): one Kronecker factor pair per group is not implemented"
+    dilation = _pair(bound.get("dilation", 1))
+    padding = bound.get("padding", 0)
+    if padding == "valid":
+        padding = (0, 0)
+    elif padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, shape[2:])]
+        if any(t % 2 for t in total):
+            return None, "padding='same' with an even kernel pads unevenly; im2col pads symmetrically"
+        padding = tuple(t // 2 for t in total)
+    return KronLayer("conv2d", param_names[weight], bias_name if bias_name in trainable else None, shape,
+                     _pair(bound.get("stride", 1)), _pair(padding), dilation), ""
+
+
+@dataclass(frozen=True)
+class KronSpec:
+    source: str                   # source_fn name of the σ' node (key into the joint graph)
+    name: str
+    layer: KronLayer
+    weight_input: int             # plain-input indices of W and b
+    bias_input: int | None
+    state_inputs: tuple[int, ...]  # plain-input indices of A, A_root, B, B_root, steps
+    switched_input: int
+    gamma: float
+    t_int: int
+    damping: float
+    mean_reduction: bool
+    switch_at_step: int           # -1: no switch by step count
+
+
+def precondition(gm: GraphModule, specs: list[KronSpec], param_derived_sources: set[str],
+                 param_inputs: set[int]) -> dict[str, str]:
+    """Insert the two-sided T for every spec; return ``{σ' name: T node name}`` for those rewritten."""
+    graph = gm.graph
+    nodes = list(graph.nodes)
+    output = next(n for n in reversed(nodes) if n.op == "output")
+    out_values = list(output.args[0])
+    out_descs = output.meta.get("desc") or [None] * len(out_values)
+    placeholders = {_plain_index(n.meta.get("desc")): n for n in nodes if n.op == "placeholder"}
+
+    backward, forward = {}, {}
+    for n in nodes:
+        if _is_backward(n) and (src := _fwd_source(n)) is not None:
+            backward.setdefault(src, []).append(n)
+        elif not _is_backward(n) and (stack := n.meta.get("source_fn_stack")):
+            forward.setdefault(stack[-1][0], []).append(n)
+
+    done: dict[str, str] = {}
+    for spec in specs:
+        group = backward.get(spec.source)
+        if not group:
+            continue
+        members = set(group)
+        g = _incoming_gradient(spec, group, members)
+        targets = {spec.weight_input: "weight"} | ({spec.bias_input: "bias"} if spec.bias_input is not None else {})
+        edges = {}
+        for o in (n for n in group if any(u not in members for u in n.users)):
+            reached = _parameter_edge(o, members, out_values, out_descs, param_derived_sources, param_inputs)
+            if reached and len(reached) == 1 and (idx := next(iter(reached))) in targets:
+                edges[o] = targets[idx]
+        if not edges:
+            continue
+        x = _layer_input(spec, forward.get(spec.source, []), placeholders)
+        first = min((u for u in g.users if u in members), key=nodes.index)
+        meta = {k: v for k, v in first.meta.items() if k != "val"}
+        meta.update(partitioner_tag="is_backward", svgd_sigma=spec.name)
+        with graph.inserting_before(first):
+            grads, t_node = _emit(graph, spec, g, x, placeholders, meta)
+        for o, part in edges.items():
+            new = grads[part]
+            if tuple(new.meta["val"].shape) != tuple(o.meta["val"].shape):
+                raise RerouteError(f"svgd_fx: TSO-ALRA's {part} gradient for layer {spec.name!r} has shape "
+                                   f"{tuple(new.meta['val'].shape)}, the graph expects {tuple(o.meta['val'].shape)}")
+            o.replace_all_uses_with(new, delete_user_cb=lambda u: u not in members)
+        done[spec.name] = t_node.name
+    if done:
+        graph.eliminate_dead_code()
+        _narrow_output_masks(graph)
+        graph.lint()
+        gm.recompile()
+    return done
+
+
+def _layer_input(spec: KronSpec, forward_group: list[Node], placeholders: dict) -> Node:
+    """x: the one value entering the layer's forward nodes that is neither its weight nor its bias."""
+    group = set(forward_group)
+    own = {placeholders.get(spec.weight_input), placeholders.get(spec.bias_input)}
+    outside = []
+    for n in forward_group:
+        for a in n.all_input_nodes:
+            if a not in group and a not in own and a not in outside and isinstance(a.meta.get("val"), torch.Tensor):
+                outside.append(a)
+    batchy = [a for a in outside if a.meta["val"].dim() >= 2]   # not a (frozen) bias
+    if len(batchy) != 1:
+        raise RerouteError(f"svgd_fx: cannot identify the input of layer {spec.name!r} in the joint graph "
+                           f"(candidates {[a.name for a in batchy]}). Please report this model; exclude the "
+                           "layer's parameters meanwhile (transform(..., exclude=...)).")
+    return batchy[0]
+
+
+def _emit(graph, spec: KronSpec, g: Node, x: Node, placeholders: dict, meta: dict):
+    """The rows, the T node, and the weight/bias gradients (see the module docstring)."""
+    aten = torch.ops.aten
+    layer = spec.layer
+    tag = "tso_T_" + "".join(c if c.isalnum() else "_" for c in spec.name)
+    g_val = g.meta["val"]
+    emit = _emitter(graph, tag, meta, g_val)
+    n, m = layer.sizes
+    batch = g_val.shape[0] if isinstance(g_val.shape[0], int) else emit(aten.sym_size.int, g, 0)
+    if layer.kind == "linear":
+        rows_g = emit(aten.reshape.default, g, [-1, m])
+        rows_x = emit(aten.reshape.default, x, [-1, layer.weight_shape[1]])
+    else:
+        patches = emit(aten.im2col.default, x, list(layer.weight_shape[2:]), list(layer.dilation),
+                       list(layer.padding), list(layer.stride))            # [B, C_in·kh·kw, L]
+        rows_x = emit(aten.reshape.default, emit(aten.transpose.int, patches, 1, 2), [-1, patches.meta["val"].shape[1]])
+        rows_g = emit(aten.reshape.default, emit(aten.transpose.int, emit(aten.flatten.using_ints, g, 2), 1, 2), [-1, m])
+    if layer.bias is not None:
+        rows_x = emit(aten.constant_pad_nd.default, rows_x, [0, 1], 1.0)     # ā = [a, 1]
+    state = [placeholders[i] for i in spec.state_inputs]
+    t_node = emit(torch.ops.svgd_fx.kron_t.default, rows_g, rows_x, *state, placeholders[spec.switched_input],
+                  spec.gamma, spec.t_int, spec.damping, batch, spec.mean_reduction, spec.switch_at_step, spec.name)
+    import operator
+
+    tg, tx = emit(operator.getitem, t_node, 0), emit(operator.getitem, t_node, 1)
+    tg_t = emit(aten.t.default, tg)
+    grads = {}
+    if layer.bias is not None:
+        grads["bias"] = emit(aten.mv.default, tg_t, emit(aten.select.int, tx, 1, n - 1))
+        tx = emit(aten.slice.Tensor, tx, 1, 0, n - 1)
+    grads["weight"] = emit(aten.view.default, emit(aten.mm.default, tg_t, tx), list(layer.weight_shape))
+    return grads, t_node

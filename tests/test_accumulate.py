@@ -1,0 +1,183 @@
+"""Gradient accumulation (svgd_fx.accumulate): the accumulated batch is the paper's minibatch."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import svgd_fx
+from cases import CASES, loss_fn
+from helpers import assert_t_fired, cast_inputs
+from reference import SVGDReference
+
+# no batch-coupled layers (BatchNorm's statistics differ per micro-batch, whatever T does)
+PER_SAMPLE = [c for c in CASES if c.name in ("grouped_conv", "group_norm_prelu", "tiny_transformer", "chains")]
+KINDS = ["transform", "backend_fused", "backend_op"]
+
+
+def _wrap(model, kind, **kw):
+    if kind == "transform":
+        return svgd_fx.transform(model, s=0.1, **kw)
+    t_impl = "fused" if kind == "backend_fused" else "op"
+    return torch.compile(model, backend=svgd_fx.backend(s=0.1, t_impl=t_impl, **kw))
+
+
+def _state(wrapped, model):
+    return wrapped.svgd_state if isinstance(wrapped, svgd_fx.SVGDModule) else svgd_fx.state_of(model)
+
+
+def _micro_backward(case, wrapped, xs, y, sizes):
+    """Backward of the batch's mean loss, one micro-batch at a time (sizes may differ)."""
+    total, start = sum(sizes), 0
+    for size in sizes:
+        part = slice(start, start + size)
+        start += size
+        out = wrapped(*[x[part] for x in xs])
+        (loss_fn(case.loss, out, y[part]) * (size / total)).backward()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", PER_SAMPLE, ids=lambda c: c.name)
+def test_two_pass_accumulation_equals_one_big_batch(case, kind):
+    """phase="statistics" then phase="gradients" over micro-batches of 3 and 5 give, step after
+    step, the reference's virtual gradients on the batch of 8 (float64)."""
+    torch.manual_seed(0)
+    model = case.make().double()
+    ref_model = copy.deepcopy(model)
+    wrapped, ref = _wrap(model, kind), SVGDReference(ref_model, s=0.1)
+    opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, ref_model))
+    for step in range(3):
+        xs, y = cast_inputs(case.inputs(8), torch.float64), case.target(8)
+        y = y.double() if y.is_floating_point() else y
+        opt.zero_grad()
+        with svgd_fx.accumulate(wrapped, phase="statistics"):
+            _micro_backward(case, wrapped, xs, y, (3, 5))
+        assert all(p.grad is None for p in model.parameters()), "the statistics pass must leave no gradient"
+        with svgd_fx.accumulate(wrapped, phase="gradients"):
+            _micro_backward(case, wrapped, xs, y, (3, 5))
+        opt_ref.zero_grad()
+        loss_fn(case.loss, ref(*xs), y).backward()
+        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=f"{case.name} step {step}: {name}")
+        opt.step()
+        opt_ref.step()
+    assert_t_fired(wrapped, _state(wrapped, model), case.t_nodes)
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_pass_accumulation_scales_rows_with_the_previous_r(kind):
+    """phase="single": grad_W = d[:, None]·(plain accumulated grad_W) with d = s/sqrt(r_{t-1}+ε)
+    (SPEC's row-scaling invariant, r as the previous step left it); r_t is the two-pass r_t."""
+    torch.manual_seed(1)
+    model = _MLP().double()
+    twin = copy.deepcopy(model)
+    wrapped, wrapped_twin = _wrap(model, kind), _wrap(twin, kind)
+    state, state_twin = _state(wrapped, model), _state(wrapped_twin, twin)
+    plain = copy.deepcopy(model)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin, plain)]
+    for step in range(4):
+        x, y = torch.randn(9, 6, dtype=torch.float64), torch.randint(0, 3, (9,))
+        r_prev = {k: r.clone() for k, r in state.tensors.items()}
+        for opt in opts:
+            opt.zero_grad()
+        with svgd_fx.accumulate(wrapped):
+            for part in (slice(0, 4), slice(4, 9)):
+                (torch.nn.functional.cross_entropy(wrapped(x[part]), y[part]) * (x[part].shape[0] / 9)).backward()
+        with svgd_fx.accumulate(wrapped_twin, phase="statistics"):
+            for part in (slice(0, 4), slice(4, 9)):
+                (torch.nn.functional.cross_entropy(wrapped_twin(x[part]), y[part]) * (x[part].shape[0] / 9)).backward()
+        torch.nn.functional.cross_entropy(plain(x), y).backward()
+        for layer in ("fc1", "fc2"):
+            r = r_prev.get(f"{layer}.linear.r", torch.zeros(getattr(model, layer).out_features, dtype=torch.float64))
+            d = 0.1 / (r + 1e-6).sqrt()
+            for part in ("weight", "bias"):
+                got = getattr(getattr(model, layer), part).grad
+                plain_grad = getattr(getattr(plain, layer), part).grad
+                want = d[:, None] * plain_grad if part == "weight" else d * plain_grad
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13, msg=f"step {step} {layer}.{part}")
+        for key in state.tensors:
+            torch.testing.assert_close(state.tensors[key], state_twin.tensors[key], rtol=1e-12, atol=0)
+        opts[0].step()
+        with torch.no_grad():     # the twin and the plain model follow the model's trajectory
+            for p, q, t in zip(model.parameters(), plain.parameters(), twin.parameters()):
+                q.copy_(p)
+                t.copy_(p)
+    assert_t_fired(wrapped, state, {"fc1.linear", "fc2.linear"})
+
+
+def test_outside_accumulate_nothing_changes_and_nothing_recompiles():
+    """Entering and leaving accumulate() flips a graph input: no recompile; a normal step after
+    it is an ordinary SVGD step (r updated in the backward)."""
+    torch.manual_seed(2)
+    model = _MLP()
+    model_t = svgd_fx.transform(model, s=0.1)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    torch.nn.functional.cross_entropy(model_t(x), y).backward()
+    graphs = len(model_t.log.backward_graphs)
+    r_before = {k: r.clone() for k, r in model_t.svgd_state.tensors.items()}
+    with svgd_fx.accumulate(model_t):
+        torch.nn.functional.cross_entropy(model_t(x), y).backward()
+        assert all(torch.equal(r_before[k], r) for k, r in model_t.svgd_state.tensors.items())
+    r_after = {k: r.clone() for k, r in model_t.svgd_state.tensors.items()}
+    assert all(not torch.equal(r_before[k], r) for k, r in r_after.items()), "committed at exit"
+    torch.nn.functional.cross_entropy(model_t(x), y).backward()
+    assert all(not torch.equal(r_after[k], r) for k, r in model_t.svgd_state.tensors.items())
+    assert len(model_t.log.backward_graphs) == graphs
+    assert all(a.abs().sum() == 0 for a in model_t.svgd_state.accs.values())
+
+
+def test_r_is_left_alone_while_collecting_and_on_error():
+    torch.manual_seed(3)
+    model_t = svgd_fx.transform(_MLP(), s=0.1)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    torch.nn.functional.cross_entropy(model_t(x), y).backward()
+    before = {k: r.clone() for k, r in model_t.svgd_state.tensors.items()}
+    with pytest.raises(KeyError):
+        with svgd_fx.accumulate(model_t):
+            torch.nn.functional.cross_entropy(model_t(x), y).backward()
+            for k, r in model_t.svgd_state.tensors.items():
+                assert torch.equal(r, before[k]), "r must not move while collecting"
+            raise KeyError("interrupted")
+    for k, r in model_t.svgd_state.tensors.items():
+        assert torch.equal(r, before[k])
+    assert not any(bool(f) for f in model_t.svgd_state.collecting.values())
+
+
+def test_statistics_pass_restores_grads_and_batchnorm_buffers():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    model_t = svgd_fx.transform(model, s=0.1)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    torch.nn.functional.cross_entropy(model_t(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    r0 = {k: r.clone() for k, r in model_t.svgd_state.tensors.items()}
+    with svgd_fx.accumulate(model_t, phase="statistics"):
+        torch.nn.functional.cross_entropy(model_t(x), y).backward()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert all(torch.equal(b, c) for b, c in zip(model.buffers(), buffers))
+    assert all(not torch.equal(r0[k], r) for k, r in model_t.svgd_state.tensors.items()), "r_t committed"
+
+
+def test_accumulate_rejects_bad_use():
+    model_t = svgd_fx.transform(_MLP(), s=0.1)
+    with pytest.raises(ValueError, match="phase"):
+        with svgd_fx.accumulate(model_t, phase="both"):
+            pass
+    with pytest.raises(svgd_fx.SVGDError, match="nest"):
+        with svgd_fx.accumulate(model_t):
+            with svgd_fx.accumulate(model_t):
+                pass
+    with pytest.raises(TypeError, match="accumulate"):
+        with svgd_fx.accumulate(object()):
+            pass
