@@ -14,7 +14,7 @@ the result has g's dtype. ``channel_dim < 0`` keeps r at the full per-sample sha
 TSO-ALRA's two-sided T (``torch.ops.svgd_fx.kron_t``) is in :mod:`.kron_op`.
 """
 
-from .kron_op import inverse_root, kron_t
+from .kron_op import inverse_root, kron_t, patch_rows
 from .t_op import virtual_grad, virtual_grad_reference, triton_available
 
-__all__ = ["virtual_grad", "virtual_grad_reference", "triton_available", "kron_t", "inverse_root"]
+__all__ = ["virtual_grad", "virtual_grad_reference", "triton_available", "kron_t", "patch_rows", "inverse_root"]

@@ -86,3 +86,20 @@ def _(g, a, A, A_root, B, B_root, steps, switched, gamma, t_int, damping, batch,
       switch_at_step, name):
     return torch.empty_like(g, memory_format=torch.contiguous_format), \
         torch.empty_like(a, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("svgd_fx::patch_rows", mutates_args=())
+def patch_rows(x: torch.Tensor, kernel: list[int], dilation: list[int], padding: list[int],
+               stride: list[int]) -> torch.Tensor:
+    """A conv2d input's patches as rows ``[B·L, C_in·kh·kw]`` (``F.unfold``; W's own flattening).
+
+    An op of its own because inductor decomposes ``im2col`` and refuses it in a joint pass."""
+    patches = torch.nn.functional.unfold(x, kernel, dilation, padding, stride)     # [B, n, L]
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+@patch_rows.register_fake
+def _(x, kernel, dilation, padding, stride):
+    h, w = ((size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, k, d, p, s in zip(x.shape[2:], kernel, dilation, padding, stride))
+    return x.new_empty((x.shape[0] * h * w, x.shape[1] * kernel[0] * kernel[1]))

@@ -8,7 +8,7 @@ The rewrite (``precondition``, on AOTAutograd's joint graph), for layer S with i
 gradient g = ∇σ'J (found as in :mod:`.reroute`) and forward input x::
 
     rows:  G = g as [N, m]        X = x as [N, n]  (linear: leading dims flattened;
-                                                    conv2d: im2col patches; bias: a column of 1s)
+                                                    conv2d: unfolded patches; bias: a column of 1s)
     T:     (G·R_B, X·R_A) = svgd_fx::kron_t(G, X, A, A_root, B, B_root, steps, switched, ...)
     grads: ∇W = (G·R_B)ᵀ (X·R_A)[:, :n-1]      ∇b = (G·R_B)ᵀ (X·R_A)[:, n-1]
 
@@ -20,6 +20,7 @@ narrowed away (``convolution_backward`` computes only the input gradient).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -186,26 +187,32 @@ def _emit(graph, spec: KronSpec, g: Node, x: Node, placeholders: dict, meta: dic
     emit = _emitter(graph, tag, meta, g_val)
     n, m = layer.sizes
     batch = g_val.shape[0] if isinstance(g_val.shape[0], int) else emit(aten.sym_size.int, g, 0)
+    def as_rows(node, width):
+        """``node`` viewed as ``[-1, width]`` (a copy first where it is not contiguous); only ops
+        inductor lowers directly (no reshape/t/transpose: those are decompositions there)."""
+        if not node.meta["val"].is_contiguous():
+            node = emit(aten.clone.default, node, memory_format=torch.contiguous_format)
+        return emit(aten.view.default, node, [-1, width])
+
     if layer.kind == "linear":
-        rows_g = emit(aten.reshape.default, g, [-1, m])
-        rows_x = emit(aten.reshape.default, x, [-1, layer.weight_shape[1]])
+        rows_g, rows_x = as_rows(g, m), as_rows(x, layer.weight_shape[1])
     else:
-        patches = emit(aten.im2col.default, x, list(layer.weight_shape[2:]), list(layer.dilation),
-                       list(layer.padding), list(layer.stride))            # [B, C_in·kh·kw, L]
-        rows_x = emit(aten.reshape.default, emit(aten.transpose.int, patches, 1, 2), [-1, patches.meta["val"].shape[1]])
-        rows_g = emit(aten.reshape.default, emit(aten.transpose.int, emit(aten.flatten.using_ints, g, 2), 1, 2), [-1, m])
+        rows_x = emit(torch.ops.svgd_fx.patch_rows.default, x, list(layer.weight_shape[2:]), list(layer.dilation),
+                      list(layer.padding), list(layer.stride))          # [B·L, C_in·kh·kw]
+        g3 = emit(aten.view.default, as_rows(g, g_val.shape[2] * g_val.shape[3]), [batch, m, -1])
+        rows_g = as_rows(emit(aten.permute.default, g3, [0, 2, 1]), m)
     if layer.bias is not None:
         rows_x = emit(aten.constant_pad_nd.default, rows_x, [0, 1], 1.0)     # ā = [a, 1]
     state = [placeholders[i] for i in spec.state_inputs]
     t_node = emit(torch.ops.svgd_fx.kron_t.default, rows_g, rows_x, *state, placeholders[spec.switched_input],
                   spec.gamma, spec.t_int, spec.damping, batch, spec.mean_reduction, spec.switch_at_step, spec.name)
-    import operator
-
     tg, tx = emit(operator.getitem, t_node, 0), emit(operator.getitem, t_node, 1)
-    tg_t = emit(aten.t.default, tg)
+    delta = emit(aten.mm.default, emit(aten.permute.default, tg, [1, 0]), tx)      # [m, n] = R_B·Ĝ·R_A
     grads = {}
     if layer.bias is not None:
-        grads["bias"] = emit(aten.mv.default, tg_t, emit(aten.select.int, tx, 1, n - 1))
-        tx = emit(aten.slice.Tensor, tx, 1, 0, n - 1)
-    grads["weight"] = emit(aten.view.default, emit(aten.mm.default, tg_t, tx), list(layer.weight_shape))
+        grads["bias"] = emit(aten.clone.default, emit(aten.select.int, delta, 1, n - 1),
+                             memory_format=torch.contiguous_format)
+        delta = emit(aten.slice.Tensor, delta, 1, 0, n - 1)
+    grads["weight"] = emit(aten.view.default, emit(aten.clone.default, delta, memory_format=torch.contiguous_format),
+                           list(layer.weight_shape))
     return grads, t_node

@@ -316,14 +316,14 @@ def _sum_batch_first(graph, out: Node) -> None:
 
 
 def _emitter(graph, tag: str, meta: dict, like: torch.Tensor):
-    """``emit(target, *args)``: a call_function node named after ``tag``, with ``meta`` and its
+    """``emit(target, *args, **kwargs)``: a call_function node named after ``tag``, with ``meta`` and its
     fake value computed by running ``target`` on the arguments' fake values."""
-    def emit(target, *args):
-        node = graph.create_node("call_function", target, args, name=tag)
+    def emit(target, *args, **kwargs):
+        node = graph.create_node("call_function", target, args, kwargs, name=tag)
         node.meta.update(meta)
-        vals = torch.fx.node.map_arg(args, lambda a: a.meta["val"])
+        vals, kwvals = torch.fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
         with _fake_mode_of(like):
-            node.meta["val"] = target(*vals)
+            node.meta["val"] = target(*vals, **kwvals)
         return node
 
     return emit

@@ -1,0 +1,275 @@
+"""TSO-ALRA (method="tso-alra") against the independent float64 reference of docs/tso-alra.md."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import svgd_fx
+from reference_tso import TSOReference
+
+KRON_CALL = "torch.ops.svgd_fx.kron_t.default("
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2, self.fc3 = nn.Linear(6, 7), nn.BatchNorm1d(7), nn.Linear(7, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc3(torch.tanh(self.fc2(F.relu(self.bn(self.fc1(x))))))
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 3, 3, stride=2, padding=1, bias=False)
+        self.gn = nn.GroupNorm(1, 3)
+        self.fc = nn.Linear(3 * 3 * 3, 4)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        return self.fc(F.relu(self.gn(self.c2(h))).flatten(1))
+
+
+class Seq(nn.Module):
+    """Linear on [B, T, C] (T locations per sample), LayerNorm (plain), a parameter used as x*θ (plain)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.ln, self.out = nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+        self.gain = nn.Parameter(torch.ones(6))
+
+    def forward(self, x):
+        return self.out(self.ln(self.inp(x)) * self.gain).mean(1)
+
+
+MODELS = {  # model, input shape, Kronecker layers (T), σ' nodes that keep the plain gradient
+    "mlp": (MLP, (6,), {"fc1.linear", "fc2.linear", "fc3.linear"}, {"bn.batch_norm"}),
+    "cnn": (CNN, (2, 6, 6), {"c1.conv2d", "c2.conv2d", "fc.linear"}, {"gn.group_norm"}),
+    "seq": (Seq, (4, 5), {"inp.linear", "out.linear"}, {"ln.layer_norm", "gain.mul"}),
+}
+KINDS = ["transform", "backend"]
+OPTS = dict(gamma=0.2, t_int=2, damping=1e-3, switch_at_step=4)
+
+
+def _wrap(model, kind, **kw):
+    kw = {**OPTS, **kw}
+    if kind == "transform":
+        return svgd_fx.transform(model, method="tso-alra", **kw)
+    return torch.compile(model, backend=svgd_fx.backend(method="tso-alra", **kw))
+
+
+def _state(wrapped, model):
+    return wrapped.svgd_state if isinstance(wrapped, svgd_fx.SVGDModule) else svgd_fx.state_of(model)
+
+
+def _fired(wrapped) -> set[str]:
+    return {row["node"] for row in svgd_fx.explain(wrapped).rows if row["t_in_graph"]}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", MODELS)
+def test_tso_matches_the_float64_reference(name, kind):
+    """Six SGD steps: inverse roots refreshed at t = 1, 3 (t_int=2), plain SGD from step 5 on
+    (switch_at_step=4); the loss is a mean at steps 1-6, batch sizes change (8, 8, 5, 8, 3, 8)."""
+    make, shape, kron, plain = MODELS[name]
+    torch.manual_seed(0)
+    model = make().double()
+    ref_model = copy.deepcopy(model)
+    wrapped, ref = _wrap(model, kind), TSOReference(ref_model, **OPTS)
+    opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, ref_model))
+    for step, batch in enumerate((8, 8, 5, 8, 3, 8)):
+        x, y = torch.randn(batch, *shape, dtype=torch.float64), torch.randint(0, 3, (batch,))
+        opt.zero_grad()
+        F.cross_entropy(wrapped(x), y).backward()
+        want = ref.grads(x, y, F.cross_entropy)
+        for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.grad, want[n], rtol=1e-9, atol=1e-11, msg=lambda m: f"step {step} {n}: {m}")
+            q.grad = want[n]          # the reference returns its gradients; SGD steps on them
+        opt.step()
+        opt_ref.step()
+    state = _state(wrapped, model)
+    assert _fired(wrapped) == kron
+    rows = {row["node"]: row for row in svgd_fx.explain(wrapped).rows}
+    assert plain <= set(rows) and not any(rows[p]["t_in_graph"] for p in plain)
+    for layer in kron:       # the factors followed the reference's, and stopped at the switch
+        ref_state = ref.state[_module(layer)]
+        assert int(state[f"{layer}.steps"]) == ref_state["steps"] == 4
+        for part in ("A", "B", "A_root", "B_root"):
+            torch.testing.assert_close(state[f"{layer}.{part}"], ref_state[part], rtol=1e-9, atol=1e-12)
+    assert svgd_fx.switched(wrapped)
+
+
+def _module(sigma_name: str) -> str:
+    return sigma_name.rsplit(".", 1)[0]
+
+
+def test_t_nodes_sit_on_both_edges_and_activation_gradients_stay_exact():
+    """One kron_t per Kronecker layer in the backward graph, fed by ∇σ'J's rows and the
+    layer input's rows; x.grad (through every layer) is autograd's, bitwise."""
+    torch.manual_seed(1)
+    model = CNN().double()
+    plain = copy.deepcopy(model)
+    model_t = svgd_fx.transform(model, method="tso-alra", damping=1e-3)
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_()
+    y = torch.randint(0, 4, (4,))
+    F.cross_entropy(model_t(x), y).backward()
+    F.cross_entropy(plain(x_plain), y).backward()
+    torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-13, atol=0)
+    code = "".join(gm.code for gm in model_t.log.backward_graphs)
+    assert code.count(KRON_CALL) == 3
+    assert code.count("svgd_fx.patch_rows") == 2                                    # conv rows: patches of the input
+    assert code.count("constant_pad_nd") == 2                  # bias folded for c1 and fc, not c2
+    gn = plain.gn.weight.grad
+    torch.testing.assert_close(model.gn.weight.grad, gn, rtol=1e-12, atol=1e-14)   # plain: GroupNorm
+
+
+def test_backend_has_the_t_node_in_inductors_code():
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(2)
+    model = MLP()
+    model_c = torch.compile(model, backend=svgd_fx.backend(method="tso-alra"))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    _, codes = run_and_get_code(lambda: F.cross_entropy(model_c(x), y).backward())
+    assert sum(code.count("svgd_fx.kron_t") for code in codes) >= 3
+
+
+def test_switch_to_sgd_by_call_and_on_plateau():
+    torch.manual_seed(3)
+    model = MLP().double()
+    plain = copy.deepcopy(model)
+    model_t = svgd_fx.transform(model, method="tso-alra")
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    F.cross_entropy(model_t(x), y).backward()
+    assert not torch.allclose(model.fc1.weight.grad, _plain_grads(plain, x, y)["fc1.weight"])
+    switch = svgd_fx.SwitchOnPlateau(model_t, patience=2)
+    assert [switch.step(v) for v in (1.0, 0.9, 0.95, 0.92)] == [False, False, False, True]
+    assert switch.switched_at_epoch == 4 and svgd_fx.switched(model_t)
+    steps = int(model_t.svgd_state["fc1.linear.steps"])
+    A = model_t.svgd_state["fc1.linear.A"].clone()
+    model.zero_grad()
+    F.cross_entropy(model_t(x), y).backward()
+    for n, g in _plain_grads(plain, x, y).items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-12, atol=1e-14)
+    assert int(model_t.svgd_state["fc1.linear.steps"]) == steps
+    assert torch.equal(model_t.svgd_state["fc1.linear.A"], A)
+    assert model_t.state_dict()["svgd_state.tso.switched"] == 1
+
+
+def _plain_grads(model, x, y):
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_resume_is_bit_identical(kind):
+    torch.manual_seed(4)
+    model = CNN()
+    twin = copy.deepcopy(model)
+    wrapped = _wrap(model, kind, switch_at_step=None)
+    data = [(torch.randn(6, 2, 6, 6), torch.randint(0, 4, (6,))) for _ in range(5)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for x, y in data[:3]:
+        opt.zero_grad()
+        F.cross_entropy(wrapped(x), y).backward()
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save({"model": wrapped.state_dict(), "opt": opt.state_dict()}, buffer)
+    keys = set(wrapped.state_dict())
+    prefix = "" if kind == "transform" else "_orig_mod."
+    for layer in ("c1.conv2d", "c2.conv2d", "fc.linear"):
+        assert {f"{prefix}svgd_state.{layer}.{part}" for part in ("A", "A_root", "B", "B_root", "steps")} <= keys
+    assert f"{prefix}svgd_state.tso.switched" in keys
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = _wrap(twin, kind, switch_at_step=None)
+    if kind == "backend":
+        svgd_fx.state_of(resumed)
+    resumed.load_state_dict(saved["model"])
+    opt_twin = torch.optim.SGD(twin.parameters(), lr=0.05)
+    opt_twin.load_state_dict(saved["opt"])
+    for x, y in data[3:]:       # step 4 refreshes nothing, step 5 does not either (t_int=2: t=5 does)
+        for m, w, o in ((model, wrapped, opt), (twin, resumed, opt_twin)):
+            o.zero_grad()
+            F.cross_entropy(w(x), y).backward()
+        for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+            assert torch.equal(p.grad, q.grad), n
+        opt.step()
+        opt_twin.step()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(damping=0.0), "damping"), (dict(damping=-1e-3), "damping"), (dict(gamma=1.0), "gamma"),
+    (dict(gamma=-0.1), "gamma"), (dict(t_int=0), "t_int"), (dict(t_int=2.5), "t_int"),
+    (dict(switch_at_step=-1), "switch_at_step"), (dict(s=0.1), r"\['s'\] is not an option"),
+    (dict(rho=0.9), "rho"), (dict(distributed=True), "distributed"),
+])
+def test_bad_options_are_value_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        svgd_fx.transform(MLP(), method="tso-alra", **bad)
+    with pytest.raises(ValueError, match=match):
+        svgd_fx.backend(method="tso-alra", **bad)
+
+
+def test_other_misuse_is_refused():
+    with pytest.raises(ValueError, match=r"\['gamma'\] is not an option of method='svgd'"):
+        svgd_fx.transform(MLP(), s=0.1, gamma=0.1)
+    with pytest.raises(ValueError, match="method must be one of"):
+        svgd_fx.transform(MLP(), method="kfac")
+    with pytest.raises(ValueError, match="grad_scaler"):
+        svgd_fx.transform(MLP(), method="tso-alra", grad_scaler=torch.amp.GradScaler("cpu"))
+    model_t = svgd_fx.transform(MLP(), method="tso-alra")
+    with pytest.raises(ValueError, match="SVGD only"):
+        with svgd_fx.accumulate(model_t):
+            pass
+    with pytest.raises(ValueError, match="tso-alra"):
+        svgd_fx.switch_to_sgd(svgd_fx.transform(MLP(), s=0.1))
+
+
+def test_a_nan_in_a_factor_is_an_error_naming_the_layer():
+    model_t = svgd_fx.transform(MLP(), method="tso-alra")
+    x = torch.randn(8, 6)
+    x[0, 0] = float("nan")
+    # the NaN spreads to every activation; the backward reaches the last layer first
+    with pytest.raises(svgd_fx.FactorError, match=r"factor A of layer 'fc3\.linear'.*non-finite"):
+        F.cross_entropy(model_t(x), torch.randint(0, 3, (8,))).backward()
+    assert int(model_t.svgd_state["fc3.linear.steps"]) == 0
+    assert model_t.svgd_state["fc3.linear.A"].abs().sum() == 0
+
+
+def test_a_factor_not_positive_definite_after_damping_is_an_error():
+    from svgd_fx.kernels import inverse_root
+
+    with pytest.raises(svgd_fx.FactorError, match=r"layer 'fc'.*not positive definite.*-1\.000e\+00"):
+        inverse_root(torch.diag(torch.tensor([2.0, -1.0])), 1e-3, "fc", "B")
+    root = inverse_root(torch.diag(torch.tensor([4.0, 0.0])), 1e-6)
+    torch.testing.assert_close(root, torch.diag(torch.tensor([0.5, 1e3])))
+
+
+def test_the_paper_mlp_trains_at_damping_1e_3():
+    """The MLP on which ASDL's K-FAC failed with a Cholesky error at damping 1e-3: the
+    eigh-based roots stay finite and the loss goes down."""
+    from cases import PaperMLP
+
+    torch.manual_seed(5)
+    model = PaperMLP()
+    model_t = svgd_fx.transform(model, method="tso-alra", damping=1e-3, t_int=5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
+    losses = []
+    for _ in range(12):
+        opt.zero_grad()
+        loss = F.cross_entropy(model_t(x[:32]), y[:32])
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert losses[-1] < losses[0]
