@@ -54,7 +54,10 @@ Protocol (the same for every optimizer; the code below is the definition):
   RMSProp and SVGD, its L1 rate; translated: SVGD's α × B and its L1 rate / B, the rest as
   printed; TF's RMSProp defaults ρ = 0.9, ε = 1e-10) are run as well, on the same data and
   steps, without tuning.
-* **TSO-ALRA** has a row marked "not implemented yet (issue #5)".
+* **TSO-ALRA** (``svgd_fx.transform(model, method="tso-alra")``, plain SGD on its gradients):
+  the paper's lr 1e-2 as the grid centre; γ = 0.05, T_int = 20, damping 1e-3 (the paper's
+  1e-6 is for its own float64 factors; ours are float32); the switch to SGD after half of the
+  run's steps (the paper tuned the switch epoch on validation data; a fixed fraction here).
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ from benchmarks.models import PaperMLP, PaperVGG, PreActResNet20
 GRID_FACTORS = (1 / 3, 1.0, 3.0)
 EVAL_CHUNK = 128
 TSO_ALRA = "TSO-ALRA"
-TSO_ALRA_NOTE = "not implemented yet, issue #5"
+TSO_SWITCH_FRACTION = 0.5
+TSO_OPTIONS = dict(gamma=0.05, t_int=20, damping=1e-3)
 
 
 # --- schedules ------------------------------------------------------------------------------
@@ -132,6 +136,7 @@ class Method:
     make: Callable | None
     svgd: bool = False
     create_graph: bool = False
+    tso: bool = False
 
 
 METHODS = {
@@ -141,7 +146,7 @@ METHODS = {
     "Adam": Method("Adam", lambda p, lr: torch.optim.Adam(p, lr=lr)),
     "RMSProp": Method("RMSProp", lambda p, lr: torch.optim.RMSprop(p, lr=lr)),
     "AdaHessian": Method("AdaHessian", _adahessian, create_graph=True),
-    TSO_ALRA: Method(TSO_ALRA, None),
+    TSO_ALRA: Method(TSO_ALRA, lambda p, lr: torch.optim.SGD(p, lr=lr), tso=True),
 }
 # The paper's TensorFlow defaults, for the rerun of its own hyperparameters.
 PAPER_METHODS = {
@@ -151,7 +156,7 @@ PAPER_METHODS = {
 
 def _centres(sgd: float, adam: float, rmsprop: float) -> dict[str, float]:
     return {"SVGD": sgd, "SGD": sgd, "SGD+momentum": sgd * (1 - 0.9), "Adam": adam, "RMSProp": rmsprop,
-            "AdaHessian": 0.15}
+            "AdaHessian": 0.15, TSO_ALRA: 1e-2}
 
 
 # Paper Tables 1-3, first-phase α.
@@ -315,12 +320,18 @@ def train_run(task: Task, split: bdata.Split, method: Method, lr_at: Callable[[i
 
     torch.manual_seed(seed)
     model = task.model()
-    net = svgd_fx.transform(model, s=task.s) if method.svgd else model
-    opt = method.make(model.parameters(), lr_at(0, 1))
-    penalised = l1_parameters(model) if l1 else []
     (xtr, ytr), (xva, yva), (xte, yte) = split.train, split.val, split.test
     per_epoch = len(ytr) // task.batch
     total = per_epoch * epochs
+    if method.svgd:
+        net = svgd_fx.transform(model, s=task.s)
+    elif method.tso:
+        net = svgd_fx.transform(model, method="tso-alra", switch_at_step=round(TSO_SWITCH_FRACTION * total),
+                                **TSO_OPTIONS)
+    else:
+        net = model
+    opt = method.make(model.parameters(), lr_at(0, 1))
+    penalised = l1_parameters(model) if l1 else []
     eval_at = {max(1, round(total * (k + 1) / task.evals)) for k in range(task.evals)}
     order = torch.Generator().manual_seed(seed)
     aug = torch.Generator().manual_seed(10_000 + seed)
@@ -427,6 +438,14 @@ def fmt_ms(m: tuple[float, float], digits: int = 2) -> str:
     return "—" if math.isnan(m[0]) else f"{m[0]:.{digits}f} ± {m[1]:.{digits}f}"
 
 
+def _label(name: str, task: Task) -> str:
+    if name == "SVGD":
+        return f"SVGD (s={task.s:g})"
+    if name == TSO_ALRA:
+        return f"TSO-ALRA (switch after {TSO_SWITCH_FRACTION:.0%} of the steps)"
+    return name
+
+
 def task_markdown(task: Task, result: dict) -> str:
     cfg = result["config"]
     lines = [f"### {task.key}: {task.title}", ""]
@@ -440,10 +459,9 @@ def task_markdown(task: Task, result: dict) -> str:
                   "| test error best-seen (%) | final train loss | time / run (s) | ms / step |",
               "|---|---|---|---|---|---|---|---|---|"]
     for name in cfg["methods"]:
-        label = f"SVGD (s={task.s:g})" if name == "SVGD" else name
-        if name == TSO_ALRA:
-            lines.append(f"| {TSO_ALRA} ({TSO_ALRA_NOTE}) | — | — | — | — | — | — | — | — |")
+        if name not in result["summary"]:
             continue
+        label = _label(name, task)
         row = result["summary"][name]
         base = row.get("base_grid", row["grid"])
         grid = ", ".join(("" if g in base else "+") + f"{g:g}" for g in row["grid"])
@@ -532,7 +550,7 @@ def plot_task(task: Task, result: dict, path: str) -> None:
     runs = result["runs"]
     chosen = {}
     for name, row in result["summary"].items():
-        label = f"SVGD (s={task.s:g})" if name == "SVGD" else name
+        label = _label(name, task)
         chosen[f"{label}, lr {row['lr']:g}"] = [r for r in runs if r["optimizer"] == name and r["lr"] == row["lr"]
                                                 and r["kind"] == "tuned"]
     draw(chosen, path + ".png", f"{task.title}: lr chosen on validation, mean ± std over seeds")
