@@ -88,3 +88,15 @@ def train_changing_batches(case: Case, wrap, rtol: float, atol: float, batches=(
         if after_step is not None:
             after_step(model, wrapped)
     return model, wrapped
+
+
+def wrap(model, kind: str, **kw):
+    """SVGD (s=0.1) through ``transform``, or the backend with the fused T or the T op."""
+    if kind == "transform":
+        return svgd_fx.transform(model, s=0.1, **kw)
+    t_impl = "fused" if kind == "backend_fused" else "op"
+    return torch.compile(model, backend=svgd_fx.backend(s=0.1, t_impl=t_impl, **kw))
+
+
+def state(wrapped, model):
+    return wrapped.svgd_state if isinstance(wrapped, svgd_fx.SVGDModule) else svgd_fx.state_of(model)

@@ -8,7 +8,7 @@ from torch import nn
 
 import svgd_fx
 from cases import CASES, loss_fn
-from helpers import assert_t_fired, cast_inputs
+from helpers import assert_t_fired, state, wrap, cast_inputs
 from reference import SVGDReference
 
 # no batch-coupled layers (BatchNorm's statistics differ per micro-batch, whatever T does)
@@ -16,15 +16,7 @@ PER_SAMPLE = [c for c in CASES if c.name in ("grouped_conv", "group_norm_prelu",
 KINDS = ["transform", "backend_fused", "backend_op"]
 
 
-def _wrap(model, kind, **kw):
-    if kind == "transform":
-        return svgd_fx.transform(model, s=0.1, **kw)
-    t_impl = "fused" if kind == "backend_fused" else "op"
-    return torch.compile(model, backend=svgd_fx.backend(s=0.1, t_impl=t_impl, **kw))
-
-
-def _state(wrapped, model):
-    return wrapped.svgd_state if isinstance(wrapped, svgd_fx.SVGDModule) else svgd_fx.state_of(model)
+_wrap, _state = wrap, state
 
 
 def _micro_backward(case, wrapped, xs, y, sizes):

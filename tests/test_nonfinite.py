@@ -5,22 +5,14 @@ import torch
 
 import svgd_fx
 from cases import CASES, PaperMLP
-from helpers import assert_t_fired
+from helpers import assert_t_fired, state, wrap
 
 MLP_T = next(c for c in CASES if c.name == "paper_mlp").t_nodes
 
 KINDS = ["transform", "backend_fused", "backend_op"]
 
 
-def _wrap(model, kind, **kw):
-    if kind == "transform":
-        return svgd_fx.transform(model, s=0.1, **kw)
-    t_impl = "fused" if kind == "backend_fused" else "op"
-    return torch.compile(model, backend=svgd_fx.backend(s=0.1, t_impl=t_impl, **kw))
-
-
-def _state(wrapped, model):
-    return wrapped.svgd_state if isinstance(wrapped, svgd_fx.SVGDModule) else svgd_fx.state_of(model)
+_wrap, _state = wrap, state
 
 
 def _backward(wrapped, x, y, blow_up=False):

@@ -29,8 +29,7 @@ from torch.fx import GraphModule, Node
 from ..errors import RerouteError
 from ..kernels import kron_t  # noqa: F401  (registers torch.ops.svgd_fx.kron_t)
 from .linearity import bind_args, sigma_rule
-from .reroute import (_emitter, _fwd_source, _incoming_gradient, _is_backward, _narrow_output_masks,
-                      _parameter_edge, _plain_index)
+from .reroute import _emitter, _fwd_source, _incoming_gradient, _is_backward, _parameter_edge, _plain_index, finish
 
 STATE_PARTS = ("A", "A_root", "B", "B_root", "steps")
 
@@ -154,10 +153,7 @@ def precondition(gm: GraphModule, specs: list[KronSpec], param_derived_sources: 
             o.replace_all_uses_with(new, delete_user_cb=lambda u: u not in members)
         done[spec.name] = t_node.name
     if done:
-        graph.eliminate_dead_code()
-        _narrow_output_masks(graph)
-        graph.lint()
-        gm.recompile()
+        finish(gm)
     return done
 
 

@@ -129,11 +129,16 @@ def reroute(
             _sum_batch_first(graph, t_node)
         done[spec.name] = t_node.name
     if done:
-        graph.eliminate_dead_code()
-        _narrow_output_masks(graph)
-        graph.lint()
-        gm.recompile()
+        finish(gm)
     return done
+
+
+def finish(gm: GraphModule) -> None:
+    """After a rewrite: drop what no longer feeds an output, narrow fused backward nodes."""
+    gm.graph.eliminate_dead_code()
+    _narrow_output_masks(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
 
 
 def _incoming_gradient(spec: RerouteSpec, group: list[Node], members: set[Node]) -> Node:
