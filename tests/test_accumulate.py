@@ -29,8 +29,13 @@ def _micro_backward(case, wrapped, xs, y, sizes):
         (loss_fn(case.loss, out, y[part]) * (size / total)).backward()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("case", PER_SAMPLE, ids=lambda c: c.name)
+# every case through transform; two of them (conv and sequence) through both backend T paths
+# (each backend case is an inductor compile: CI time)
+TWO_PASS = [(c, "transform") for c in PER_SAMPLE] + [
+    (c, kind) for c in PER_SAMPLE if c.name in ("grouped_conv", "tiny_transformer") for kind in KINDS[1:]]
+
+
+@pytest.mark.parametrize("case, kind", TWO_PASS, ids=lambda v: getattr(v, "name", v))
 def test_two_pass_accumulation_equals_one_big_batch(case, kind):
     """phase="statistics" then phase="gradients" over micro-batches of 3 and 5 give, step after
     step, the reference's virtual gradients on the batch of 8 (float64)."""
