@@ -356,6 +356,7 @@ class Plan:
         compiled = aot_backend(self.gm, self.example_inputs)
         keys, r_specs, flag_keys, scaled = self.state_keys, self.r_specs, self.flag_keys, self.scaled
         device, collect_device = (r_specs[0][3] if r_specs else None), self.collect_device
+        accumulates = self.method == "svgd"     # TSO-ALRA's graphs have no accumulator inputs
 
         def state_tensors(owner) -> list[torch.Tensor]:
             state = owner.svgd_state
@@ -368,7 +369,7 @@ class Plan:
                 flags = [state.flag(k, device) for k in flag_keys]
                 _raise_if_flagged(state, flag_keys, flags)
                 tensors += flags
-            if collect_device is None:      # TSO-ALRA: no accumulation
+            if not accumulates:
                 return tensors
             tensors += [_own_version(state.acc(k, r.numel(), r.dtype, r.device)) for k, r in zip(keys, rs)]
             if scaled:
@@ -505,14 +506,11 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
     ]
     names = keys + flag_keys + [k + ".acc" for k in keys] + (["grad_scaler.inv_scale"] if scaled else [])
     new_gm = _with_state_inputs(gm, names + (["collect"] if keys else []))
-    fake_mode = torch._guards.detect_fake_mode(example_inputs)
     scale = [torch.ones((), device=r_specs[0][3] if r_specs else "cpu")] if scaled else []
     collect = [owner.svgd_state.collect_flag(collect_device)] if keys else []
-    extra = [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t
-             for t in r_values + flags + accs + scale + collect]
-    pd_sources = {src for src, kind in analysis.kinds.items() if kind is Kind.PARAM}
-    return Plan(owner, new_gm, list(example_inputs) + extra, specs, keys, pd_sources, param_inputs, r_specs,
-                analysis.params_seen, flag_keys, scaled, collect_device)
+    return Plan(owner, new_gm, _with_state_examples(example_inputs, r_values + flags + accs + scale + collect),
+                specs, keys, _param_sources(analysis), param_inputs, r_specs, analysis.params_seen, flag_keys,
+                scaled, collect_device)
 
 
 def _tso_plan(owner, gm, example_inputs, analysis, param_nodes, name_to_input, param_inputs) -> Plan:
@@ -524,11 +522,19 @@ def _tso_plan(owner, gm, example_inputs, analysis, param_nodes, name_to_input, p
     specs, r_specs = plan_layers(owner, analysis, param_nodes, name_to_input, len(placeholders))
     keys = [spec[0] for spec in r_specs]
     values = [owner.svgd_state.get_or_create(*spec) for spec in r_specs]
+    return Plan(owner, _with_state_inputs(gm, keys), _with_state_examples(example_inputs, values), specs, keys,
+                _param_sources(analysis), param_inputs, r_specs, analysis.params_seen, method="tso-alra")
+
+
+def _with_state_examples(example_inputs: list[Any], state: list[torch.Tensor]) -> list[Any]:
+    """Dynamo's example inputs + the state tensors, fake (static shapes) where Dynamo's are."""
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
-    extra = [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t for t in values]
-    pd_sources = {src for src, kind in analysis.kinds.items() if kind is Kind.PARAM}
-    return Plan(owner, _with_state_inputs(gm, keys), list(example_inputs) + extra, specs, keys, pd_sources,
-                param_inputs, r_specs, analysis.params_seen, method="tso-alra")
+    return list(example_inputs) + [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t for t in state]
+
+
+def _param_sources(analysis) -> set[str]:
+    """Source names of the parameter-derived torch-level nodes (a parameter edge may pass them)."""
+    return {src for src, kind in analysis.kinds.items() if kind is Kind.PARAM}
 
 
 def _disambiguate(log: PassLog, sigma: SigmaNode) -> None:

@@ -32,13 +32,8 @@ def plan_layers(owner, analysis, param_nodes, name_to_input, first_input: int):
     layers, r_specs = [], []
     for sigma in analysis.sigmas:
         layer, why = kronecker_layer(sigma, param_nodes, trainable)
-        own = {layer.weight, layer.bias} if layer else set()
-        sigma.param_inputs = [
-            ParamInput(p.arg, p.params, bool(own.intersection(p.params)) and set(p.params) <= own,
-                       _why(layer, p) if own.intersection(p.params) else
-                       ("excluded by the user" if set(p.params) & set(owner.excluded) else why))
-            for p in sigma.param_inputs
-        ]
+        own = {layer.weight, layer.bias} - {None} if layer else set()
+        sigma.param_inputs = [_marked(p, layer, own, why, owner.excluded) for p in sigma.param_inputs]
         key = sigma.name if layer else None
         record = log.records.setdefault(sigma.name, _record(sigma, key, layer))
         if layer is None:
@@ -68,10 +63,15 @@ def plan_layers(owner, analysis, param_nodes, name_to_input, first_input: int):
     return specs, r_specs
 
 
-def _why(layer, p: ParamInput) -> str:
-    n, m = layer.sizes
-    folded = " (bias folded into A as a constant-1 input)" if layer.bias is not None else ""
-    return f"TSO-ALRA: Kronecker factors A {n}x{n}, B {m}x{m} of this {layer.kind}{folded}"
+def _marked(p: ParamInput, layer, own: set[str], why: str, excluded) -> ParamInput:
+    """``p`` as explain() should show it: preconditioned when all its parameters are the
+    layer's weight/bias, otherwise plain with the reason."""
+    if own.intersection(p.params):
+        n, m = layer.sizes
+        folded = " (bias folded into A as a constant-1 input)" if layer.bias is not None else ""
+        return ParamInput(p.arg, p.params, set(p.params) <= own,
+                          f"TSO-ALRA: Kronecker factors A {n}x{n}, B {m}x{m} of this {layer.kind}{folded}")
+    return ParamInput(p.arg, p.params, False, "excluded by the user" if set(p.params) & set(excluded) else why)
 
 
 def _record(sigma, key, layer):
@@ -80,20 +80,20 @@ def _record(sigma, key, layer):
     return SigmaRecord(sigma, key, layer.sizes if layer else None)
 
 
-def _state_and_config(model):
+def _tso_owner(model, caller: str):
+    """The SVGDModule or backend binding of a TSO-ALRA model (a ValueError for any other)."""
     from ._accumulate import _owner_of
 
     owner = _owner_of(model)
-    config = owner.config
-    if config is None or config.method != "tso-alra":
-        raise ValueError("svgd_fx.switch_to_sgd: this model does not use method='tso-alra'")
-    return owner.svgd_state
+    if owner.config is None or owner.config.method != "tso-alra":
+        raise ValueError(f"svgd_fx.{caller}: this model does not use method='tso-alra'")
+    return owner
 
 
 def switch_to_sgd(model) -> None:
     """TSO-ALRA's second stage, from the next backward on: plain gradients for every parameter,
     factors frozen (Algorithm 1, lines 10–12). Irreversible except by loading a state."""
-    state = _state_and_config(model)
+    state = _tso_owner(model, "switch_to_sgd").svgd_state
     flag = state.tensors.get(SWITCHED_KEY)
     if flag is None:           # before the first forward: the flag is created switched
         state._pending[SWITCHED_KEY] = torch.ones(())
@@ -103,13 +103,12 @@ def switch_to_sgd(model) -> None:
 
 def switched(model) -> bool:
     """Whether TSO-ALRA has switched to SGD (by ``switch_to_sgd`` or ``switch_at_step``)."""
-    from ._accumulate import _owner_of
-
-    state = _state_and_config(model)
+    owner = _tso_owner(model, "switched")
+    state = owner.svgd_state
     flag = state.tensors.get(SWITCHED_KEY, state._pending.get(SWITCHED_KEY))
     if flag is not None and bool(flag):
         return True
-    k = _owner_of(model).config.switch_at_step
+    k = owner.config.switch_at_step
     steps = [int(t) for key, t in state.tensors.items() if key.endswith(".steps")]
     return k is not None and bool(steps) and max(steps) >= k
 
@@ -126,7 +125,7 @@ class SwitchOnPlateau:
     def __init__(self, model, patience: int = 3, min_delta: float = 0.0) -> None:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"svgd_fx.SwitchOnPlateau: patience must be an int ≥ 1, got {patience!r}")
-        _state_and_config(model)
+        _tso_owner(model, "SwitchOnPlateau")
         self.model, self.patience, self.min_delta = model, patience, float(min_delta)
         self.best, self.stale, self.switched_at_epoch = math.inf, 0, None
         self.epoch = 0

@@ -33,17 +33,18 @@ ddp = DDP(svgd_fx.transform(local, s=0.1, distributed=True))
 single_t = svgd_fx.transform(single, s=0.1)
 opt, opt_single = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (local, single))
 gen = torch.Generator().manual_seed(1)
-worst = 0.0
+def check(what):                # this rank's virtual gradients and r = one process on the joined batch
+    for (n, p), q in zip(local.named_parameters(), single.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13, msg=lambda m: f"rank {rank} {what} {n}: {m}")
+    for key, r in ddp.module.svgd_state.tensors.items():
+        torch.testing.assert_close(r, single_t.svgd_state.tensors[key], rtol=1e-10, atol=0, msg=lambda m: f"rank {rank} {what} {key}: {m}")
 for step in range(3):
     x, y = torch.randn(8 * world, 6, generator=gen).double(), torch.randint(0, 4, (8 * world,), generator=gen)
     mine = slice(8 * rank, 8 * (rank + 1))
     opt.zero_grad(); opt_single.zero_grad()
     torch.nn.functional.cross_entropy(ddp(x[mine]), y[mine]).backward()
     torch.nn.functional.cross_entropy(single_t(x), y).backward()
-    for (n, p), q in zip(local.named_parameters(), single.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13, msg=lambda m: f"rank {rank} step {step} {n}: {m}")
-    for key, r in ddp.module.svgd_state.tensors.items():
-        torch.testing.assert_close(r, single_t.svgd_state.tensors[key], rtol=1e-10, atol=0, msg=lambda m: f"rank {rank} {key}: {m}")
+    check(f"step {step}")
     opt.step(); opt_single.step()
 def micro(wrapped, xs, ys):     # this rank's 8 samples as micro-batches of 3 and 5 (mean loss over 8)
     for part in (slice(0, 3), slice(3, 8)):
@@ -57,10 +58,7 @@ for step in range(3, 5):        # gradient accumulation, exact two passes: = one
     with svgd_fx.accumulate(ddp, phase="gradients"):
         micro(ddp, x[mine], y[mine])
     torch.nn.functional.cross_entropy(single_t(x), y).backward()
-    for (n, p), q in zip(local.named_parameters(), single.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13, msg=lambda m: f"rank {rank} accumulated step {step} {n}: {m}")
-    for key, r in ddp.module.svgd_state.tensors.items():
-        torch.testing.assert_close(r, single_t.svgd_state.tensors[key], rtol=1e-10, atol=0, msg=lambda m: f"rank {rank} {key}: {m}")
+    check(f"accumulated step {step}")
     opt.step(); opt_single.step()
 fired = {row["node"] for row in svgd_fx.explain(ddp.module).rows if row["t_in_graph"]}
 assert fired == {"m.0.linear", "m.1.layer_norm", "m.3.conv1d", "m.5.linear"}, fired

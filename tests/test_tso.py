@@ -204,6 +204,9 @@ def test_state_dict_resume_is_bit_identical(kind):
             assert torch.equal(p.grad, q.grad), n
         opt.step()
         opt_twin.step()
+    kron = {"c1.conv2d", "c2.conv2d", "fc.linear"}
+    assert _fired(wrapped) == _fired(resumed) == kron      # both runs preconditioned, not plain
+    assert all(int(_state(w, m)[f"{k}.steps"]) == 5 for w, m in ((wrapped, model), (resumed, twin)) for k in kron)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -273,3 +276,6 @@ def test_the_paper_mlp_trains_at_damping_1e_3():
         losses.append(float(loss))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert losses[-1] < losses[0]
+    linears = {f"net.{i}.linear" for i in (0, 3, 6, 9, 12)}
+    assert _fired(model_t) == linears                       # BatchNorm keeps the plain gradient
+    assert all(int(model_t.svgd_state[f"{k}.steps"]) == 12 for k in linears)
