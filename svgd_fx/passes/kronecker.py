@@ -29,7 +29,7 @@ from torch.fx import GraphModule, Node
 from ..errors import RerouteError
 from ..kernels import kron_t  # noqa: F401  (registers torch.ops.svgd_fx.kron_t)
 from .linearity import bind_args, sigma_rule
-from .reroute import _emitter, _fwd_source, _incoming_gradient, _is_backward, _parameter_edge, _plain_index, finish
+from .reroute import _emitter, _incoming_gradient, _parameter_edge, finish, joint_view
 
 STATE_PARTS = ("A", "A_root", "B", "B_root", "steps")
 
@@ -111,22 +111,10 @@ def precondition(gm: GraphModule, specs: list[KronSpec], param_derived_sources: 
                  param_inputs: set[int]) -> dict[str, str]:
     """Insert the two-sided T for every spec; return ``{σ' name: T node name}`` for those rewritten."""
     graph = gm.graph
-    nodes = list(graph.nodes)
-    output = next(n for n in reversed(nodes) if n.op == "output")
-    out_values = list(output.args[0])
-    out_descs = output.meta.get("desc") or [None] * len(out_values)
-    placeholders = {_plain_index(n.meta.get("desc")): n for n in nodes if n.op == "placeholder"}
-
-    backward, forward = {}, {}
-    for n in nodes:
-        if _is_backward(n) and (src := _fwd_source(n)) is not None:
-            backward.setdefault(src, []).append(n)
-        elif not _is_backward(n) and (stack := n.meta.get("source_fn_stack")):
-            forward.setdefault(stack[-1][0], []).append(n)
-
+    view = joint_view(gm)
     done: dict[str, str] = {}
     for spec in specs:
-        group = backward.get(spec.source)
+        group = view.backward.get(spec.source)
         if not group:
             continue
         members = set(group)
@@ -134,17 +122,18 @@ def precondition(gm: GraphModule, specs: list[KronSpec], param_derived_sources: 
         targets = {spec.weight_input: "weight"} | ({spec.bias_input: "bias"} if spec.bias_input is not None else {})
         edges = {}
         for o in (n for n in group if any(u not in members for u in n.users)):
-            reached = _parameter_edge(o, members, out_values, out_descs, param_derived_sources, param_inputs)
+            reached = _parameter_edge(o, members, view.out_values, view.out_descs, param_derived_sources,
+                                      param_inputs)
             if reached and len(reached) == 1 and (idx := next(iter(reached))) in targets:
                 edges[o] = targets[idx]
         if not edges:
             continue
-        x = _layer_input(spec, forward.get(spec.source, []), placeholders)
-        first = min((u for u in g.users if u in members), key=nodes.index)
+        x = _layer_input(spec, view.forward.get(spec.source, []), view.placeholders)
+        first = min((u for u in g.users if u in members), key=view.order.__getitem__)
         meta = {k: v for k, v in first.meta.items() if k != "val"}
         meta.update(partitioner_tag="is_backward", svgd_sigma=spec.name)
         with graph.inserting_before(first):
-            grads, t_node = _emit(graph, spec, g, x, placeholders, meta)
+            grads, t_node = _emit(graph, spec, g, x, view.placeholders, meta)
         for o, part in edges.items():
             new = grads[part]
             if tuple(new.meta["val"].shape) != tuple(o.meta["val"].shape):

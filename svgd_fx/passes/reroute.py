@@ -95,18 +95,9 @@ def reroute(
     indices of trainable parameters.
     """
     graph = gm.graph
-    nodes = list(graph.nodes)
-    order = {n: i for i, n in enumerate(nodes)}
-    output = next(n for n in reversed(nodes) if n.op == "output")
-    out_values = list(output.args[0])
-    out_descs = output.meta.get("desc") or [None] * len(out_values)
-    placeholders = {_plain_index(n.meta.get("desc")): n for n in nodes if n.op == "placeholder"}
-
-    groups: dict[str, list[Node]] = {}
-    for n in nodes:
-        if _is_backward(n) and (src := _fwd_source(n)) is not None:
-            groups.setdefault(src, []).append(n)
-
+    view = joint_view(gm)
+    order, out_values, out_descs, placeholders, groups = (view.order, view.out_values, view.out_descs,
+                                                          view.placeholders, view.backward)
     done: dict[str, str] = {}
     for spec in specs:
         group = groups.get(spec.source)
@@ -131,6 +122,39 @@ def reroute(
     if done:
         finish(gm)
     return done
+
+
+@dataclass
+class JointView:
+    """What both joint-graph passes look up: node order, the outputs and their descriptors,
+    plain inputs by index, and the backward (and forward) nodes of each torch-level source."""
+    order: dict[Node, int]
+    out_values: list
+    out_descs: list
+    placeholders: dict[int | None, Node]
+    backward: dict[str, list[Node]]
+    forward: dict[str, list[Node]]
+
+
+def joint_view(gm: GraphModule) -> JointView:
+    nodes = list(gm.graph.nodes)
+    output = next(n for n in reversed(nodes) if n.op == "output")
+    out_values = list(output.args[0])
+    backward: dict[str, list[Node]] = {}
+    forward: dict[str, list[Node]] = {}
+    for n in nodes:
+        if _is_backward(n) and (src := _fwd_source(n)) is not None:
+            backward.setdefault(src, []).append(n)
+        elif not _is_backward(n) and (stack := n.meta.get("source_fn_stack")):
+            forward.setdefault(stack[-1][0], []).append(n)
+    return JointView(
+        order={n: i for i, n in enumerate(nodes)},
+        out_values=out_values,
+        out_descs=output.meta.get("desc") or [None] * len(out_values),
+        placeholders={_plain_index(n.meta.get("desc")): n for n in nodes if n.op == "placeholder"},
+        backward=backward,
+        forward=forward,
+    )
 
 
 def finish(gm: GraphModule) -> None:
