@@ -277,13 +277,18 @@ def _inline_t(graph, spec, g, r, meta, flag=None, acc=None, collect=None) -> Nod
                       emit(aten.mul.Tensor, collect, batch))
         acc_now = emit(aten.copy_.default, acc, emit(aten.cat.default, [pooled, counts]))
     r_now = emit(aten.copy_.default, r, r_new)
-    if acc is not None:    # "+ 0·count" keeps the accumulator's update alive (a finite count)
-        r_now = emit(aten.add.Tensor, r_now, emit(aten.mul.Tensor, emit(aten.select.int, acc_now, 0, -1), 0.0))
-    if flag is not None:   # count a non-finite step; "+ 0·flag" keeps the counter's update alive
+
+    def keeping(alive):
+        """r_now + 0·alive (a finite scalar): a user for an in-place update nothing else reads,
+        so the partitioner keeps it in the backward graph."""
+        return emit(aten.add.Tensor, r_now, emit(aten.mul.Tensor, alive, 0.0))
+
+    if acc is not None:    # the accumulator's count
+        r_now = keeping(emit(aten.select.int, acc_now, 0, -1))
+    if flag is not None:   # count a non-finite step
         bad = emit(aten.sum.default, emit(torch.ops.prims.convert_element_type.default,
                                           emit(aten.logical_not.default, finite), torch.float32))
-        flag_now = emit(aten.copy_.default, flag, emit(aten.add.Tensor, flag, bad))
-        r_now = emit(aten.add.Tensor, r_now, emit(aten.mul.Tensor, flag_now, 0.0))
+        r_now = keeping(emit(aten.copy_.default, flag, emit(aten.add.Tensor, flag, bad)))
     denom = emit(aten.sqrt.default, emit(aten.add.Tensor, r_now, spec.eps))
     if spec.channel_dim >= 0:
         shape = [1] * g_val.dim()
