@@ -138,6 +138,7 @@ def test_r_is_left_alone_while_collecting_and_on_error():
     model_t = svgd_fx.transform(_MLP(), s=0.1)
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
     torch.nn.functional.cross_entropy(model_t(x), y).backward()
+    assert_t_fired(model_t, model_t.svgd_state, {"fc1.linear", "fc2.linear"})   # else "r unchanged" is empty
     before = {k: r.clone() for k, r in model_t.svgd_state.tensors.items()}
     with pytest.raises(KeyError):
         with svgd_fx.accumulate(model_t):
