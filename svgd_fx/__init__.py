@@ -85,7 +85,7 @@ def transform(
 
 
 def make_config(*, s, method, rho, eps, reduction, r_shape, nonfinite, grad_scaler, distributed, gamma, t_int,
-                damping, switch_at_step) -> SVGDConfig:
+                damping, switch_at_step, accumulation=False) -> SVGDConfig:
     if method == "tso-alra" and grad_scaler is not None:
         raise ValueError("svgd_fx: grad_scaler is not supported with method='tso-alra' yet (the factors "
                          "would be built from S× scaled gradients)")
@@ -93,7 +93,7 @@ def make_config(*, s, method, rho, eps, reduction, r_shape, nonfinite, grad_scal
         nonfinite = "skip" if grad_scaler is not None else "raise"
     return SVGDConfig.from_options(method=method, s=s, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape,
                                    nonfinite=nonfinite, distributed=bool(distributed), gamma=gamma, t_int=t_int,
-                                   damping=damping, switch_at_step=switch_at_step)
+                                   damping=damping, switch_at_step=switch_at_step, accumulation=bool(accumulation))
 
 
 def _check_scaler(scaler):

@@ -24,9 +24,12 @@ parameter gradient. So there are two ways, both here:
   all micro-batches. Equal to one big batch with T reading r *before* the step's update: the
   ordering of the authors' TensorFlow code (SPEC, "The authors' TensorFlow code differs").
 
-Mechanism: every compiled graph has a 0-dim "collect" input; inside ``accumulate`` it is 1,
-and T then adds Σ_b (g/S)² and the sample counts to an r-sized accumulator instead of
-updating r (no recompilation; outside, the accumulator is untouched). The exit commits.
+Mechanism: graphs built for accumulation have a 0-dim "collect" input and an r-sized
+accumulator per σ'; inside ``accumulate`` "collect" is 1, and T then adds Σ_b (g/S)² and the
+sample counts to the accumulator instead of updating r. The exit commits. ``transform``
+compiles these graphs at the first accumulated step and uses them only inside ``accumulate``
+(a plain step keeps its graphs without the extra inputs); the compile backend builds them when
+compiled with ``options={"accumulation": True}`` and uses them for every step.
 """
 
 from __future__ import annotations
@@ -80,12 +83,16 @@ def accumulate(model, phase: str = "single") -> Iterator[None]:
     """
     if phase not in _PHASES:
         raise ValueError(f"svgd_fx.accumulate: phase must be one of {_PHASES}, got {phase!r}")
+    from ._transform import SVGDModule, _without_accumulation
+
     owner = _owner_of(model)
     config = getattr(owner, "config", None)
     if getattr(config, "method", "svgd") != "svgd":
         raise ValueError(f"svgd_fx.accumulate supports SVGD only; this model uses method={config.method!r}")
+    if config is not None and not isinstance(owner, SVGDModule) and not config.accumulation:
+        raise _without_accumulation(owner)   # (not compiled yet: the first graph call checks)
     state = owner.svgd_state
-    if any(bool(f) for f in state.collecting.values()):
+    if state.accumulating:
         raise SVGDError("svgd_fx.accumulate: already inside an accumulate block for this model (they do not nest)")
     restore = _snapshot(owner.model) if phase == "statistics" else None
     _reset(state)
@@ -104,6 +111,7 @@ def accumulate(model, phase: str = "single") -> Iterator[None]:
 
 
 def _set_collecting(state, on: bool) -> None:
+    state.accumulating = on
     state.collect_flag("cpu")
     for flag in state.collecting.values():
         flag.fill_(1.0 if on else 0.0)

@@ -35,7 +35,7 @@ from ._transform import ExcludeSpec, PassLog, SVGDConfig, _check_model, _resolve
 from .errors import CoverageError, SVGDError
 
 _OPTION_NAMES = ("s", "method", "rho", "eps", "reduction", "exclude", "r_shape", "nonfinite", "grad_scaler",
-                 "distributed", "t_impl", "gamma", "t_int", "damping", "switch_at_step")
+                 "distributed", "t_impl", "gamma", "t_int", "damping", "switch_at_step", "accumulation")
 
 
 @dataclass(eq=False)
@@ -75,7 +75,7 @@ def _describe(config: SVGDConfig, excluded: frozenset[str]) -> str:
                 f"switch_at_step={config.switch_at_step}, reduction={config.reduction!r}")
     else:
         text = (f"s={config.s}, rho={config.rho}, eps={config.eps}, reduction={config.reduction!r}, "
-                f"r_shape={config.r_shape!r}")
+                f"r_shape={config.r_shape!r}" + (", accumulation=True" if config.accumulation else ""))
     return text + (f", exclude={sorted(excluded)}" if excluded else "")
 
 
@@ -234,8 +234,10 @@ class backend:
     The same options as :func:`svgd_fx.transform`, plus ``t_impl``: ``"fused"`` (default) writes
     T as aten ops into the joint graph, so inductor fuses the r update and the scaling into its
     own kernels; ``"op"`` calls the ``svgd_fx::virtual_grad`` custom op (the Triton kernel on
-    CUDA, the torch implementation elsewhere; also what a ``grad_scaler`` uses).
-    ``torch.compile(model, backend="svgd",
+    CUDA, the torch implementation elsewhere; also what a ``grad_scaler`` uses); and
+    ``accumulation``: ``True`` gives every graph the inputs :func:`svgd_fx.accumulate` needs
+    (an r-sized accumulator per σ' and a mode flag: a few per cent of a small model's step,
+    so off by default). ``torch.compile(model, backend="svgd",
     options={"s": 0.1, ...})`` builds one of these. After ``loss.backward()`` every ``p.grad``
     holds the virtual gradient; step with ``torch.optim.SGD``.
     """
@@ -245,7 +247,7 @@ class backend:
                  r_shape: str | None = None, nonfinite: str | None = None, grad_scaler=None,
                  distributed: bool = False, t_impl: str = "fused", gamma: float | None = None,
                  t_int: int | None = None, damping: float | None = None,
-                 switch_at_step: int | None = None) -> None:
+                 switch_at_step: int | None = None, accumulation: bool = False) -> None:
         from . import _check_scaler, make_config
 
         if s is None and method == "svgd":
@@ -257,7 +259,8 @@ class backend:
         self.grad_scaler = _check_scaler(grad_scaler)
         self.config = make_config(s=s, method=method, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape,
                                   nonfinite=nonfinite, grad_scaler=self.grad_scaler, distributed=distributed,
-                                  gamma=gamma, t_int=t_int, damping=damping, switch_at_step=switch_at_step)
+                                  gamma=gamma, t_int=t_int, damping=damping, switch_at_step=switch_at_step,
+                                  accumulation=accumulation)
         if t_impl not in ("fused", "op"):
             raise ValueError(f"svgd_fx: t_impl must be 'fused' (T as aten ops that inductor fuses with its "
                              f"neighbours, the default) or 'op' (the svgd_fx::virtual_grad custom op: the "
@@ -282,7 +285,8 @@ class backend:
         binding = _binding_for(model)
         _check_model(model)
         binding.configure(self.config, self.exclude, self.grad_scaler)
-        plan = build_plan(binding, gm, example_inputs, inline_t=self.t_impl == "fused")
+        plan = build_plan(binding, gm, example_inputs, inline_t=self.t_impl == "fused",
+                          accumulating=self.config.accumulation)
         owner = _owner_of_call(plan, binding)
         compiled = plan.wrap(lambda g, xs: _compile_inductor(g, xs, plan), owner)
         return _with_coverage_check(owner, compiled, first=binding.log.graphs == 1)

@@ -29,6 +29,7 @@ class SVGDState(nn.Module):
         self.scale_used: float | None = None            # the GradScaler scale of the last forward
         self.accs: dict[str, torch.Tensor] = {}         # "<σ' name>.r" -> [Σ g², n_all, n_here] (not saved)
         self.collecting: dict[str, torch.Tensor] = {}   # device -> 0-dim 0/1: T collects (accumulation)
+        self.accumulating = False                       # inside svgd_fx.accumulate (picks the graphs)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -85,9 +86,8 @@ class SVGDState(nn.Module):
         key = str(torch.device(device))
         flag = self.collecting.get(key)
         if flag is None:
-            flag = self.collecting[key] = torch.zeros((), dtype=torch.float32, device=device)
-            if any(bool(f) for f in self.collecting.values()):
-                flag.fill_(1.0)
+            flag = self.collecting[key] = torch.full((), float(self.accumulating), dtype=torch.float32,
+                                                         device=device)
         return flag
 
     # -- nn.Module plumbing: dotted keys, device moves, state_dict ---------------------------

@@ -55,6 +55,7 @@ class SVGDConfig:
     nonfinite: str = "raise"
     distributed: bool = False
     method: str = "svgd"
+    accumulation: bool = False      # the compile backend: graphs take svgd_fx.accumulate's inputs
     gamma: float = 0.05
     t_int: int = 20
     damping: float = 1e-6
@@ -131,6 +132,9 @@ class SVGDConfig:
         if self.distributed:
             raise ValueError("svgd_fx: distributed=True is not supported with method='tso-alra' yet (the "
                              "Kronecker factors would be per rank)")
+        if self.accumulation:
+            raise ValueError("svgd_fx: accumulation=True is not supported with method='tso-alra' yet "
+                             "(svgd_fx.accumulate supports SVGD only)")
         object.__setattr__(self, "gamma", gamma)
         object.__setattr__(self, "damping", damping)
 
@@ -209,14 +213,15 @@ class SVGDModule(nn.Module):
         self.excluded = frozenset(exclude)
         self.log = PassLog()
         self._coverage_checked = False
-        self._compiled = [torch.compile(model, backend=_Backend(self), dynamic=None)]  # hidden from nn
+        # hidden from nn: [plain graphs] + [graphs with accumulate's inputs], compiled at its first use
+        self._compiled = [torch.compile(model, backend=_Backend(self), dynamic=None)]
         self.register_state_dict_post_hook(_strip_model_prefix)
         self.register_load_state_dict_pre_hook(_add_model_prefix)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
             with torch._dynamo.config.patch(allow_rnn=True):
-                out = self._compiled[0](*args, **kwargs)
+                out = self._compiled_for(self.svgd_state.accumulating)(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as failure:
             inner = getattr(failure, "inner_exception", None) or failure.__cause__
             if isinstance(inner, SVGDError):  # our own message, without Dynamo's wrapping
@@ -225,6 +230,16 @@ class SVGDModule(nn.Module):
         if not self._coverage_checked:
             self._check_coverage(args, kwargs)
         return out
+
+    def _compiled_for(self, accumulating: bool):
+        """Inside ``svgd_fx.accumulate``, a second set of graphs that also take the accumulator
+        inputs (compiled at the first accumulated step); outside, graphs without them, so a
+        plain step pays nothing for accumulation."""
+        if not accumulating:
+            return self._compiled[0]
+        if len(self._compiled) == 1:
+            self._compiled.append(torch.compile(self.model, backend=_Backend(self, accumulating=True), dynamic=None))
+        return self._compiled[1]
 
     def _check_coverage(self, args, kwargs) -> None:
         trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -297,13 +312,14 @@ def _nop_compiler(log_list: list):
 class _Backend:
     """The Dynamo backend behind ``transform``: locate + state + joint-graph reroute, no codegen."""
 
-    def __init__(self, owner: SVGDModule) -> None:
+    def __init__(self, owner: SVGDModule, accumulating: bool = False) -> None:
         self.owner = owner
+        self.accumulating = accumulating
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]):
         from torch._dynamo.backends.common import aot_autograd
 
-        plan = build_plan(self.owner, gm, example_inputs)
+        plan = build_plan(self.owner, gm, example_inputs, accumulating=self.accumulating)
         return plan.wrap(aot_autograd(
             fw_compiler=_nop_compiler(self.owner.log.forward_graphs),
             bw_compiler=_nop_compiler(self.owner.log.backward_graphs),
@@ -325,7 +341,8 @@ class Plan:
     params_seen: set[str] = field(default_factory=set)  # parameter names this graph uses
     flag_keys: list[str] = field(default_factory=list)  # non-finite counters (fused T, "raise")
     scaled: bool = False                                # a GradScaler's 1/S follows the accumulators
-    collect_device: Any = None                          # where the "collect" mode input lives (last)
+    accumulating: bool = False                          # accumulator inputs + "collect" (last)
+    collect_device: Any = None                          # where the "collect" mode input lives
     method: str = "svgd"                                # "tso-alra": specs are KronSpecs
 
     def rewrite(self, joint: torch.fx.GraphModule) -> None:
@@ -355,11 +372,13 @@ class Plan:
         """
         compiled = aot_backend(self.gm, self.example_inputs)
         keys, r_specs, flag_keys, scaled = self.state_keys, self.r_specs, self.flag_keys, self.scaled
-        device, collect_device = (r_specs[0][3] if r_specs else None), self.collect_device
-        accumulates = self.method == "svgd"     # TSO-ALRA's graphs have no accumulator inputs
+        device, collect_device, accumulating = (r_specs[0][3] if r_specs else None), self.collect_device, \
+            self.accumulating
 
         def state_tensors(owner) -> list[torch.Tensor]:
             state = owner.svgd_state
+            if state.accumulating and not accumulating:
+                raise _without_accumulation(owner)
             try:
                 rs = [state.tensors[k] for k in keys]
             except KeyError:  # a model first seen through a graph compiled for another one
@@ -369,12 +388,11 @@ class Plan:
                 flags = [state.flag(k, device) for k in flag_keys]
                 _raise_if_flagged(state, flag_keys, flags)
                 tensors += flags
-            if not accumulates:
-                return tensors
-            tensors += [_own_version(state.acc(k, r.numel(), r.dtype, r.device)) for k, r in zip(keys, rs)]
+            if accumulating:
+                tensors += [_own_version(state.acc(k, r.numel(), r.dtype, r.device)) for k, r in zip(keys, rs)]
             if scaled:
                 tensors.append(_scaler_step_boundary(owner, device))
-            if keys:
+            if accumulating and keys:
                 tensors.append(state.collect_flag(collect_device))
             return tensors
 
@@ -388,6 +406,14 @@ class Plan:
                 return compiled(*args, *state_tensors(owner_of_call(args)))
 
         return run
+
+
+def _without_accumulation(owner) -> SVGDError:
+    return SVGDError(
+        "svgd_fx.accumulate: this model was compiled without accumulation, so its graphs have no "
+        "accumulator inputs (a plain step would pay for them). Compile it with "
+        "torch.compile(model, backend='svgd', options={..., 'accumulation': True}) or "
+        "svgd_fx.backend(..., accumulation=True) to use svgd_fx.accumulate.")
 
 
 def _own_version(r: torch.Tensor) -> torch.Tensor:
@@ -445,7 +471,14 @@ def _raise_if_flagged(state, flag_keys: list[str], flags: list[torch.Tensor]) ->
     raise _nonfinite(", ".join(names), deferred=True)
 
 
-def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], inline_t: bool = False) -> Plan:
+def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], inline_t: bool = False,
+               accumulating: bool = False) -> Plan:
+    """Locate the σ' nodes of Dynamo's graph, create their state, and plan the joint-graph pass.
+
+    The graph gains inputs, in this order: one r per routed σ'; with the fused T and
+    ``nonfinite="raise"``, one non-finite counter per σ'; when ``accumulating``, one
+    accumulator per σ'; with a GradScaler, 1/S; when ``accumulating``, the 0-dim "collect".
+    """
     model, config, log = owner.model, owner.config, owner.log
     params = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     consts = {id(t) for t in model.buffers()} | {id(p) for p in model.parameters() if not p.requires_grad}
@@ -484,11 +517,12 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
     inline_t = inline_t and not scaled and not config.distributed   # these use the T op
     flag_keys = [f"{sigma.name}.nonfinite" for sigma, _ in routed] if inline_t and raising else []
     flags = [owner.svgd_state.flag(k, sigma.device) for k, (sigma, _) in zip(flag_keys, routed)]
-    accs = [owner.svgd_state.acc(k, r.numel(), r.dtype, r.device) for k, r in zip(keys, r_values)]
+    accs = [owner.svgd_state.acc(k, r.numel(), r.dtype, r.device) for k, r in zip(keys, r_values)] \
+        if accumulating else []
     # the op reads "collect" on the host (a CPU scalar: no device sync); the fused T on the device
     collect_device = torch.device(r_specs[0][3] if r_specs and inline_t else "cpu")
     first_acc = len(placeholders) + len(keys) + len(flag_keys)
-    after_accs = first_acc + len(keys)
+    after_accs = first_acc + len(accs)
     specs = [
         RerouteSpec(
             source=sigma.source, name=sigma.name, r_input=len(placeholders) + i,
@@ -499,18 +533,19 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
             flag_input=len(placeholders) + len(keys) + i if flag_keys else None,
             scale_input=after_accs if scaled else None,
             sync=config.distributed,
-            acc_input=first_acc + i,
-            collect_input=after_accs + int(scaled),
+            acc_input=first_acc + i if accumulating else None,
+            collect_input=after_accs + int(scaled) if accumulating else None,
         )
         for i, (sigma, channel_dim) in enumerate(routed)
     ]
-    names = keys + flag_keys + [k + ".acc" for k in keys] + (["grad_scaler.inv_scale"] if scaled else [])
-    new_gm = _with_state_inputs(gm, names + (["collect"] if keys else []))
+    collecting = accumulating and bool(keys)
+    names = keys + flag_keys + [k + ".acc" for k in (keys if accumulating else [])] + (["grad_scaler.inv_scale"] if scaled else [])
+    new_gm = _with_state_inputs(gm, names + (["collect"] if collecting else []))
     scale = [torch.ones((), device=r_specs[0][3] if r_specs else "cpu")] if scaled else []
-    collect = [owner.svgd_state.collect_flag(collect_device)] if keys else []
+    collect = [owner.svgd_state.collect_flag(collect_device)] if collecting else []
     return Plan(owner, new_gm, _with_state_examples(example_inputs, r_values + flags + accs + scale + collect),
                 specs, keys, _param_sources(analysis), param_inputs, r_specs, analysis.params_seen, flag_keys,
-                scaled, collect_device)
+                scaled, accumulating, collect_device)
 
 
 def _tso_plan(owner, gm, example_inputs, analysis, param_nodes, name_to_input, param_inputs) -> Plan:

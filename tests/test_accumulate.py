@@ -16,7 +16,16 @@ PER_SAMPLE = [c for c in CASES if c.name in ("grouped_conv", "group_norm_prelu",
 KINDS = ["transform", "backend_fused", "backend_op"]
 
 
-_wrap, _state = wrap, state
+_state = state
+
+
+def _wrap(model, kind):
+    """transform accumulates as it is; the backend needs options={"accumulation": True}."""
+    return wrap(model, kind) if kind == "transform" else wrap(model, kind, accumulation=True)
+
+
+def _inputs(gm) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "placeholder")
 
 
 def _micro_backward(case, wrapped, xs, y, sizes):
@@ -112,25 +121,60 @@ def test_one_pass_accumulation_scales_rows_with_the_previous_r(kind):
     assert_t_fired(wrapped, state, {"fc1.linear", "fc2.linear"})
 
 
-def test_outside_accumulate_nothing_changes_and_nothing_recompiles():
-    """Entering and leaving accumulate() flips a graph input: no recompile; a normal step after
-    it is an ordinary SVGD step (r updated in the backward)."""
+def test_plain_steps_keep_graphs_without_accumulator_inputs():
+    """transform: a plain step's graphs have no accumulator inputs; the first accumulated step
+    compiles graphs that have them, later blocks reuse those (no recompile), and a plain step
+    after a block is an ordinary SVGD step on the plain graphs (r updated in the backward)."""
     torch.manual_seed(2)
     model = _MLP()
     model_t = svgd_fx.transform(model, s=0.1)
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
     torch.nn.functional.cross_entropy(model_t(x), y).backward()
-    graphs = len(model_t.log.backward_graphs)
+    assert [_inputs(gm) for gm in model_t.log.forward_graphs] == [4 + 1 + 2], "4 parameters, x, 2 r"
     r_before = {k: r.clone() for k, r in model_t.svgd_state.tensors.items()}
     with svgd_fx.accumulate(model_t):
         torch.nn.functional.cross_entropy(model_t(x), y).backward()
         assert all(torch.equal(r_before[k], r) for k, r in model_t.svgd_state.tensors.items())
+    assert [_inputs(gm) for gm in model_t.log.forward_graphs] == [7, 7 + 2 + 1], "+ 2 accumulators, collect"
     r_after = {k: r.clone() for k, r in model_t.svgd_state.tensors.items()}
     assert all(not torch.equal(r_before[k], r) for k, r in r_after.items()), "committed at exit"
     torch.nn.functional.cross_entropy(model_t(x), y).backward()
     assert all(not torch.equal(r_after[k], r) for k, r in model_t.svgd_state.tensors.items())
-    assert len(model_t.log.backward_graphs) == graphs
+    for _ in range(2):
+        with svgd_fx.accumulate(model_t):
+            torch.nn.functional.cross_entropy(model_t(x), y).backward()
+        torch.nn.functional.cross_entropy(model_t(x), y).backward()
+    assert len(model_t.log.backward_graphs) == 2
     assert all(a.abs().sum() == 0 for a in model_t.svgd_state.accs.values())
+
+
+def test_backend_accumulates_only_when_compiled_for_it():
+    """Without options={"accumulation": True} the backend's graphs have no accumulator inputs
+    and accumulate() says which option to set (before and after the first compile); with it,
+    every graph has them and flipping the mode never recompiles."""
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    torch.manual_seed(5)
+    model = _MLP()
+    model_c = wrap(model, "backend_fused")
+    with pytest.raises(svgd_fx.SVGDError, match="'accumulation': True"):
+        with svgd_fx.accumulate(model_c):
+            model_c(x)
+    torch.nn.functional.cross_entropy(model_c(x), y).backward()
+    assert svgd_fx.state_of(model).accs == {}, "no accumulator was created for the graph"
+    with pytest.raises(svgd_fx.SVGDError, match="'accumulation': True"):
+        with svgd_fx.accumulate(model_c):
+            pass
+    assert not svgd_fx.state_of(model).accumulating
+
+    model = _MLP()
+    model_c = wrap(model, "backend_fused", accumulation=True)
+    torch.nn.functional.cross_entropy(model_c(x), y).backward()
+    assert sorted(svgd_fx.state_of(model).accs) == ["fc1.linear.r", "fc2.linear.r"]
+    with svgd_fx.accumulate(model_c):
+        torch.nn.functional.cross_entropy(model_c(x), y).backward()
+    torch.nn.functional.cross_entropy(model_c(x), y).backward()
+    assert svgd_fx._backend.binding_of(model).log.graphs == 1
+    assert_t_fired(model_c, svgd_fx.state_of(model), {"fc1.linear", "fc2.linear"})
 
 
 def test_r_is_left_alone_while_collecting_and_on_error():
