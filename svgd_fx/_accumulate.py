@@ -45,20 +45,6 @@ from .errors import SVGDError
 _PHASES = ("single", "statistics", "gradients")
 
 
-def _owner_of(model):
-    """The object that holds r and the config: an ``SVGDModule``, or the compile backend's binding."""
-    from ._backend import _binding_for, _unwrap
-    from ._transform import SVGDModule
-
-    inner = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
-    if isinstance(inner, SVGDModule):
-        return inner
-    if isinstance(getattr(inner, "_orig_mod", inner), nn.Module):
-        return _binding_for(_unwrap(inner))
-    raise TypeError("svgd_fx.accumulate takes what svgd_fx.transform or torch.compile(..., backend='svgd') "
-                    f"returned, got {type(model).__name__}")
-
-
 @contextmanager
 def accumulate(model, phase: str = "single") -> Iterator[None]:
     """Run the micro-batches of one optimizer step inside this block (see the module docstring).
@@ -83,9 +69,10 @@ def accumulate(model, phase: str = "single") -> Iterator[None]:
     """
     if phase not in _PHASES:
         raise ValueError(f"svgd_fx.accumulate: phase must be one of {_PHASES}, got {phase!r}")
+    from ._backend import owner_of
     from ._transform import SVGDModule, _without_accumulation
 
-    owner = _owner_of(model)
+    owner = owner_of(model, "accumulate")
     config = getattr(owner, "config", None)
     if getattr(config, "method", "svgd") != "svgd":
         raise ValueError(f"svgd_fx.accumulate supports SVGD only; this model uses method={config.method!r}")

@@ -87,11 +87,31 @@ _PARAM_OWNER: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 def state_of(model: nn.Module) -> SVGDState:
     """The SVGD state (one r per σ' node) of a model compiled with ``backend="svgd"``.
 
-    Accepts the model or what ``torch.compile`` returned. Creates the (empty) state if the
-    model was not compiled yet, so ``model_c.load_state_dict(checkpoint)`` can be called
-    before the first forward: the r tensors wait there and are checked when traced.
+    Accepts the model or what ``torch.compile`` returned (or ``transform``'s result). Creates
+    the (empty) state if the model was not compiled yet, so ``model_c.load_state_dict(checkpoint)``
+    can be called before the first forward: the r tensors wait there and are checked when traced.
     """
-    return _binding_for(_unwrap(model)).svgd_state
+    return owner_of(model, "state_of").svgd_state
+
+
+def owner_of(model: Any, caller: str, create: bool = True):
+    """What holds a model's SVGD state, pass log and config: ``transform``'s ``SVGDModule``
+    (also inside DDP), or the compile backend's :class:`Binding` of the model (given itself or
+    as ``torch.compile`` returned it). ``create=False``: only a binding that exists already
+    (a model not compiled yet is a TypeError); otherwise one is made."""
+    from ._transform import SVGDModule
+
+    inner = model.module if type(model).__name__ == "DistributedDataParallel" else model
+    if isinstance(inner, SVGDModule):
+        return inner
+    inner = getattr(inner, "_orig_mod", inner)
+    if isinstance(inner, nn.Module):
+        binding = _binding_for(inner) if create else _BINDINGS.get(inner)
+        if binding is not None:
+            return binding
+    raise TypeError(f"svgd_fx.{caller} takes what svgd_fx.transform returned, or a model compiled with "
+                    "torch.compile(..., backend='svgd')" + ("" if create else " after its first forward")
+                    + f"; got {type(model).__name__}")
 
 
 def binding_of(model: nn.Module) -> Binding | None:

@@ -47,15 +47,9 @@ class Report:
 
 def explain(model_t) -> Report:
     """What the pass found: for ``transform``'s result, or a model compiled with ``backend="svgd"``."""
-    from ._backend import binding_of
-    from ._transform import SVGDModule
+    from ._backend import owner_of
 
-    if not isinstance(model_t, SVGDModule):
-        binding = binding_of(model_t) if hasattr(model_t, "parameters") else None
-        if binding is None:
-            raise TypeError("svgd_fx.explain takes what svgd_fx.transform returned, or a model compiled with "
-                            f"torch.compile(..., backend='svgd') after its first forward; got {type(model_t).__name__}")
-        model_t = binding
+    model_t = owner_of(model_t, "explain", create=False)
     rows = []
     r_bytes = 0
     touched = set()

@@ -82,9 +82,9 @@ def _record(sigma, key, layer):
 
 def _tso_owner(model, caller: str):
     """The SVGDModule or backend binding of a TSO-ALRA model (a ValueError for any other)."""
-    from ._accumulate import _owner_of
+    from ._backend import owner_of
 
-    owner = _owner_of(model)
+    owner = owner_of(model, caller)
     if owner.config is None or owner.config.method != "tso-alra":
         raise ValueError(f"svgd_fx.{caller}: this model does not use method='tso-alra'")
     return owner
