@@ -618,6 +618,8 @@ def run_task(task: Task, args, methods: list[str]) -> dict:
                 pending_d = [float(f"{edge:.3g}")] if edge and len(dampings) == len(TSO_DAMPINGS) else []
             kw = {"damping": damping}
             mine = [r for r in probes if r["damping"] == damping]    # the lr grid's centre point
+            for r in mine:
+                r["kind"] = "tuned"
             runs += [r for r in probes if r["damping"] != damping]
             tried, pending = [centre], [lr for lr in pending if lr != centre]
         while pending:
@@ -727,8 +729,8 @@ def merge(paths: list[str]) -> dict:
                                  f"{task['config']['steps']} in another: not one table")
             added = task["config"]["methods"]
             mine["runs"] = [r for r in mine["runs"] if r["optimizer"] not in added] + task["runs"]
-            for field in ("summary", "paper_summary"):
-                mine[field].update(task[field])
+            for part_key in ("summary", "paper_summary"):
+                mine[part_key].update(task[part_key])
             mine["config"]["methods"] = [m for m in METHODS if m in mine["config"]["methods"] or m in added]
             mine["config"]["centres"].update(task["config"]["centres"])
     report["tasks"] = {k: report["tasks"][k] for k in TASKS if k in report["tasks"]}

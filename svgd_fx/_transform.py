@@ -423,8 +423,7 @@ def _own_version(r: torch.Tensor) -> torch.Tensor:
     tensor it was given). With one alias per call, two forwards before one backward (a model
     called twice, e.g. a siamese loss) each find their saved r unchanged, and update r in turn.
     """
-    return torch.empty(0, dtype=r.dtype, device=r.device).set_(r.untyped_storage(), r.storage_offset(),
-                                                              r.size(), r.stride())
+    return r.data    # shares r's storage; a fresh version counter (0.2 µs, against 2 µs for set_())
 
 
 def _scaler_step_boundary(owner, device) -> torch.Tensor:
