@@ -63,3 +63,25 @@ def test_merge_adds_an_optimizer_to_a_task_run_before(tmp_path):
         json.dump(other, fh)
     with pytest.raises(SystemExit, match="steps"):
         pt.merge([paths[0], str(tmp_path / "c.json")])
+
+
+def test_t_kernel_benchmark_times_the_real_t():
+    """benchmarks/t_kernel.py's stand-in for the fused T computes T (the op's numbers, r too)."""
+    import torch
+
+    import svgd_fx  # noqa: F401
+    from benchmarks import t_kernel
+
+    torch.manual_seed(0)
+    g = torch.randn(6, 4, 5, dtype=torch.float64)
+    r1 = torch.rand(4, 5, dtype=torch.float64)
+    r0, r2 = r1.clone(), r1.clone()
+    got = t_kernel.fused_t(g, r1)
+    want = torch.ops.svgd_fx.virtual_grad(g, r2, t_kernel.S, t_kernel.RHO, t_kernel.EPS, True, -1, False)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(r1, r2, rtol=1e-12, atol=0)
+    assert not torch.equal(r1, r0), "both updated r"
+    result = {"label": "x", "batch": 6, "shape": [4, 5], "bytes_t": 1,
+              "rows": {"clone": {"us": 1.0, "gbs": 2.0, "of_clone": 1.0}, "op": {"us": 2.0, "gbs": 1.0, "of_clone": 0.5}}}
+    text = t_kernel.markdown([result], {"device": "cpu", "threads": 1, "torch": "t", "kernel": "torch", "reps": 1}, 3.0)
+    assert "| x | 6 × 20 | op | 2.0 | 1.0 | 50% | 33% |" in text
