@@ -5,8 +5,9 @@
 
 Every method trains its own copy of the same model on the same batch; methods run
 interleaved (round-robin, in a shuffled order each round) on one thread after a warm-up that
-includes every compile. Reported: median step time and its spread (p10-p90) over all timed
-steps, and the ratio to compiled SGD, as the median over rounds of the per-round ratio (the
+includes every compile (the objects it leaves are then frozen out of Python's garbage
+collector, whose full collections of them took 0.1-0.5 s inside single timed steps).
+Reported: median step time and its spread (p10-p90) over all timed steps, and the ratio to compiled SGD, as the median over rounds of the per-round ratio (the
 baseline is measured in the same round, so machine noise cancels). "state bytes" is what the
 optimizer keeps besides the parameters: r for SVGD, exp_avg + exp_avg_sq for Adam.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import platform
 import random
@@ -97,6 +99,10 @@ def time_model(key: str, rounds: int, steps: int, warmup: int, seed: int = 0, de
         for _ in range(warmup):
             step(model, module, opt, x, y)
         compile_s[name] = time.perf_counter() - t0
+    # the compiles leave ~10^5 Python objects: a full collection of them (0.1-0.5 s here) would
+    # land inside one timed step of a random method; freeze them out of the collector's view
+    gc.collect()
+    gc.freeze()
     times = {name: [] for name in methods}
     per_round = {name: [] for name in methods}
     order = list(methods)
