@@ -220,8 +220,12 @@ class SVGDModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            with torch._dynamo.config.patch(allow_rnn=True):
+            # a frame Dynamo gives up on would run uncompiled, training on plain gradients: make
+            # the recompile limit and suppressed errors fail loudly instead (see _DYNAMO_STRICT)
+            with torch._dynamo.config.patch(_DYNAMO_STRICT):
                 out = self._compiled_for(self.svgd_state.accumulating)(*args, **kwargs)
+        except _RecompileLimit as failure:
+            raise _recompile_limit_error(self.model) from failure
         except torch._dynamo.exc.BackendCompilerFailed as failure:
             inner = getattr(failure, "inner_exception", None) or failure.__cause__
             if isinstance(inner, SVGDError):  # our own message, without Dynamo's wrapping
@@ -259,6 +263,24 @@ class SVGDModule(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"s={c.s}, rho={c.rho}, eps={c.eps}, reduction={c.reduction!r}, r_shape={c.r_shape!r}"
+
+
+_DYNAMO_STRICT = {"allow_rnn": True, "suppress_errors": False}
+if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+    _DYNAMO_STRICT["fail_on_recompile_limit_hit"] = True
+_RecompileLimit = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ())
+
+
+def _recompile_limit_error(model: nn.Module) -> SVGDError:
+    limit = torch._dynamo.config.recompile_limit
+    return SVGDError(
+        f"svgd_fx: TorchDynamo hit its recompile limit (torch._dynamo.config.recompile_limit = {limit}) "
+        f"while running {type(model).__name__}: the frame would run uncompiled and its parameters would "
+        "train on plain gradients, not SVGD's. The limit counts the compiled graphs of every model of this "
+        "class in the process (each transform() compiles its own): call torch._dynamo.reset() between models "
+        "you are done with. Otherwise find what recompiles with TORCH_LOGS=recompiles (a Python value or an "
+        "input dtype/rank that changes between calls), or raise the limit."
+    )
 
 
 def _graph_break_locations(model: nn.Module, args, kwargs) -> list[str]:

@@ -146,3 +146,25 @@ def test_channel_r_shape_trains_with_varying_sequence_length():
         opt_r.step()
     assert {k: tuple(v.shape) for k, v in model_t.svgd_state.tensors.items()} == {
         "emb.embedding.r": (4,), "fc.linear.r": (3,)}
+
+
+def _small():
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def test_recompile_limit_is_loud_not_plain_gradients():
+    """A frame Dynamo stops compiling (its recompile limit) would run uncompiled: plain gradients.
+    transform raises instead — on a later recompile of a model already trained, and for the
+    transform that goes past the limit of one model class."""
+    model_t = svgd_fx.transform(_small(), s=0.1)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        model_t(torch.randn(8, 6)).sum().backward()
+        assert svgd_fx.explain(model_t).rows[0]["t_in_graph"]
+        with pytest.raises(svgd_fx.SVGDError, match=r"recompile limit \(.*= 1\).*plain gradients.*reset\(\)"):
+            model_t(torch.randn(5, 6))          # a new batch size needs a second graph
+    torch._dynamo.reset()     # what the message advises between models
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for _ in range(2):
+            svgd_fx.transform(_small(), s=0.1)(torch.randn(8, 6)).sum().backward()
+        with pytest.raises(svgd_fx.SVGDError, match="recompile limit"):
+            svgd_fx.transform(_small(), s=0.1)(torch.randn(8, 6))
