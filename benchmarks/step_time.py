@@ -62,6 +62,9 @@ def make_methods(base: torch.nn.Module, s: float = 0.1) -> dict:
     m = fresh()
     methods["SVGD backend"] = (torch.compile(m, backend="svgd", options={"s": s}), m,
                                torch.optim.SGD(m.parameters(), lr=0.01))
+    m = fresh()     # graphs that can also accumulate (svgd_fx.accumulate), used outside a block
+    methods["SVGD backend, accumulation"] = (torch.compile(m, backend="svgd", options={"s": s, "accumulation": True}),
+                                             m, torch.optim.SGD(m.parameters(), lr=0.01))
     m = fresh()     # TSO-ALRA: inverse roots (eigh) every 20 steps; the median is a step without one
     methods["TSO-ALRA backend"] = (torch.compile(m, backend="svgd", options={"method": "tso-alra", "damping": 1e-3}),
                                    m, torch.optim.SGD(m.parameters(), lr=0.01))
@@ -71,7 +74,8 @@ def make_methods(base: torch.nn.Module, s: float = 0.1) -> dict:
 def state_bytes(name: str, model, module, opt) -> int:
     if name.startswith(("SVGD", "TSO")):
         state = model.svgd_state if name == "SVGD transform" else svgd_fx.state_of(module)
-        return sum(t.numel() * t.element_size() for t in state.tensors.values())
+        kept = [*state.tensors.values(), *state.accs.values()]   # accs: only with accumulation
+        return sum(t.numel() * t.element_size() for t in kept)
     return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
                if isinstance(v, torch.Tensor) and v.dim() > 0)
 
@@ -89,6 +93,10 @@ def _sync(device: str) -> None:
 
 def time_model(key: str, rounds: int, steps: int, warmup: int, seed: int = 0, device: str = "cpu") -> dict:
     make, data, batch = MODELS[key]
+    # one model class's compiled graphs count against Dynamo's recompile limit (8) together: without
+    # a reset, the second model of a class (mlp32, then mlp128) ran its last methods uncompiled
+    torch._dynamo.reset()
+    torch._dynamo.config.fail_on_recompile_limit_hit = True    # never time an uncompiled frame
     torch.manual_seed(seed)
     base = make().to(device)
     x, y = (t.to(device) for t in data(batch))
