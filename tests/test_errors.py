@@ -168,3 +168,19 @@ def test_recompile_limit_is_loud_not_plain_gradients():
             svgd_fx.transform(_small(), s=0.1)(torch.randn(8, 6)).sum().backward()
         with pytest.raises(svgd_fx.SVGDError, match="recompile limit"):
             svgd_fx.transform(_small(), s=0.1)(torch.randn(8, 6))
+
+
+def test_owner_lookups_name_the_caller_and_what_they_take():
+    """explain / state_of / accumulate / switch_to_sgd resolve the model the same way (owner_of)."""
+    model_t = svgd_fx.transform(_small(), s=0.1)
+    assert svgd_fx.state_of(model_t) is model_t.svgd_state
+    plain = _small()
+    with pytest.raises(TypeError, match=r"svgd_fx.explain takes .* after its first forward; got Sequential"):
+        svgd_fx.explain(plain)               # never compiled: explain must not bind it
+    assert svgd_fx._backend.binding_of(plain) is None
+    with pytest.raises(TypeError, match=r"svgd_fx.explain takes .*; got object"):
+        svgd_fx.explain(object())
+    with pytest.raises(TypeError, match=r"svgd_fx.state_of takes .*; got int"):
+        svgd_fx.state_of(3)
+    with pytest.raises(ValueError, match=r"switch_to_sgd: this model does not use method='tso-alra'"):
+        svgd_fx.switch_to_sgd(model_t)
