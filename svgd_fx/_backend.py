@@ -70,13 +70,7 @@ class Binding:
 
 
 def _describe(config: SVGDConfig, excluded: frozenset[str]) -> str:
-    if config.method == "tso-alra":
-        text = (f"method='tso-alra', gamma={config.gamma}, t_int={config.t_int}, damping={config.damping}, "
-                f"switch_at_step={config.switch_at_step}, reduction={config.reduction!r}")
-    else:
-        text = (f"s={config.s}, rho={config.rho}, eps={config.eps}, reduction={config.reduction!r}, "
-                f"r_shape={config.r_shape!r}" + (", accumulation=True" if config.accumulation else ""))
-    return text + (f", exclude={sorted(excluded)}" if excluded else "")
+    return config.describe() + (f", exclude={sorted(excluded)}" if excluded else "")
 
 
 _BINDINGS: "weakref.WeakKeyDictionary[nn.Module, Binding]" = weakref.WeakKeyDictionary()

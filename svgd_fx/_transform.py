@@ -93,6 +93,14 @@ class SVGDConfig:
                              f"σ' node) or 'skip' (r keeps its old values there; training goes on), "
                              f"got {self.nonfinite!r}")
 
+    def describe(self) -> str:
+        """The options that make this config what it is, as ``name=value`` pairs."""
+        if self.method == "tso-alra":
+            return (f"method='tso-alra', gamma={self.gamma}, t_int={self.t_int}, damping={self.damping}, "
+                    f"switch_at_step={self.switch_at_step}, reduction={self.reduction!r}")
+        return (f"s={self.s}, rho={self.rho}, eps={self.eps}, reduction={self.reduction!r}, "
+                f"r_shape={self.r_shape!r}" + (", accumulation=True" if self.accumulation else ""))
+
     def _check_svgd(self) -> None:
         if self.s is None:
             raise ValueError("svgd_fx: SVGD needs T's scale s (SPEC: s is the user's choice; the paper used "
@@ -261,8 +269,7 @@ class SVGDModule(nn.Module):
         self._coverage_checked = True
 
     def extra_repr(self) -> str:
-        c = self.config
-        return f"s={c.s}, rho={c.rho}, eps={c.eps}, reduction={c.reduction!r}, r_shape={c.r_shape!r}"
+        return self.config.describe()
 
 
 _DYNAMO_STRICT = {"allow_rnn": True, "suppress_errors": False}

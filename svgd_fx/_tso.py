@@ -53,7 +53,7 @@ def plan_layers(owner, analysis, param_nodes, name_to_input, first_input: int):
             source=sigma.source, name=sigma.name, layer=layer,
             weight_input=name_to_input[layer.weight],
             bias_input=name_to_input[layer.bias] if layer.bias is not None else None,
-            state_inputs=tuple(first_input + 5 * i + j for j in range(5)),
+            state_inputs=tuple(first_input + len(STATE_PARTS) * i + j for j in range(len(STATE_PARTS))),
             switched_input=switched_input, gamma=config.gamma, t_int=config.t_int, damping=config.damping,
             mean_reduction=config.reduction == "mean",
             switch_at_step=-1 if config.switch_at_step is None else config.switch_at_step,

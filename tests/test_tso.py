@@ -279,3 +279,11 @@ def test_the_paper_mlp_trains_at_damping_1e_3():
     linears = {f"net.{i}.linear" for i in (0, 3, 6, 9, 12)}
     assert _fired(model_t) == linears                       # BatchNorm keeps the plain gradient
     assert all(int(model_t.svgd_state[f"{k}.steps"]) == 12 for k in linears)
+
+
+def test_repr_shows_the_method_options():
+    """print(model_t) and the backend's repr describe the config of its method (one describe())."""
+    text = repr(svgd_fx.transform(nn.Linear(3, 2), method="tso-alra", damping=1e-3))
+    assert "method='tso-alra'" in text and "damping=0.001" in text and "s=None" not in text
+    assert "s=0.1, rho=0.9" in repr(svgd_fx.transform(nn.Linear(3, 2), s=0.1))
+    assert repr(svgd_fx.backend(method="tso-alra")).startswith("svgd_fx.backend(method='tso-alra', gamma=0.05")
