@@ -567,8 +567,10 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
         for i, (sigma, channel_dim) in enumerate(routed)
     ]
     collecting = accumulating and bool(keys)
-    names = keys + flag_keys + [k + ".acc" for k in (keys if accumulating else [])] + (["grad_scaler.inv_scale"] if scaled else [])
-    new_gm = _with_state_inputs(gm, names + (["collect"] if collecting else []))
+    acc_names = [k + ".acc" for k in keys] if accumulating else []
+    names = keys + flag_keys + acc_names + (["grad_scaler.inv_scale"] if scaled else []) + \
+        (["collect"] if collecting else [])
+    new_gm = _with_state_inputs(gm, names)
     scale = [torch.ones((), device=r_specs[0][3] if r_specs else "cpu")] if scaled else []
     collect = [owner.svgd_state.collect_flag(collect_device)] if collecting else []
     return Plan(owner, new_gm, _with_state_examples(example_inputs, r_values + flags + accs + scale + collect),

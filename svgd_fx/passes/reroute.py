@@ -269,10 +269,11 @@ def _inline_t(graph, spec, g, r, meta, flag=None, acc=None, collect=None) -> Nod
     if acc is not None:
         collecting = emit(aten.gt.Scalar, collect, 0.5)
         r_new = emit(aten.where.self, collecting, r, r_new)
-        numel = r_val.numel()
-        pooled = emit(aten.add.Tensor, emit(aten.view.default, emit(aten.slice.Tensor, acc, 0, 0, numel), [-1]),
-                      emit(aten.view.default, emit(aten.where.ScalarOther, emit(aten.logical_and.default, finite, collecting),
-                                                   sums, 0.0), [-1]))
+        numel = r_val.numel()     # acc = [Σ_b g² (r's numel), N_all, N_here]
+        pooled_before = emit(aten.view.default, emit(aten.slice.Tensor, acc, 0, 0, numel), [-1])
+        keep = emit(aten.logical_and.default, finite, collecting)
+        added = emit(aten.view.default, emit(aten.where.ScalarOther, keep, sums, 0.0), [-1])
+        pooled = emit(aten.add.Tensor, pooled_before, added)
         counts = emit(aten.add.Tensor, emit(aten.slice.Tensor, acc, 0, numel, numel + 2),
                       emit(aten.mul.Tensor, collect, batch))
         acc_now = emit(aten.copy_.default, acc, emit(aten.cat.default, [pooled, counts]))
