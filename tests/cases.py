@@ -124,6 +124,22 @@ class TinyTransformer(nn.Module):
         return F.linear(self.lnf(h), self.emb.weight)
 
 
+class SplitQKV(nn.Module):
+    """Hugging Face's attention layout: one LayerNorm output read by separate q, k and v linears
+    (three batch sums of T(g) for the norm's bias, next to r's own statistic)."""
+
+    def __init__(self, dim=8, classes=3):
+        super().__init__()
+        self.ln = nn.LayerNorm(dim)
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, classes)
+
+    def forward(self, x):                                            # x: [B, T, dim]
+        h = self.ln(x)
+        a = torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2), dim=-1) @ self.v(h)
+        return self.out(a.mean(dim=1))
+
+
 class SigmoidGate(nn.Module):
     """x * sigmoid(g): g enters non-linearly (plain gradient); the linears are routed."""
 
@@ -206,6 +222,8 @@ CASES = [
          lambda b: torch.randint(0, 11, (b, 6)), "ce_seq",
          {"emb.embedding", "pos.add", "ln1.layer_norm", "qkv.linear", "proj.linear", "ln2.layer_norm",
           "ff1.linear", "ff2.linear", "lnf.layer_norm", "emb.linear"}),
+    Case("split_qkv", SplitQKV, _x(5, 8), _cls(3), "ce",
+         {"ln.layer_norm", "q.linear", "k.linear", "v.linear", "out.linear"}),
     Case("sigmoid_gate", SigmoidGate, _x(5), _cls(3), "ce", {"fc.linear", "out.linear"}, {"g.mul"}),
     Case("lstm", LSTMNet, _x(4, 3), _cls(2), "ce", {"inp.linear", "head.linear"}, {"lstm.lstm"}),
     Case("chains", ChainNet, _x(5), _cls(3), "ce", {"W.matmul", "a.mul"}, {"scale.div", "gain.linear"}),

@@ -100,7 +100,7 @@ def test_case_table_matches_transform(case):
     assert all(not rows[n] for n in case.plain)
 
 
-@pytest.mark.parametrize("name", ["paper_mlp", "res_cnn", "tiny_transformer"])
+@pytest.mark.parametrize("name", ["paper_mlp", "res_cnn", "tiny_transformer", "split_qkv"])
 def test_float64_changing_batch_matches_reference(name):
     """float64 against the independent reference while the batch size changes (a last partial
     batch): at most two compiles (static, then dynamic batch), r's shape never follows B."""
@@ -116,6 +116,17 @@ def test_float64_changing_batch_matches_reference(name):
                                             rtol=1e-8, atol=1e-11, after_step=r_shapes)
     assert_t_fired(model_c, svgd_fx.state_of(model_c), case.t_nodes)
     assert svgd_fx._backend.binding_of(model).log.graphs <= 2
+
+
+def test_fused_t_reads_r_after_its_update():
+    """A LayerNorm read by separate q, k and v linears: its bias gradient is a batch sum of T(g)
+    that inductor fuses into the loop computing r's statistic. T must see r_t, not r_{t-1} (at
+    step 0, r_{t-1} = 0 inflated the bias step by up to sqrt(r_t/ε)); at B=4 inductor's fusion
+    used to load r's buffer before the same kernel stored the update."""
+    case = next(c for c in CASES if c.name == "split_qkv")
+    model, model_c = train_changing_batches(case, lambda m: torch.compile(m, backend=svgd_fx.backend(s=0.1)),
+                                            rtol=1e-8, atol=1e-11, batches=(4, 4, 4))
+    assert_t_fired(model_c, svgd_fx.state_of(model_c), case.t_nodes)
 
 
 def test_backend_forms_and_options():

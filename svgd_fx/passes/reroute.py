@@ -239,8 +239,8 @@ def _inline_t(graph, spec, g, r, meta, flag=None, acc=None, collect=None) -> Nod
     """T spelled in aten ops, for inductor to fuse (the formula of ``virtual_grad_reference``):
 
     ``r ← ρ·r + (1-ρ)·mean_b (B·g)²`` written back into r with ``copy_``, then
-    ``T(g) = s·g / sqrt(r + ε)``. The output reads r through the ``copy_``, which orders the
-    update first and keeps it alive (nothing else uses it). B is read from g at run time.
+    ``T(g) = s·g / sqrt(r + ε)``. T reads the functional ``r_new``, never r's buffer, so no
+    kernel fusion can order a read before the write-back. B is read from g at run time.
     Elements whose statistic is not finite keep their old r; with a ``flag`` input, such a
     step also adds 1 to it (the caller raises at the next call: kernels cannot raise).
     With ``acc`` and ``collect`` inputs (gradient accumulation): where ``collect`` is 1, r is
@@ -277,20 +277,22 @@ def _inline_t(graph, spec, g, r, meta, flag=None, acc=None, collect=None) -> Nod
         counts = emit(aten.add.Tensor, emit(aten.slice.Tensor, acc, 0, numel, numel + 2),
                       emit(aten.mul.Tensor, collect, batch))
         acc_now = emit(aten.copy_.default, acc, emit(aten.cat.default, [pooled, counts]))
-    r_now = emit(aten.copy_.default, r, r_new)
-
-    def keeping(alive):
-        """r_now + 0·alive (a finite scalar): a user for an in-place update nothing else reads,
-        so the partitioner keeps it in the backward graph."""
-        return emit(aten.add.Tensor, r_now, emit(aten.mul.Tensor, alive, 0.0))
-
-    if acc is not None:    # the accumulator's count
-        r_now = keeping(emit(aten.select.int, acc_now, 0, -1))
+    writes = [emit(aten.copy_.default, r, r_new)]
+    if acc is not None:
+        writes.append(acc_now)
     if flag is not None:   # count a non-finite step
         bad = emit(aten.sum.default, emit(torch.ops.prims.convert_element_type.default,
                                           emit(aten.logical_not.default, finite), torch.float32))
-        r_now = keeping(emit(aten.copy_.default, flag, emit(aten.add.Tensor, flag, bad)))
-    denom = emit(aten.sqrt.default, emit(aten.add.Tensor, r_now, spec.eps))
+        writes.append(emit(aten.copy_.default, flag, emit(aten.add.Tensor, flag, bad)))
+    # Every read of the new r is a read of the functional r_new, never of r's buffer after the
+    # copy_: inductor may fuse the write-back into the same loop as a read and load the buffer
+    # before its store. The write-backs still need a user (else the partitioner drops them):
+    # one element of each, times 0, added to r_new (finite, so the value is r_new's).
+    alive = [emit(aten.select.int, emit(aten.view.default, w, [-1]), 0, 0) for w in writes]
+    r_read = r_new
+    for a in alive:
+        r_read = emit(aten.add.Tensor, r_read, emit(aten.mul.Tensor, a, 0.0))
+    denom = emit(aten.sqrt.default, emit(aten.add.Tensor, r_read, spec.eps))
     if spec.channel_dim >= 0:
         shape = [1] * g_val.dim()
         shape[spec.channel_dim] = -1
