@@ -18,6 +18,7 @@ trainable parameter was seen by the pass and raises, naming them, when one was n
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -27,7 +28,7 @@ from torch import nn
 
 from ._state import SVGDState
 from .errors import CoverageError, StateShapeError, SVGDError
-from .passes.locate import Kind, SigmaNode, locate
+from .passes.locate import Kind, SigmaNode, locate, tag_nodes
 from .passes.reroute import RerouteSpec, reroute
 
 ExcludeSpec = None | str | Iterable[str] | Callable[[str, nn.Parameter], bool]
@@ -508,6 +509,7 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
     accumulator per σ'; with a GradScaler, 1/S; when ``accumulating``, the 0-dim "collect".
     """
     model, config, log = owner.model, owner.config, owner.log
+    gm = _own_copy(gm)
     params = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     consts = {id(t) for t in model.buffers()} | {id(p) for p in model.parameters() if not p.requires_grad}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -632,16 +634,19 @@ def _r_shape(sigma: SigmaNode, config: SVGDConfig) -> tuple[tuple[int, ...] | No
     return tuple(int(d) for d in shape), channel_dim
 
 
+def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of Dynamo's graph (its own module stays untouched) whose nodes carry ids."""
+    own = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    tag_nodes(own)
+    return own
+
+
 def _with_state_inputs(gm: torch.fx.GraphModule, keys: list[str]) -> torch.fx.GraphModule:
-    """A copy of Dynamo's graph with one placeholder per r (Dynamo's own module stays untouched)."""
-    graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    nodes = list(gm.graph.nodes)
-    last_placeholder = max(i for i, n in enumerate(nodes) if n.op == "placeholder")
-    for i, node in enumerate(nodes):
-        env[node] = graph.node_copy(node, lambda n: env[n])
-        if i == last_placeholder:
-            for key in keys:
-                ph = graph.placeholder(re.sub(r"\W", "_", f"svgd_{key}"))
-                ph._dynamo_source = None
-    return torch.fx.GraphModule(gm, graph)
+    """``gm`` (our copy) with one placeholder per state tensor after its own placeholders."""
+    last = list(gm.graph.find_nodes(op="placeholder"))[-1]
+    with gm.graph.inserting_after(last):
+        for key in reversed(keys):
+            ph = gm.graph.placeholder(re.sub(r"\W", "_", f"svgd_{key}"))
+            ph._dynamo_source = None
+    gm.recompile()
+    return gm

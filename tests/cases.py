@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class PaperMLP(nn.Module):
@@ -167,7 +169,7 @@ class LSTMNet(nn.Module):
 
 class ChainNet(nn.Module):
     """Parameter-derived chains: W.t() into a matmul (linear), x / scale (not linear in scale),
-    x * (2 * a) (linear), weight-norm style g * v / ||v|| (linear in g only: plain for both)."""
+    x * (2 * a) (linear), weight-norm style g * v / ||v|| (linear in g only: g gets T, v plain)."""
 
     def __init__(self):
         super().__init__()
@@ -182,6 +184,100 @@ class ChainNet(nn.Module):
         h = torch.tanh(h / self.scale) * (2 * self.a)
         w = self.gain * self.v / self.v.norm(dim=1, keepdim=True)
         return F.linear(h, w)
+
+
+class PositionalNet(nn.Module):
+    """GPT-2/BERT/ViT layouts: a position table looked up with constant indices (a row gather,
+    linear in the table) and scaled by a Python number, a class token concatenated in front of
+    the batch (cat: linear in the token), a BERT-style token-type table."""
+
+    def __init__(self, vocab=11, seq=6, dim=8, classes=3):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(seq + 1, dim)
+        self.types = nn.Embedding(2, dim)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.1)
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        b, t = ids.shape
+        h = self.tok(ids) + self.types(torch.zeros(t, dtype=torch.long))
+        h = torch.cat([self.cls.expand(b, -1, -1), h], dim=1)
+        h = h + 0.5 * self.pos(torch.arange(t + 1))
+        return self.head(self.ln(h)[:, 0])
+
+
+class WeightNormNet(nn.Module):
+    """Both weight-norm APIs: w = g·v/‖v‖ is linear in g (T), not in v (plain)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.utils.parametrizations.weight_norm(nn.Linear(5, 6))
+        self.conv = nn.Conv1d(1, 2, 3, padding=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)   # the hook-based API is deprecated
+            self.fc2 = nn.utils.weight_norm(nn.Linear(12, 3))
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))                                   # [B, 6]
+        return self.fc2(torch.tanh(self.conv(h[:, None, :])).flatten(1))
+
+
+class CheckpointedNet(nn.Module):
+    """Blocks under activation checkpointing (non-reentrant and reentrant), and a layer whose
+    op name (``linear``) also appears outside the checkpointed regions."""
+
+    def __init__(self, dim=6):
+        super().__init__()
+        self.inp = nn.Linear(4, dim)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.Tanh())
+                                    for _ in range(2))
+        self.out = nn.Linear(dim, 3)
+        self.checkpointed = True     # the reference runs without: checkpointing changes no number
+
+    def forward(self, x):
+        h = self.inp(x)
+        for reentrant, block in zip((False, True), self.blocks):
+            h = checkpoint(block, h, use_reentrant=reentrant) if self.checkpointed else block(h)
+        return self.out(h)
+
+
+class _GradientReversal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -0.5 * grad
+
+
+class _FusedGelu(torch.autograd.Function):
+    """A parameter-free activation written as a Function (BLOOM's GELU)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(1.702 * x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(1.702 * x)
+        return grad * (s + 1.702 * x * s * (1 - s))
+
+
+class FunctionNet(nn.Module):
+    """Custom autograd Functions right after σ' nodes: gradient reversal and a fused activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(_GradientReversal.apply(self.fc1(x)))
+        return self.fc3(_FusedGelu.apply(self.fc2(h)))
 
 
 @dataclass
@@ -224,9 +320,17 @@ CASES = [
           "ff1.linear", "ff2.linear", "lnf.layer_norm", "emb.linear"}),
     Case("split_qkv", SplitQKV, _x(5, 8), _cls(3), "ce",
          {"ln.layer_norm", "q.linear", "k.linear", "v.linear", "out.linear"}),
+    Case("positional", PositionalNet, lambda b: (torch.randint(0, 11, (b, 6)),), _cls(3), "ce",
+         {"tok.embedding", "types.add", "cls.cat", "pos.add", "ln.layer_norm", "head.linear"}),
+    Case("weight_norm", WeightNormNet, _x(5), _cls(3), "ce",
+         {"fc1.parametrizations.weight.linear", "conv.conv1d", "fc2.linear"}),
+    Case("checkpointed", CheckpointedNet, _x(4), _cls(3), "ce",
+         {"inp.linear", "blocks.0.0.linear", "blocks.0.1.layer_norm", "blocks.1.0.linear",
+          "blocks.1.1.layer_norm", "out.linear"}),
+    Case("functions", FunctionNet, _x(4), _cls(3), "ce", {"fc1.linear", "fc2.linear", "fc3.linear"}),
     Case("sigmoid_gate", SigmoidGate, _x(5), _cls(3), "ce", {"fc.linear", "out.linear"}, {"g.mul"}),
     Case("lstm", LSTMNet, _x(4, 3), _cls(2), "ce", {"inp.linear", "head.linear"}, {"lstm.lstm"}),
-    Case("chains", ChainNet, _x(5), _cls(3), "ce", {"W.matmul", "a.mul"}, {"scale.div", "gain.linear"}),
+    Case("chains", ChainNet, _x(5), _cls(3), "ce", {"W.matmul", "a.mul", "gain.linear"}, {"scale.div"}),
 ]
 
 

@@ -11,6 +11,24 @@ from cases import Case, loss_fn
 from reference import SVGDReference
 
 
+def twin(model, case: Case):
+    """A copy of ``model``: a fresh ``case.make()`` with its state (the hook-based weight norm
+    cannot be deep-copied)."""
+    copied = case.make().to(next(model.parameters()).dtype)
+    copied.load_state_dict(model.state_dict())
+    return copied
+
+
+def reference_copy(model, case: Case):
+    """A copy for the reference, without activation checkpointing (it changes no number, and the
+    reference's recomputation would run outside its TorchFunctionMode)."""
+    ref_model = twin(model, case)
+    for m in ref_model.modules():
+        if hasattr(m, "checkpointed"):
+            m.checkpointed = False
+    return ref_model
+
+
 def cast_inputs(xs, dtype):
     return tuple(x.to(dtype) if x.is_floating_point() else x for x in xs)
 
@@ -27,7 +45,7 @@ def run_against_reference(case: Case, dtype, steps=3, s=0.1, lr=0.05, seed=0, **
     """Train `steps` SGD steps on transform() and on the reference; yield per-step grad pairs."""
     torch.manual_seed(seed)
     model = case.make().to(dtype)
-    ref_model = copy.deepcopy(model).double()
+    ref_model = reference_copy(model, case).double()
     model_t = svgd_fx.transform(model, s=s, **kw)
     ref = SVGDReference(ref_model, s=s, **{k: v for k, v in kw.items() if k != "exclude"},
                         exclude=kw.get("exclude") or ())
@@ -70,7 +88,7 @@ def train_changing_batches(case: Case, wrap, rtol: float, atol: float, batches=(
     against the reference, gradients compared every step; returns ``(model, wrapped)``."""
     torch.manual_seed(0)
     model = case.make().double()
-    ref_model = copy.deepcopy(model)
+    ref_model = reference_copy(model, case)
     wrapped = wrap(model)
     ref = SVGDReference(ref_model, s=0.1)
     opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, ref_model))

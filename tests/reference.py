@@ -35,12 +35,22 @@ _LINEAR_POSITIONS = {
     torch.Tensor.div: ((0,), "div"), torch.Tensor.__truediv__: ((0,), "div"),
     torch.matmul: ((0, 1), "matmul"), torch.Tensor.matmul: ((0, 1), "matmul"),
     torch.Tensor.__matmul__: ((0, 1), "matmul"),
+    torch.addmm: ((0, 1, 2), "addmm"),                    # GPT-2's Conv1D on [B*T, C] rows
+    torch.cat: ((0,), "cat"), torch.stack: ((0,), "stack"),   # position 0 is the list of tensors
 }
-# parameter-only ops that keep linearity
+# parameter-only ops through which every parameter keeps its linearity
 _CHAIN_LINEAR = {torch.Tensor.t, torch.Tensor.transpose, torch.Tensor.view, torch.Tensor.reshape,
                  torch.Tensor.permute, torch.Tensor.__getitem__, torch.Tensor.contiguous,
-                 torch.Tensor.__mul__, torch.Tensor.mul, torch.Tensor.__rmul__, torch.Tensor.__neg__,
-                 torch.Tensor.unsqueeze, torch.Tensor.squeeze}
+                 torch.Tensor.__neg__, torch.Tensor.unsqueeze, torch.Tensor.squeeze, torch.Tensor.expand,
+                 torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.split, torch.Tensor.chunk,
+                 torch.Tensor.flatten, torch.Tensor.unflatten, torch.Tensor.repeat, torch.cat}
+# parameter-only ops that are linear in the parameters of one argument position, if no other holds them:
+# products (one factor), division (numerator), a row gather from a table, weight norm's magnitude g
+_CHAIN_ONE_FACTOR = {
+    torch.Tensor.__mul__: (0, 1), torch.Tensor.mul: (0, 1), torch.Tensor.__rmul__: (0, 1), torch.mul: (0, 1),
+    torch.Tensor.__truediv__: (0,), torch.Tensor.div: (0,),
+    F.embedding: (1,), torch._weight_norm: (1,),
+}
 
 
 class _Split(torch.autograd.Function):
@@ -100,6 +110,7 @@ class _Mode(TorchFunctionMode):
         self.batch_ids = {id(x) for x in inputs if isinstance(x, torch.Tensor)}
         # id -> {param name: linear}; tensors are kept alive so ids are not reused
         self.derived: dict[int, dict[str, bool]] = {}
+        self.recipes: dict[int, tuple] = {}    # id -> (func, args, kwargs) of a derived tensor
         self.keep: list[torch.Tensor] = list(inputs)
         self.count = 0
         self.routed: list[str] = []
@@ -131,47 +142,80 @@ class _Mode(TorchFunctionMode):
             if is_batch:
                 self.batch_ids.add(id(o))
             elif has_param:
-                merged: dict[str, bool] = {}
-                for m in maps:
-                    for p, lin in (m or {}).items():
-                        merged[p] = merged.get(p, True) and lin and func in _CHAIN_LINEAR
-                self.derived[id(o)] = merged
+                self.derived[id(o)] = self._chain(func, args, kwargs)
+                self.recipes[id(o)] = (func, args, kwargs, outs.index(o) if len(outs) > 1 else None)
         return out
+
+    def _rebuilt(self, t, keep: set[str]):
+        """A parameter-derived ``t`` computed again with only the parameters in ``keep`` attached."""
+        if not isinstance(t, torch.Tensor):
+            if isinstance(t, (list, tuple)):
+                return type(t)(self._rebuilt(v, keep) for v in t)
+            return t
+        if id(t) in self.ref.param_names:
+            return t if self.ref.param_names[id(t)] in keep else t.detach()
+        if id(t) not in self.recipes:
+            return t
+        func, args, kwargs, index = self.recipes[id(t)]
+        out = func(*[self._rebuilt(a, keep) for a in args], **{k: self._rebuilt(v, keep) for k, v in kwargs.items()})
+        return out if index is None else out[index]
+
+    def _chain(self, func, args, kwargs) -> dict[str, bool]:
+        """{param: linear} of a parameter-only op's output."""
+        slots = [(i, self._param_map(t)) for i, a in enumerate(list(args) + list(kwargs.values()))
+                 for t in (a if isinstance(a, (list, tuple)) else [a])]
+        slots = [(i, m) for i, m in slots if m]
+        merged: dict[str, bool] = {}
+        for i, m in slots:
+            for p, lin in m.items():
+                if func in _CHAIN_LINEAR:
+                    ok = lin
+                elif func in _CHAIN_ONE_FACTOR:
+                    ok = lin and i in _CHAIN_ONE_FACTOR[func] and sum(p in m2 for _, m2 in slots) == 1
+                else:
+                    ok = False
+                merged[p] = merged.get(p, True) and ok
+        return merged
 
     def _sigma(self, func, args, kwargs):
         positions, name = _LINEAR_POSITIONS.get(func, ((), "unknown"))
         args = list(args)
-        linear_pos = []
-        for i in positions:
-            if i < len(args):
-                m = self._param_map(args[i])
-                if m and all(m.values()):
-                    linear_pos.append(i)
-        linear_kw = [k for k in ("weight", "bias") if k in kwargs and name != "unknown"
-                     and (m := self._param_map(kwargs[k])) and all(m.values())]
-        plain_params = {p for i, a in enumerate(args) if i not in linear_pos
-                        for p in (self._param_map(a) or {})}
-        linear_params = {p for i in linear_pos for p in self._param_map(args[i])}
-        if plain_params & linear_params:  # a parameter entering linearly and non-linearly: plain
-            linear_pos = []
-        if not linear_pos and not linear_kw:
+        # every tensor argument, lists opened: (position or keyword, index in the list or None)
+        leaves = {}
+        for key, value in list(enumerate(args)) + list(kwargs.items()):
+            if isinstance(value, (list, tuple)):
+                leaves.update({(key, j): v for j, v in enumerate(value) if isinstance(v, torch.Tensor)})
+            elif isinstance(value, torch.Tensor):
+                leaves[(key, None)] = value
+        linear_keys = set(positions) | ({"weight", "bias"} if name != "unknown" else set())
+        maps = {slot: self._param_map(t) or {} for slot, t in leaves.items()}
+        # a parameter gets T when every occurrence is linear and at a position the op is linear in
+        linear = {p for m in maps.values() for p in m}
+        for slot, m in maps.items():
+            linear -= {p for p, lin in m.items() if not lin or slot[0] not in linear_keys}
+        if not linear:
             out = func(*args, **kwargs)
             self._mark_batch(out)
             return out
 
-        def detach_at(values, which):
-            return [v.detach() if i in which and isinstance(v, torch.Tensor) else v
-                    for i, v in enumerate(values)]
+        def rebuilt(keep, activations: bool):
+            """args, kwargs: parameter-derived leaves recomputed with only ``keep`` attached; the
+            batch-dependent ones as they are, or detached."""
+            def leaf(value):
+                if not isinstance(value, torch.Tensor):
+                    return value
+                if self._param_map(value) is not None:
+                    return self._rebuilt(value, keep)
+                return value if activations else value.detach()
 
-        act_args = detach_at(args, set(linear_pos))
-        act_kwargs = {k: (v.detach() if k in linear_kw else v) for k, v in kwargs.items()}
+            def one(value):
+                return type(value)(leaf(v) for v in value) if isinstance(value, (list, tuple)) else leaf(value)
+            return [one(v) for v in args], {k: one(v) for k, v in kwargs.items()}
+
+        every = {p for m in maps.values() for p in m}
+        act_args, act_kwargs = rebuilt(every - linear, activations=True)
         y_act = func(*act_args, **act_kwargs)
-
-        param_ids = {id(args[i]) for i in linear_pos} | {id(kwargs[k]) for k in linear_kw}
-        par_args = [v if (not isinstance(v, torch.Tensor) or id(v) in param_ids) else v.detach()
-                    for v in args]
-        par_kwargs = {k: (v if (not isinstance(v, torch.Tensor) or id(v) in param_ids) else v.detach())
-                      for k, v in kwargs.items()}
+        par_args, par_kwargs = rebuilt(linear, activations=False)
         training = (par_args[5] if len(par_args) > 5 else par_kwargs.get("training", False)) \
             if name == "batch_norm" else True
         if name in ("batch_norm", "instance_norm") and training and len(par_args) > 2:

@@ -12,7 +12,7 @@ from torch._inductor.utils import run_and_get_code
 
 import svgd_fx
 from cases import CASES, PaperMLP, loss_fn
-from helpers import assert_t_fired, cast_inputs, train_changing_batches
+from helpers import assert_t_fired, cast_inputs, train_changing_batches, twin
 from svgd_fx.kernels import triton_available
 
 T_CALL = "= torch.ops.svgd_fx.virtual_grad.default("
@@ -62,8 +62,8 @@ def _step(module, params, case, xs, y, dtype):
 def _compiled_and_transformed(case, dtype, s=0.1, seed=0):
     torch.manual_seed(seed)
     model = case.make().to(dtype)
-    twin = copy.deepcopy(model)
-    return model, torch.compile(model, backend="svgd", options={"s": s}), twin, svgd_fx.transform(twin, s=s)
+    copied = twin(model, case)
+    return model, torch.compile(model, backend="svgd", options={"s": s}), copied, svgd_fx.transform(copied, s=s)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name != "lstm"], ids=lambda c: c.name)

@@ -118,7 +118,7 @@ def precondition(gm: GraphModule, specs: list[KronSpec], param_derived_sources: 
         if not group:
             continue
         members = set(group)
-        g = _incoming_gradient(spec, group, members)
+        g = _incoming_gradient(spec, group, members, view.tangent_fed)
         targets = {spec.weight_input: "weight"} | ({spec.bias_input: "bias"} if spec.bias_input is not None else {})
         edges = {}
         for o in (n for n in group if any(u not in members for u in n.users)):

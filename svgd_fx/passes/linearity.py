@@ -89,6 +89,9 @@ _register([F.instance_norm, torch.instance_norm],
           OpRule("instance_norm", ("input", "running_mean", "running_var", "weight", "bias"),
                  frozenset({"weight", "bias"}), channel_dim=1))
 _register([F.prelu, torch.prelu], OpRule("prelu", ("input", "weight"), frozenset({"weight"}), channel_dim=1))
+# torch.cat([cls_token.expand(B, 1, C), x], dim=1): linear in every parameter-derived member
+_register([torch.cat, torch.concat, torch.concatenate], OpRule("cat", ("tensors", "dim"), frozenset({"tensors"})))
+_register([torch.stack], OpRule("stack", ("tensors", "dim"), frozenset({"tensors"})))
 _register([operator.mul, operator.imul, torch.mul, "method:mul", "method:mul_", "method:__mul__",
            "method:__rmul__"], OpRule("mul", _BINARY, frozenset(_BINARY)))
 _register([operator.add, operator.iadd, torch.add, "method:add", "method:add_", "method:__add__",
@@ -132,32 +135,60 @@ def _callable_name(node: Node) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def chain_linearity(node: Node, param_map: Callable[[Node], dict[str, bool]]) -> tuple[dict[str, bool], str | None]:
+# Parameter-derived ops linear in some arguments only, by target: (argument names in positional
+# order, the ones the op is linear in). The others must not hold the same parameter: a row gather
+# from a parameter table with constant indices (a position embedding, T5's bucketed relative
+# positions) is linear in the table; weight norm w = g·v/‖v‖ is linear in g, not in v.
+_CHAIN_SLOTS: dict[Any, tuple[tuple[str, ...], frozenset[str]]] = {
+    F.embedding: (("input", "weight"), frozenset({"weight"})),
+    torch.embedding: (("weight", "input"), frozenset({"weight"})),
+    torch._weight_norm: (("v", "g", "dim"), frozenset({"g"})),
+}
+
+
+def chain_linearity(node: Node, param_map: Callable[[Node], dict[str, bool]]) -> tuple[dict[str, bool], dict[str, str]]:
     """Linearity of a parameter-derived ``node`` in each parameter below it.
 
     ``param_map(n)`` gives, for an input node ``n``, its map parameter-name → linear (empty for
     constants). Every *occurrence* of an input counts (``θ * θ`` has θ in two factors), and for
     a division only the numerator (``args[0]``) may hold a parameter. Returns the map for
-    ``node`` and, when some parameter became non-linear here, the reason.
+    ``node`` and, for each parameter that *this* op made non-linear (linear in every input),
+    the reason; a parameter already non-linear below keeps the reason found there.
     """
     name = _callable_name(node)
+    slots = _CHAIN_SLOTS.get(node.target)
     occurrences = [(position, n) for position, arg in enumerate(node.args) for n in nodes_in(arg)]
-    occurrences += [(None, n) for arg in node.kwargs.values() for n in nodes_in(arg)]
+    occurrences += [(key, n) for key, arg in node.kwargs.items() for n in nodes_in(arg)]
     maps = [(position, param_map(n)) for position, n in occurrences]
     params = sorted({p for _, m in maps for p in m})
-    if name in _STRUCTURAL_NAMES or name in _ADDITIVE_NAMES:
-        return {p: all(m.get(p, True) for _, m in maps) for p in params}, None
-    if name in _MULTIPLICATIVE_NAMES or name in _DIVISION_NAMES:
-        out = {}
+    below = {p: all(m[p] for _, m in maps if p in m) for p in params}   # linear in every input
+
+    def slot_of(position) -> Any:
+        if slots is not None and isinstance(position, int):
+            return slots[0][position] if position < len(slots[0]) else None
+        return position
+
+    if slots is None and (name in _STRUCTURAL_NAMES or name in _ADDITIVE_NAMES):
+        return dict(below), {}
+    if slots is not None or name in _MULTIPLICATIVE_NAMES or name in _DIVISION_NAMES:
+        if slots is not None:
+            linear_slots = slots[1]
+        elif name in _DIVISION_NAMES:
+            linear_slots = {0}             # the numerator only
+        else:
+            linear_slots = None            # every factor
+        out, reasons = {}, {}
         for p in params:
-            holders = [(position, m[p]) for position, m in maps if p in m]
-            ok = len(holders) == 1 and holders[0][1]
-            if name in _DIVISION_NAMES and holders[0][0] != 0:
-                ok = False
-            out[p] = ok
-        bad = [p for p in params if not out[p]]
-        return out, (f"`{name}` of parameter-derived values is not linear in {', '.join(bad)}" if bad else None)
-    return {p: False for p in params}, f"`{name}` is not linear in its parameter input"
+            holders = [slot_of(position) for position, m in maps if p in m]
+            here = len(holders) == 1 and (linear_slots is None or holders[0] in linear_slots)
+            out[p] = here and below[p]
+            if below[p] and not here:
+                reasons[p] = (f"`{name}` is not linear in its `{holders[0]}` argument"
+                              if len(holders) == 1 and slots is not None else
+                              f"`{name}` of parameter-derived values is not linear in {p}")
+        return out, reasons
+    return {p: False for p in params}, {p: f"`{name}` is not linear in its parameter input"
+                                        for p in params if below[p]}
 
 
 def nodes_in(value: Any) -> list[Node]:

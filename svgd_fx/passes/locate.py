@@ -9,9 +9,17 @@ parameter and buffer a placeholder. Each value is classified as
 * ``BATCH`` – depends on a model input;
 * ``CONST`` – buffers, frozen parameters, constants.
 
-A σ' node takes at least one ``PARAM`` and at least one ``BATCH`` value (SPEC). Because this
-runs on the torch-level graph, ``F.linear`` on a ``[B, T, C]`` input is one σ' node whatever
-aten ops it later decomposes into.
+A σ' node takes at least one ``PARAM`` and at least one ``BATCH`` value. Because this runs on
+the torch-level graph, ``F.linear`` on a ``[B, T, C]`` input is one σ' node whatever aten ops it
+later decomposes into. Shape arithmetic (``x.size(0)``, SymInts) is ``CONST``: a shape carries
+no gradient, so ``p.expand(x.size(0), -1)`` stays parameter-derived.
+
+The bodies of activation-checkpointed regions (Dynamo's ``tag_activation_checkpoint`` and
+``wrap`` higher-order ops) are walked as part of the graph: their σ' nodes are σ' nodes of the
+model. Every call node, in the graph and in such bodies, gets an id in ``meta["custom"]``
+(:func:`tag_nodes`); AOTAutograd copies it to the node's aten forward nodes and to their
+backward nodes, so the joint-graph passes find each σ' node's backward by id, never by a
+source name that a checkpointed region or a second graph could repeat.
 
 Example — for ``F.relu(bn(fc(x))) * torch.sigmoid(self.g)``::
 
@@ -24,7 +32,9 @@ Example — for ``F.relu(bn(fc(x))) * torch.sigmoid(self.g)``::
 from __future__ import annotations
 
 import enum
+import operator
 import re
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -51,7 +61,7 @@ class ParamInput:
 @dataclass
 class SigmaNode:
     node: Node                    # the torch-level node
-    source: str                   # its source_fn name: the key shared with the joint graph
+    source: str                   # its node id (``NODE_ID``): the key shared with the joint graph
     op: str                       # short op name ("linear", "conv2d", "mul")
     name: str                     # stable name ("fc.linear"), used for state and reports
     location: str                 # "model.py:12  h = self.fc(x)"
@@ -77,13 +87,46 @@ class SigmaNode:
 @dataclass
 class Analysis:
     sigmas: list[SigmaNode]
-    kinds: dict[str, Kind] = field(default_factory=dict)       # source name -> kind
+    kinds: dict[str, Kind] = field(default_factory=dict)       # node id -> kind
     params_seen: set[str] = field(default_factory=set)
 
 
-def source_name(node: Node) -> str | None:
-    stack = node.meta.get("source_fn_stack")
-    return stack[-1][0] if stack else None
+NODE_ID = "svgd_fx_node"          # our key inside node.meta["custom"] (AOTAutograd carries "custom")
+# higher-order ops whose body is part of the model's graph (activation checkpointing)
+_BODY_OPS = {"tag_activation_checkpoint", "wrap"}
+
+
+def node_id(node: Node) -> str | None:
+    custom = node.meta.get("custom")
+    return custom.get(NODE_ID) if isinstance(custom, dict) else None
+
+
+def _body(gm: GraphModule, node: Node) -> GraphModule | None:
+    """The subgraph of a checkpoint/wrap higher-order op node, else None."""
+    if node.op != "call_function" or getattr(node.target, "__name__", None) not in _BODY_OPS:
+        return None
+    first = node.args[0] if node.args else None
+    if isinstance(first, Node) and first.op == "get_attr":
+        sub = getattr(gm, first.target, None)
+        if isinstance(sub, GraphModule):
+            return sub
+    return None
+
+
+def tag_nodes(gm: GraphModule, prefix: str = "") -> None:
+    """Give every call node of ``gm`` and of its checkpointed bodies a unique id (``NODE_ID``).
+
+    Bodies are replaced by copies first (their nodes' meta is shared with Dynamo's own graph).
+    """
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        node.meta["custom"] = {**(node.meta.get("custom") or {}), NODE_ID: prefix + node.name}
+        body = _body(gm, node)
+        if body is not None:
+            copy = GraphModule(body, deepcopy(body.graph))
+            setattr(gm, node.args[0].target, copy)
+            tag_nodes(copy, f"{prefix}{node.name}/")
 
 
 def _location(node: Node) -> str:
@@ -103,117 +146,174 @@ def _example_value(node: Node) -> Any:
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+def _is_shape_value(node: Node) -> bool:
+    """A SymInt/SymFloat/number node (``x.size(0)``): shape arithmetic, not a gradient path."""
+    value = _example_value(node)
+    return isinstance(value, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
 def locate(
     gm: GraphModule,
     param_names: dict[Node, str],
     const_nodes: Iterable[Node] = (),
     exclude: set[str] = frozenset(),
 ) -> Analysis:
-    """Classify every node of ``gm`` and return its σ' nodes, in graph order.
+    """Classify every node of ``gm`` (and of its checkpointed bodies) and return its σ' nodes,
+    in graph order.
 
     ``param_names`` maps the placeholders of trainable parameters to their qualified names;
     ``const_nodes`` are placeholders of buffers and frozen parameters; every other placeholder
-    is a model input. Parameters named in ``exclude`` keep their plain gradient.
+    is a model input. Parameters named in ``exclude`` keep their plain gradient. Nodes must
+    carry ids (:func:`tag_nodes`); untagged ones are keyed by their name.
     """
+    walk = _Walk(exclude)
+    inputs = []
     consts = set(const_nodes)
-    kind: dict[Node, Kind] = {}
-    chain: dict[Node, dict[str, bool]] = {}        # PARAM nodes: param -> linear
-    chain_why: dict[Node, str] = {}                # PARAM nodes: why a param became non-linear
-    analysis = Analysis(sigmas=[])
-    used_names: dict[str, int] = {}
-
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            if node in param_names:
-                kind[node] = Kind.PARAM
-                chain[node] = {param_names[node]: True}
-                analysis.params_seen.add(param_names[node])
-            elif node in consts:
-                kind[node] = Kind.CONST
-            else:
-                kind[node] = Kind.BATCH
-            continue
-        if node.op == "get_attr":
-            kind[node] = Kind.CONST
-            continue
-        if node.op == "output":
-            continue
-        inputs = node.all_input_nodes
-        kinds = {kind.get(n, Kind.CONST) for n in inputs}
-        src = source_name(node)
-        if Kind.BATCH in kinds:
-            kind[node] = Kind.BATCH
-            if Kind.PARAM in kinds:
-                analysis.sigmas.append(_make_sigma(node, kind, chain, chain_why, exclude, used_names))
-        elif Kind.PARAM in kinds:
-            kind[node] = Kind.PARAM
-            chain[node], why = chain_linearity(node, lambda n: chain[n] if kind.get(n) is Kind.PARAM else {})
-            below = [chain_why[n] for n in inputs if n in chain_why]
-            if why or below:
-                chain_why[node] = why or below[0]
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if node in param_names:
+            walk.analysis.params_seen.add(param_names[node])
+            inputs.append((Kind.PARAM, {param_names[node]: True}, {}))
+        elif node in consts or _is_shape_value(node):
+            inputs.append((Kind.CONST, {}, {}))
         else:
-            kind[node] = Kind.CONST
-        if src is not None:
-            analysis.kinds[src] = kind[node]
-    return analysis
+            inputs.append((Kind.BATCH, {}, {}))
+    walk.graph(gm, inputs)
+    return walk.analysis
 
 
-def _make_sigma(node, kind, chain, chain_why, exclude, used_names) -> SigmaNode:
-    rule = sigma_rule(node)
-    param_inputs: list[ParamInput] = []
-    if rule is not None:
-        bound = bind_args(node, rule.args)
-        covered: set[Node] = set()
-        for arg, value in bound.items():
-            nodes = [n for n in nodes_in(value) if kind.get(n) is Kind.PARAM]
-            if not nodes:
-                continue
-            covered.update(nodes)
-            params = tuple(sorted({p for n in nodes for p in chain[n]}))
-            if arg not in rule.linear_in:
-                linear, reason = False, f"`{rule.name}` is not linear in its `{arg}` argument"
-            elif any(p in exclude for p in params):
-                linear, reason = False, "excluded by the user"
-            elif not all(chain[n][p] for n in nodes for p in chain[n]):
-                why = next((chain_why[n] for n in nodes if n in chain_why), "non-linear chain")
-                linear, reason = False, why
+class _Walk:
+    """One pass over a graph and, recursively, the bodies of its checkpointed regions."""
+
+    def __init__(self, exclude: set[str]) -> None:
+        self.exclude = exclude
+        self.kind: dict[Node, Kind] = {}
+        self.chain: dict[Node, dict[str, bool]] = {}      # PARAM nodes: param -> linear
+        self.why: dict[Node, dict[str, str]] = {}         # PARAM nodes: param -> why it is not linear
+        self.outputs: dict[Node, list[tuple]] = {}        # body op node -> its outputs' (kind, chain, why)
+        self.analysis = Analysis(sigmas=[])
+        self.used_names: dict[str, int] = {}
+
+    def _set(self, node: Node, kind: Kind, chain=None, why=None) -> None:
+        self.kind[node] = kind
+        if chain:
+            self.chain[node] = chain
+        if why:
+            self.why[node] = why
+
+    def _triple(self, node: Node) -> tuple:
+        return self.kind.get(node, Kind.CONST), self.chain.get(node, {}), self.why.get(node, {})
+
+    def graph(self, gm: GraphModule, inputs: list[tuple]) -> list[tuple]:
+        """Walk ``gm`` whose placeholders are ``inputs`` (kind, chain, why); return its outputs'."""
+        placeholders = iter(inputs)
+        result: list[tuple] = []
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                self._set(node, *next(placeholders, (Kind.BATCH, {}, {})))
+            elif node.op == "get_attr":
+                self._set(node, Kind.CONST)
+            elif node.op == "output":
+                result = [self._triple(n) if isinstance(n, Node) else (Kind.CONST, {}, {})
+                          for n in (node.args[0] if isinstance(node.args[0], (tuple, list)) else [node.args[0]])]
             else:
-                linear, reason = True, f"`{rule.name}` is linear in `{arg}`"
-            param_inputs.append(ParamInput(arg, params, linear, reason))
-        leftover = [n for n in node.all_input_nodes if kind.get(n) is Kind.PARAM and n not in covered]
-        if leftover:
-            params = tuple(sorted({p for n in leftover for p in chain[n]}))
-            param_inputs.append(ParamInput("<other>", params, False,
-                                           f"`{rule.name}` argument outside the linearity table"))
-    else:
-        nodes = [n for n in node.all_input_nodes if kind.get(n) is Kind.PARAM]
-        params = tuple(sorted({p for n in nodes for p in chain[n]}))
-        param_inputs.append(ParamInput("<all>", params, False,
-                                       f"op `{describe_op(node)}` is not in svgd_fx's linearity table "
-                                       "(unknown ops get the plain gradient)"))
-    _reconcile_shared_params(param_inputs)
+                self.visit(gm, node)
+        return result
 
-    op = describe_op(node)
-    first_param = param_inputs[0].params[0]
-    base = f"{_module_prefix(first_param)}.{op}"
-    count = used_names.get(base, 0)
-    used_names[base] = count + 1
-    name = base if count == 0 else f"{base}#{count}"
+    def visit(self, gm: GraphModule, node: Node) -> None:
+        key = node_id(node) or node.name
+        body = _body(gm, node)
+        if body is not None:
+            self.outputs[node] = self.graph(body, [self._triple(a) if isinstance(a, Node) else (Kind.CONST, {}, {})
+                                                   for a in node.args[1:]])
+            kinds = {k for k, _, _ in self.outputs[node]}
+            self._set(node, Kind.BATCH if Kind.BATCH in kinds else Kind.PARAM if Kind.PARAM in kinds else Kind.CONST)
+        elif node.target is operator.getitem and node.args[0] in self.outputs:
+            outs = self.outputs[node.args[0]]
+            index = node.args[1]
+            self._set(node, *(outs[index] if isinstance(index, int) and index < len(outs) else (Kind.BATCH, {}, {})))
+        elif _is_shape_value(node):
+            self._set(node, Kind.CONST)
+        else:
+            inputs = node.all_input_nodes
+            kinds = {self.kind.get(n, Kind.CONST) for n in inputs}
+            if Kind.BATCH in kinds:
+                self._set(node, Kind.BATCH)
+                if Kind.PARAM in kinds:
+                    self.analysis.sigmas.append(self._sigma(node, key))
+            elif Kind.PARAM in kinds:
+                chain, why = chain_linearity(node, lambda n: self.chain.get(n, {}) if self.kind.get(n) is Kind.PARAM else {})
+                for n in inputs:        # a parameter non-linear below keeps the reason found there
+                    for p, reason in self.why.get(n, {}).items():
+                        why.setdefault(p, reason)
+                self._set(node, Kind.PARAM, chain, why)
+            else:
+                self._set(node, Kind.CONST)
+        self.analysis.kinds[key] = self.kind[node]
 
-    value = _example_value(node)
-    sample_shape = tuple(value.shape[1:]) if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
-    return SigmaNode(
-        node=node,
-        source=source_name(node) or node.name,
-        op=op,
-        name=name,
-        location=_location(node),
-        param_inputs=param_inputs,
-        sample_shape=sample_shape,
-        channel_dim=rule.channel_dim if rule is not None else -1,
-        dtype=value.dtype if isinstance(value, torch.Tensor) else None,
-        device=value.device if isinstance(value, torch.Tensor) else None,
-    )
+    def _sigma(self, node: Node, key: str) -> SigmaNode:
+        kind, chain, chain_why = self.kind, self.chain, self.why
+        rule = sigma_rule(node)
+        param_inputs: list[ParamInput] = []
+        if rule is not None:
+            bound = bind_args(node, rule.args)
+            covered: set[Node] = set()
+            for arg, value in bound.items():
+                nodes = [n for n in nodes_in(value) if kind.get(n) is Kind.PARAM]
+                if not nodes:
+                    continue
+                covered.update(nodes)
+                params = sorted({p for n in nodes for p in chain[n]})
+                if arg not in rule.linear_in:
+                    param_inputs.append(ParamInput(arg, tuple(params), False,
+                                                   f"`{rule.name}` is not linear in its `{arg}` argument"))
+                    continue
+                # per parameter: a chain can be linear in one parameter and not in another
+                # (weight norm w = g·v/‖v‖): the reroute then splits the chain's backward too
+                why = {p: chain_why[n].get(p, "non-linear chain") for n in nodes for p in chain[n]
+                       if not chain[n][p]}
+                excluded = [p for p in params if p in self.exclude]
+                linear = [p for p in params if p not in why and p not in self.exclude]
+                if linear:
+                    param_inputs.append(ParamInput(arg, tuple(linear), True, f"`{rule.name}` is linear in `{arg}`"))
+                if excluded:
+                    param_inputs.append(ParamInput(arg, tuple(excluded), False, "excluded by the user"))
+                for reason in dict.fromkeys(why[p] for p in params if p in why and p not in self.exclude):
+                    param_inputs.append(ParamInput(arg, tuple(p for p in params if why.get(p) == reason
+                                                               and p not in self.exclude), False, reason))
+            leftover = [n for n in node.all_input_nodes if kind.get(n) is Kind.PARAM and n not in covered]
+            if leftover:
+                params = tuple(sorted({p for n in leftover for p in chain[n]}))
+                param_inputs.append(ParamInput("<other>", params, False,
+                                               f"`{rule.name}` argument outside the linearity table"))
+        else:
+            nodes = [n for n in node.all_input_nodes if kind.get(n) is Kind.PARAM]
+            params = tuple(sorted({p for n in nodes for p in chain[n]}))
+            param_inputs.append(ParamInput("<all>", params, False,
+                                           f"op `{describe_op(node)}` is not in svgd_fx's linearity table "
+                                           "(unknown ops get the plain gradient)"))
+        _reconcile_shared_params(param_inputs)
+
+        op = describe_op(node)
+        first_param = param_inputs[0].params[0]
+        base = f"{_module_prefix(first_param)}.{op}"
+        count = self.used_names.get(base, 0)
+        self.used_names[base] = count + 1
+        name = base if count == 0 else f"{base}#{count}"
+
+        value = _example_value(node)
+        sample_shape = tuple(value.shape[1:]) if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
+        return SigmaNode(
+            node=node,
+            source=key,
+            op=op,
+            name=name,
+            location=_location(node),
+            param_inputs=param_inputs,
+            sample_shape=sample_shape,
+            channel_dim=rule.channel_dim if rule is not None else -1,
+            dtype=value.dtype if isinstance(value, torch.Tensor) else None,
+            device=value.device if isinstance(value, torch.Tensor) else None,
+        )
 
 
 def _reconcile_shared_params(param_inputs: list[ParamInput]) -> None:
@@ -225,4 +325,3 @@ def _reconcile_shared_params(param_inputs: list[ParamInput]) -> None:
         if p.linear and shared:
             p.linear = False
             p.reason = f"{', '.join(sorted(shared))} also enters `{p.arg}`'s op non-linearly"
-

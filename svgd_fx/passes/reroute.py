@@ -36,6 +36,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import RerouteError
 from ..kernels import virtual_grad  # noqa: F401  (registers torch.ops.svgd_fx.virtual_grad)
+from .locate import node_id
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,18 @@ class RerouteSpec:
     collect_input: int | None = None  # plain-input index of the 0-dim "collect" mode (1: accumulate)
 
 
-def _is_backward(node: Node) -> bool:
-    return node.meta.get("partitioner_tag") == "is_backward"
+def _is_tangent(node: Node) -> bool:
+    return node.op == "placeholder" and "Tangent" in type(node.meta.get("desc")).__name__
 
 
-def _fwd_source(node: Node) -> str | None:
-    stack = node.meta.get("fwd_source_fn_stack")
-    return stack[-1][0] if stack else None
+def _tangent_fed(nodes: list[Node]) -> set[Node]:
+    """The nodes computed from a tangent: the backward values (AOTAutograd tags most of them
+    ``is_backward``, but not the backward of a custom ``autograd.Function``)."""
+    fed: set[Node] = set()
+    for n in nodes:
+        if _is_tangent(n) or any(a in fed for a in n.all_input_nodes):
+            fed.add(n)
+    return fed
 
 
 def _is_tensor(node: Node) -> bool:
@@ -90,7 +96,7 @@ def reroute(
 ) -> dict[str, str]:
     """Insert T for every spec; return ``{σ' name: T node name}`` for the ones rewritten.
 
-    ``param_derived_sources`` are the source names of parameter-derived torch-level nodes
+    ``param_derived_sources`` are the node ids of parameter-derived torch-level nodes
     (whose backward a parameter edge may pass through); ``param_inputs`` the plain-input
     indices of trainable parameters.
     """
@@ -98,13 +104,17 @@ def reroute(
     view = joint_view(gm)
     order, out_values, out_descs, placeholders, groups = (view.order, view.out_values, view.out_descs,
                                                           view.placeholders, view.backward)
+    # the backward of parameter-derived chains, and the untagged accumulation adds between them
+    chain_backward = [n for n in order if n in view.tangent_fed and n.op == "call_function"
+                      and (node_id(n) is None or node_id(n) in param_derived_sources)]
     done: dict[str, str] = {}
     for spec in specs:
         group = groups.get(spec.source)
         if not group:
             continue  # no backward for this σ' in this graph (e.g. nothing below needs grad)
         members = set(group)
-        g = _incoming_gradient(spec, group, members)
+        g = _incoming_gradient(spec, group, members, view.tangent_fed)
+        group, members = _with_own_chain_backward(group, members, chain_backward, view)
         outs = [n for n in group if any(u not in members for u in n.users)]
         reroute_outs = [
             o for o in outs
@@ -127,13 +137,15 @@ def reroute(
 @dataclass
 class JointView:
     """What both joint-graph passes look up: node order, the outputs and their descriptors,
-    plain inputs by index, and the backward (and forward) nodes of each torch-level source."""
+    plain inputs by index, the values computed from tangents, and the backward (and forward)
+    nodes of each torch-level node, by its id."""
     order: dict[Node, int]
     out_values: list
     out_descs: list
     placeholders: dict[int | None, Node]
     backward: dict[str, list[Node]]
     forward: dict[str, list[Node]]
+    tangent_fed: set[Node]
 
 
 def joint_view(gm: GraphModule) -> JointView:
@@ -142,11 +154,14 @@ def joint_view(gm: GraphModule) -> JointView:
     out_values = list(output.args[0])
     backward: dict[str, list[Node]] = {}
     forward: dict[str, list[Node]] = {}
+    tangent_fed = _tangent_fed(nodes)
     for n in nodes:
-        if _is_backward(n) and (src := _fwd_source(n)) is not None:
-            backward.setdefault(src, []).append(n)
-        elif not _is_backward(n) and (stack := n.meta.get("source_fn_stack")):
-            forward.setdefault(stack[-1][0], []).append(n)
+        if (key := node_id(n)) is None:
+            continue
+        if n in tangent_fed or n.meta.get("partitioner_tag") == "is_backward":
+            backward.setdefault(key, []).append(n)
+        else:
+            forward.setdefault(key, []).append(n)
     return JointView(
         order={n: i for i, n in enumerate(nodes)},
         out_values=out_values,
@@ -154,6 +169,7 @@ def joint_view(gm: GraphModule) -> JointView:
         placeholders={_plain_index(n.meta.get("desc")): n for n in nodes if n.op == "placeholder"},
         backward=backward,
         forward=forward,
+        tangent_fed=tangent_fed,
     )
 
 
@@ -165,14 +181,35 @@ def finish(gm: GraphModule) -> None:
     gm.recompile()
 
 
-def _incoming_gradient(spec: RerouteSpec, group: list[Node], members: set[Node]) -> Node:
+def _with_own_chain_backward(group, members, chain_backward, view):
+    """``B_S`` plus the backward of the parameter-derived chains that only S's gradient feeds.
+
+    A chain like weight norm's ``w = g·v/‖v‖`` may be linear in one of its parameters and not
+    in another: the edge out of ``B_S`` (∇w) then reaches both. Taken into the group, the
+    chain's backward hands on one edge per parameter (∇g, ∇v), each rerouted or not on its own.
+    A chain node whose gradient also gets contributions from other σ' nodes (after an
+    accumulation ``add``) stays outside; one from a tangent (the chain's value is also a graph
+    output, e.g. a weight set by a forward pre-hook) may join: backward ops are linear in their
+    incoming gradient, so the copy fed T(g) plus that tangent still adds the tangent plainly.
+    """
+    extra = []
+    for n in chain_backward:
+        fed = [a for a in n.all_input_nodes if a in view.tangent_fed]
+        if n not in members and any(a in members for a in fed) and all(a in members or _is_tangent(a) for a in fed):
+            members = members | {n}
+            extra.append(n)
+    if not extra:
+        return group, members
+    return sorted(group + extra, key=view.order.__getitem__), members
+
+
+def _incoming_gradient(spec, group: list[Node], members: set[Node], tangent_fed: set[Node]) -> Node:
     incoming: list[Node] = []
     for n in group:
         for a in n.all_input_nodes:
             if a in members or a in incoming:
                 continue
-            is_tangent = a.op == "placeholder" and "Tangent" in type(a.meta.get("desc")).__name__
-            if is_tangent or (_is_backward(a) and _is_tensor(a)):
+            if a in tangent_fed and _is_tensor(a):
                 incoming.append(a)
     if len(incoming) != 1:
         raise RerouteError(
@@ -201,7 +238,7 @@ def _parameter_edge(start, members, out_values, out_descs, param_derived_sources
                 continue
             if user in members or user in seen:
                 continue
-            src = _fwd_source(user)
+            src = node_id(user)
             if src is not None and src not in param_derived_sources:
                 return None  # enters the backward of a batch-dependent node: an activation edge
             seen.add(user)
