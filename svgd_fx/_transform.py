@@ -28,6 +28,7 @@ from torch import nn
 
 from ._state import SVGDState
 from .errors import CoverageError, StateShapeError, SVGDError
+from .passes.composites import expand_composites
 from .passes.locate import Kind, SigmaNode, locate, tag_nodes
 from .passes.reroute import RerouteSpec, reroute
 
@@ -522,6 +523,8 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
             const_nodes.append(node)
 
     analysis = locate(gm, param_nodes, const_nodes, set(owner.excluded))
+    if expand_composites(gm, analysis.sigmas, lambda n: analysis.node_kinds.get(n) is Kind.PARAM):
+        analysis = locate(gm, param_nodes, const_nodes, set(owner.excluded))   # σ' nodes they hid
     log.graphs += 1
     log.params_seen |= analysis.params_seen
     name_to_input = {param_nodes[n]: i for i, n in enumerate(placeholders) if n in param_nodes}

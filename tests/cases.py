@@ -280,6 +280,47 @@ class FunctionNet(nn.Module):
         return self.fc3(_FusedGelu.apply(self.fc2(h)))
 
 
+class AttentionNet(nn.Module):
+    """torch.nn's own attention: nn.MultiheadAttention (weights returned) with learned key/value
+    biases and a zero position, then an nn.TransformerEncoder (two post-norm layers) with a key
+    padding mask, batch first: the projections inside F.multi_head_attention_forward are σ' nodes."""
+
+    def __init__(self, dim=8, heads=2, classes=3):
+        super().__init__()
+        self.inp = nn.Linear(4, dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True, add_bias_kv=True, add_zero_attn=True)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(dim, classes)
+
+    def forward(self, x):                                         # x: [B, T, 4]
+        h = self.inp(x)
+        a, _ = self.attn(h, h, h)
+        padding = torch.zeros(x.shape[:2], dtype=torch.bool)
+        padding[:, -1] = True                                     # the last position is padding
+        return self.out(self.enc(h + a, src_key_padding_mask=padding)[:, 0])
+
+
+class SeqFirstAttentionNet(nn.Module):
+    """The other layouts: sequence first (batch_first=False), cross-attention with kdim/vdim
+    (separate q/k/v weights), and nn.TransformerDecoderLayer (key is value: packed k/v)."""
+
+    def __init__(self, dim=8, heads=2, classes=3):
+        super().__init__()
+        self.inp = nn.Linear(4, dim)
+        self.mem = nn.Linear(4, 6)
+        self.cross = nn.MultiheadAttention(dim, heads, kdim=6, vdim=6)
+        self.dec = nn.TransformerDecoderLayer(dim, heads, 2 * dim, dropout=0.0, norm_first=True)
+        self.out = nn.Linear(dim, classes)
+
+    def forward(self, x):                                         # x: [B, T, 4]
+        h = self.inp(x).transpose(0, 1)                           # [T, B, dim]
+        m = torch.tanh(self.mem(x)).transpose(0, 1)               # [T, B, 6]
+        a, _ = self.cross(h, m, m, need_weights=False)
+        causal = nn.Transformer.generate_square_subsequent_mask(h.shape[0])
+        return self.out(self.dec(h + a, h, tgt_mask=causal, tgt_is_causal=True)[0])
+
+
 @dataclass
 class Case:
     name: str
@@ -328,6 +369,17 @@ CASES = [
          {"inp.linear", "blocks.0.0.linear", "blocks.0.1.layer_norm", "blocks.1.0.linear",
           "blocks.1.1.layer_norm", "out.linear"}),
     Case("functions", FunctionNet, _x(4), _cls(3), "ce", {"fc1.linear", "fc2.linear", "fc3.linear"}),
+    Case("attention", AttentionNet, _x(5, 4), _cls(3), "ce",
+         {"inp.linear", "attn.linear", "attn.cat", "attn.cat#1", "attn.out_proj.linear", "out.linear"}
+         | {f"enc.layers.{i}.{m}" for i in (0, 1) for m in (
+             "self_attn.linear", "self_attn.out_proj.linear", "linear1.linear", "linear2.linear",
+             "norm1.layer_norm", "norm2.layer_norm")}),
+    Case("seq_first_attention", SeqFirstAttentionNet, _x(5, 4), _cls(3), "ce",
+         {"inp.linear", "mem.linear", "cross.linear", "cross.linear#1", "cross.linear#2", "cross.out_proj.linear",
+          "out.linear"} | {f"dec.{m}" for m in (
+              "self_attn.linear", "self_attn.out_proj.linear", "multihead_attn.linear", "multihead_attn.linear#1",
+              "multihead_attn.out_proj.linear", "linear1.linear", "linear2.linear", "norm1.layer_norm",
+              "norm2.layer_norm", "norm3.layer_norm")}),
     Case("sigmoid_gate", SigmoidGate, _x(5), _cls(3), "ce", {"fc.linear", "out.linear"}, {"g.mul"}),
     Case("lstm", LSTMNet, _x(4, 3), _cls(2), "ce", {"inp.linear", "head.linear"}, {"lstm.lstm"}),
     Case("chains", ChainNet, _x(5), _cls(3), "ce", {"W.matmul", "a.mul", "gain.linear"}, {"scale.div"}),

@@ -124,6 +124,11 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        opened = _COMPOSITES.get(func)
+        if opened is not None and (func is not F.scaled_dot_product_attention or self._param_map(
+                kwargs.get("attn_mask", args[3] if len(args) > 3 else None)) is not None):
+            with self:          # σ' nodes inside: the projections (MHA), scores + mask (SDPA)
+                return opened(*args, **kwargs)
         flat = list(args) + list(kwargs.values())
         flat = [a for x in flat for a in (x if isinstance(x, (list, tuple)) else [x])]
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
@@ -238,6 +243,77 @@ class _Mode(TorchFunctionMode):
             if isinstance(o, torch.Tensor):
                 self.keep.append(o)
                 self.batch_ids.add(id(o))
+
+
+def _mha(query, key, value, embed_dim, num_heads, in_w, in_b, bias_k, bias_v, add_zero_attn, dropout_p,
+         out_w, out_b, training=True, key_padding_mask=None, need_weights=True, attn_mask=None,
+         use_separate_proj_weight=False, q_proj_weight=None, k_proj_weight=None, v_proj_weight=None,
+         static_k=None, static_v=None, average_attn_weights=True, is_causal=False):
+    """nn.MultiheadAttention's math, batch first, with the projections torch groups the same way
+    (one packed linear for self-attention; q, then packed k/v when key is value; else three).
+    Dropout and static_k/v are not covered (the tests use neither)."""
+    assert static_k is None and static_v is None and (dropout_p == 0.0 or not training)
+    unbatched = query.dim() == 2
+    x_q, x_k, x_v = (x.unsqueeze(1) if unbatched else x for x in (query, key, value))
+    x_q, x_k, x_v = x_q.permute(1, 0, 2), x_k.permute(1, 0, 2), x_v.permute(1, 0, 2)   # [N, L, E]
+    E, H = embed_dim, num_heads
+    if use_separate_proj_weight:
+        bq, bk, bv = (None, None, None) if in_b is None else (in_b[:E], in_b[E:2 * E], in_b[2 * E:])
+        q, k, v = F.linear(x_q, q_proj_weight, bq), F.linear(x_k, k_proj_weight, bk), F.linear(x_v, v_proj_weight, bv)
+    elif query is key and key is value:
+        qkv = F.linear(x_q, in_w, in_b)
+        q, k, v = qkv[..., :E], qkv[..., E:2 * E], qkv[..., 2 * E:]
+    elif key is value:
+        q = F.linear(x_q, in_w[:E], None if in_b is None else in_b[:E])
+        kv = F.linear(x_k, in_w[E:], None if in_b is None else in_b[E:])
+        k, v = kv[..., :E], kv[..., E:]
+    else:
+        q, k, v = (F.linear(x, in_w[i * E:(i + 1) * E], None if in_b is None else in_b[i * E:(i + 1) * E])
+                   for i, x in enumerate((x_q, x_k, x_v)))
+    n, tgt = q.shape[0], q.shape[1]
+
+    def additive(mask):
+        return torch.zeros(mask.shape, dtype=q.dtype).masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else mask
+
+    bias = torch.zeros(n, H, tgt, k.shape[1], dtype=q.dtype)
+    if attn_mask is not None:
+        bias = bias + (additive(attn_mask) if attn_mask.dim() == 2 else additive(attn_mask).reshape(n, H, tgt, -1))
+    elif is_causal:
+        bias = bias + torch.full((tgt, k.shape[1]), float("-inf"), dtype=q.dtype).triu(1)
+    if bias_k is not None:
+        k = torch.cat([k, bias_k.reshape(1, 1, E).expand(n, 1, E)], dim=1)
+        v = torch.cat([v, bias_v.reshape(1, 1, E).expand(n, 1, E)], dim=1)
+        bias = torch.cat([bias, torch.zeros(n, H, tgt, 1, dtype=q.dtype)], dim=-1)
+    heads = lambda t: t.reshape(n, t.shape[1], H, E // H).permute(0, 2, 1, 3)   # noqa: E731
+    q, k, v = heads(q), heads(k), heads(v)
+    if add_zero_attn:
+        k = torch.cat([k, torch.zeros(n, H, 1, E // H, dtype=k.dtype)], dim=2)
+        v = torch.cat([v, torch.zeros(n, H, 1, E // H, dtype=v.dtype)], dim=2)
+        bias = torch.cat([bias, torch.zeros(n, H, tgt, 1, dtype=q.dtype)], dim=-1)
+    if key_padding_mask is not None:
+        kpm = additive(key_padding_mask.unsqueeze(1) if unbatched else key_padding_mask)
+        bias = bias + torch.cat([kpm, torch.zeros(n, bias.shape[-1] - kpm.shape[-1], dtype=q.dtype)], -1)[:, None, None]
+    weights = torch.softmax(torch.einsum("nhld,nhsd->nhls", q, k) / (E // H) ** 0.5 + bias, dim=-1)
+    out = torch.einsum("nhls,nhsd->nhld", weights, v).permute(0, 2, 1, 3).reshape(n, tgt, E)
+    out = F.linear(out, out_w, out_b).permute(1, 0, 2)
+    if unbatched:
+        out = out.squeeze(1)
+    if not need_weights:
+        return out, None
+    weights = weights.mean(dim=1) if average_attn_weights else weights
+    return out, (weights.squeeze(0) if unbatched else weights)
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """softmax(q·kᵀ·scale + mask)·v with the mask added in a call of its own (a σ' node when the
+    mask is parameter-derived, as T5's relative-position bias is)."""
+    assert dropout_p == 0.0 and not is_causal and not enable_gqa
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    return torch.matmul(torch.softmax(scores + attn_mask, dim=-1), value)
+
+
+_COMPOSITES = {F.multi_head_attention_forward: _mha, F.scaled_dot_product_attention: _sdpa}
 
 
 def plain_reference_r(grads_per_step, rho, batch):

@@ -89,6 +89,7 @@ class Analysis:
     sigmas: list[SigmaNode]
     kinds: dict[str, Kind] = field(default_factory=dict)       # node id -> kind
     params_seen: set[str] = field(default_factory=set)
+    node_kinds: dict[Node, Kind] = field(default_factory=dict)  # every node, placeholders included
 
 
 NODE_ID = "svgd_fx_node"          # our key inside node.meta["custom"] (AOTAutograd carries "custom")
@@ -178,6 +179,7 @@ def locate(
         else:
             inputs.append((Kind.BATCH, {}, {}))
     walk.graph(gm, inputs)
+    walk.analysis.node_kinds = walk.kind
     return walk.analysis
 
 
