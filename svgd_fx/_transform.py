@@ -29,7 +29,8 @@ from torch import nn
 from ._state import SVGDState
 from .errors import CoverageError, StateShapeError, SVGDError
 from .passes.composites import expand_composites
-from .passes.locate import Kind, SigmaNode, locate, tag_nodes
+from .passes.linearity import nodes_in
+from .passes.locate import Kind, SigmaNode, locate, node_id, tag_nodes
 from .passes.reroute import RerouteSpec, reroute
 
 ExcludeSpec = None | str | Iterable[str] | Callable[[str, nn.Parameter], bool]
@@ -568,6 +569,7 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
             sync=config.distributed,
             acc_input=first_acc + i if accumulating else None,
             collect_input=after_accs + int(scaled) if accumulating else None,
+            identity_operands=_identity_operands(sigma, placeholders, analysis.node_kinds),
         )
         for i, (sigma, channel_dim) in enumerate(routed)
     ]
@@ -594,6 +596,31 @@ def _tso_plan(owner, gm, example_inputs, analysis, param_nodes, name_to_input, p
     values = [owner.svgd_state.get_or_create(*spec) for spec in r_specs]
     return Plan(owner, _with_state_inputs(gm, keys), _with_state_examples(example_inputs, values), specs, keys,
                 _param_sources(analysis), param_inputs, r_specs, analysis.params_seen, method="tso-alra")
+
+
+def _identity_operands(sigma: SigmaNode, placeholders: list[torch.fx.Node], kinds: dict):
+    """Where the joint graph carries the gradient of each routed operand of ``sigma`` (see
+    ``RerouteSpec.identity_operands``): per operand, its chain down to the parameter, each
+    step used once, as ("node", id) or ("input", index); None when one also feeds another node."""
+    operands = []
+    for p in sigma.param_inputs:
+        for n in p.nodes if p.linear else ():
+            user, path = sigma.node, []
+            while True:
+                uses = [a for a in nodes_in((user.args, user.kwargs)) if a is n]
+                if len(n.users) != 1 or len(uses) != 1:
+                    return None
+                if n.op == "placeholder":
+                    if n in placeholders:          # else a checkpointed body's input: stop here
+                        path.append(("input", placeholders.index(n)))
+                    break
+                path.append(("node", node_id(n)))
+                below = [a for a in n.all_input_nodes if kinds.get(a) is Kind.PARAM]
+                if len(below) != 1:
+                    break
+                user, n = n, below[0]
+            operands.append(tuple(path))
+    return tuple(operands)
 
 
 def _with_state_examples(example_inputs: list[Any], state: list[torch.Tensor]) -> list[Any]:

@@ -37,13 +37,16 @@ _LINEAR_POSITIONS = {
     torch.Tensor.__matmul__: ((0, 1), "matmul"),
     torch.addmm: ((0, 1, 2), "addmm"),                    # GPT-2's Conv1D on [B*T, C] rows
     torch.cat: ((0,), "cat"), torch.stack: ((0,), "stack"),   # position 0 is the list of tensors
+    torch.where: ((1, 2), "where"),
 }
 # parameter-only ops through which every parameter keeps its linearity
 _CHAIN_LINEAR = {torch.Tensor.t, torch.Tensor.transpose, torch.Tensor.view, torch.Tensor.reshape,
                  torch.Tensor.permute, torch.Tensor.__getitem__, torch.Tensor.contiguous,
                  torch.Tensor.__neg__, torch.Tensor.unsqueeze, torch.Tensor.squeeze, torch.Tensor.expand,
                  torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.split, torch.Tensor.chunk,
-                 torch.Tensor.flatten, torch.Tensor.unflatten, torch.Tensor.repeat, torch.cat}
+                 torch.Tensor.flatten, torch.Tensor.unflatten, torch.Tensor.repeat, torch.cat,
+                 torch.Tensor.__add__, torch.Tensor.add, torch.Tensor.__radd__, torch.Tensor.float,
+                 torch.Tensor.double, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.type}
 # parameter-only ops that are linear in the parameters of one argument position, if no other holds them:
 # products (one factor), division (numerator), a row gather from a table, weight norm's magnitude g
 _CHAIN_ONE_FACTOR = {
@@ -51,6 +54,8 @@ _CHAIN_ONE_FACTOR = {
     torch.Tensor.__truediv__: (0,), torch.Tensor.div: (0,),
     F.embedding: (1,), torch._weight_norm: (1,),
 }
+# where(c, a, b): linear in a and b together, the condition constant
+_CHAIN_SELECT = {torch.where: (1, 2)}
 
 
 class _Split(torch.autograd.Function):
@@ -77,10 +82,10 @@ class SVGDReference:
         self.r: dict[int, torch.Tensor] = {}
         self.sigma_ops: list[str] = []         # op names of the routed σ' calls of the last forward
 
-    def __call__(self, *inputs):
-        mode = _Mode(self, inputs)
+    def __call__(self, *inputs, **kw_inputs):
+        mode = _Mode(self, list(inputs) + list(kw_inputs.values()))
         with mode:
-            out = self.model(*inputs)
+            out = self.model(*inputs, **kw_inputs)
         self.sigma_ops = mode.routed
         return out
 
@@ -146,7 +151,7 @@ class _Mode(TorchFunctionMode):
             self.keep.append(o)
             if is_batch:
                 self.batch_ids.add(id(o))
-            elif has_param:
+            elif has_param and not any(o is t for t in tensors):   # not an alias of an input (`.to`)
                 self.derived[id(o)] = self._chain(func, args, kwargs)
                 self.recipes[id(o)] = (func, args, kwargs, outs.index(o) if len(outs) > 1 else None)
         return out
@@ -177,6 +182,8 @@ class _Mode(TorchFunctionMode):
                     ok = lin
                 elif func in _CHAIN_ONE_FACTOR:
                     ok = lin and i in _CHAIN_ONE_FACTOR[func] and sum(p in m2 for _, m2 in slots) == 1
+                elif func in _CHAIN_SELECT:
+                    ok = lin and i in _CHAIN_SELECT[func]
                 else:
                     ok = False
                 merged[p] = merged.get(p, True) and ok

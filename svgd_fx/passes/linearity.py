@@ -92,6 +92,7 @@ _register([F.prelu, torch.prelu], OpRule("prelu", ("input", "weight"), frozenset
 # torch.cat([cls_token.expand(B, 1, C), x], dim=1): linear in every parameter-derived member
 _register([torch.cat, torch.concat, torch.concatenate], OpRule("cat", ("tensors", "dim"), frozenset({"tensors"})))
 _register([torch.stack], OpRule("stack", ("tensors", "dim"), frozenset({"tensors"})))
+_register([torch.where, "method:where"], OpRule("where", ("condition", "input", "other"), frozenset({"input", "other"})))
 _register([operator.mul, operator.imul, torch.mul, "method:mul", "method:mul_", "method:__mul__",
            "method:__rmul__"], OpRule("mul", _BINARY, frozenset(_BINARY)))
 _register([operator.add, operator.iadd, torch.add, "method:add", "method:add_", "method:__add__",
@@ -144,6 +145,9 @@ _CHAIN_SLOTS: dict[Any, tuple[tuple[str, ...], frozenset[str]]] = {
     torch.embedding: (("weight", "input"), frozenset({"weight"})),
     torch._weight_norm: (("v", "g", "dim"), frozenset({"g"})),
 }
+# where(c, a, b) picks a or b elementwise: linear in a and b together (like a sum), with a
+# constant condition (T5's causal mask over its relative-position bias)
+_SELECT_NAMES = {"where"}
 
 
 def chain_linearity(node: Node, param_map: Callable[[Node], dict[str, bool]]) -> tuple[dict[str, bool], dict[str, str]]:
@@ -170,6 +174,9 @@ def chain_linearity(node: Node, param_map: Callable[[Node], dict[str, bool]]) ->
 
     if slots is None and (name in _STRUCTURAL_NAMES or name in _ADDITIVE_NAMES):
         return dict(below), {}
+    if name in _SELECT_NAMES:
+        out = {p: below[p] and not any(pos in (0, "condition") for pos, m in maps if p in m) for p in params}
+        return out, {p: "`where`'s condition is not linear" for p in params if below[p] and not out[p]}
     if slots is not None or name in _MULTIPLICATIVE_NAMES or name in _DIVISION_NAMES:
         if slots is not None:
             linear_slots = slots[1]

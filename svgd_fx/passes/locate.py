@@ -56,6 +56,7 @@ class ParamInput:
     params: tuple[str, ...]       # qualified names of the parameters feeding it
     linear: bool                  # T is applied to the gradient of this input
     reason: str                   # why (not) linear, for explain()
+    nodes: tuple[Node, ...] = ()  # the parameter-derived nodes passed in this argument
 
 
 @dataclass
@@ -276,7 +277,8 @@ class _Walk:
                 excluded = [p for p in params if p in self.exclude]
                 linear = [p for p in params if p not in why and p not in self.exclude]
                 if linear:
-                    param_inputs.append(ParamInput(arg, tuple(linear), True, f"`{rule.name}` is linear in `{arg}`"))
+                    param_inputs.append(ParamInput(arg, tuple(linear), True, f"`{rule.name}` is linear in `{arg}`",
+                                                   tuple(nodes)))
                 if excluded:
                     param_inputs.append(ParamInput(arg, tuple(excluded), False, "excluded by the user"))
                 for reason in dict.fromkeys(why[p] for p in params if p in why and p not in self.exclude):

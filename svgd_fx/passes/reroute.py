@@ -30,6 +30,7 @@ partitioner puts it in the backward graph.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
@@ -57,6 +58,10 @@ class RerouteSpec:
     sync: bool = False             # all-reduce T's batch statistic (torch.distributed; op path only)
     acc_input: int | None = None      # plain-input index of the accumulation buffer (svgd_fx.accumulate)
     collect_input: int | None = None  # plain-input index of the 0-dim "collect" mode (1: accumulate)
+    # the routed parameter-derived operands, for a backward that is the identity: per operand its
+    # chain down to the parameter, ("node", id) per chain node and ("input", plain index) for the
+    # parameter; None if a step is also used elsewhere
+    identity_operands: tuple[tuple[tuple[str, Any], ...], ...] | None = ()
 
 
 def _is_tangent(node: Node) -> bool:
@@ -110,20 +115,28 @@ def reroute(
     done: dict[str, str] = {}
     for spec in specs:
         group = groups.get(spec.source)
-        if not group:
-            continue  # no backward for this σ' in this graph (e.g. nothing below needs grad)
+        if not group:   # an identity backward (or no gradient through S here): T on the operand's edge
+            if (t_node := _reroute_identity(graph, spec, view)) is not None:
+                done[spec.name] = t_node.name
+            continue
         members = set(group)
         g = _incoming_gradient(spec, group, members, view.tangent_fed)
         group, members = _with_own_chain_backward(group, members, chain_backward, view)
         outs = [n for n in group if any(u not in members for u in n.users)]
-        reroute_outs = [
-            o for o in outs
-            if (reached := _parameter_edge(o, members, out_values, out_descs, param_derived_sources,
-                                           param_inputs)) is not None
-            and reached and reached <= spec.routed_inputs
-        ]
+        edges = [(o, reached) for o in outs
+                 if (reached := _parameter_edge(o, members, out_values, out_descs, param_derived_sources,
+                                                param_inputs))]
+        reroute_outs = [o for o, reached in edges if reached <= spec.routed_inputs]
+        mixed = sorted({i for _, reached in edges if reached & spec.routed_inputs and not reached <= spec.routed_inputs
+                        for i in reached})
+        if mixed:
+            raise RerouteError(
+                f"svgd_fx: at σ' node {spec.name!r} one gradient edge reaches parameters that get T and "
+                f"parameters that must not (graph inputs {mixed}), and their chain cannot be split here "
+                "(its value is shared with other nodes). Pass exclude=[...] with the parameters of this node "
+                "to train them on plain gradients knowingly.")
         if not reroute_outs:
-            continue
+            continue    # no gradient reaches the routed parameters through S in this graph
         t_node = _insert_t(graph, spec, g, members, placeholders, order)
         _copy_between(graph, g, t_node, group, members, reroute_outs)
         if spec.inline and spec.channel_dim < 0:
@@ -179,6 +192,44 @@ def finish(gm: GraphModule) -> None:
     _narrow_output_masks(gm.graph)
     gm.graph.lint()
     gm.recompile()
+
+
+def _reroute_identity(graph, spec: RerouteSpec, view: JointView) -> Node | None:
+    """T for a σ' node whose backward is the identity: ``x + p`` where the parameter-derived
+    operand already has the output's full shape (a position table at batch size 1, a bias
+    expanded over the batch). Its backward emits no node, so ∇σ'J itself flows on to the
+    operand's chain backward (or, for a parameter used directly, into its output slot): T goes
+    on that edge. Each operand must feed only S (checked on the torch-level graph): then the
+    gradient arriving there is ∇σ'J alone. Returns the T node, or None when no gradient reaches
+    the operands through S in this graph."""
+    if spec.identity_operands is None:
+        raise RerouteError(
+            f"svgd_fx: σ' node {spec.name!r} has an identity backward here (its parameter-derived operand has "
+            "the output's full shape) and that operand is also used elsewhere, so the gradient arriving through "
+            "S alone cannot be told apart. Pass exclude=[...] with its parameters to train them on plain "
+            "gradients knowingly.")
+    t_node = None
+    for path in spec.identity_operands:
+        for kind, ref in path:      # the first step down the chain that has a backward of its own
+            if kind == "node" and (chain := view.backward.get(ref)):
+                g = _incoming_gradient(spec, chain, set(chain), view.tangent_fed)
+                consumers = [u for u in g.users if u in set(chain)]
+                break
+            if kind == "input":
+                slots = [i for i, d in enumerate(view.out_descs) if _plain_index(d) == ref]
+                g = view.out_values[slots[0]] if slots else None
+                consumers = [n for n in g.users if n.op == "output"] if isinstance(g, Node) else []
+                break
+        else:
+            continue
+        if not consumers:
+            continue
+        t_node = _insert_t(graph, spec, g, set(consumers), view.placeholders, view.order)
+        for c in consumers:
+            c.replace_input_with(g, t_node)
+        if spec.inline and spec.channel_dim < 0:
+            _sum_batch_first(graph, t_node)
+    return t_node
 
 
 def _with_own_chain_backward(group, members, chain_backward, view):
@@ -251,7 +302,7 @@ def _insert_t(graph, spec, g, members, placeholders, order) -> Node:
     if r is None:
         raise RerouteError(f"svgd_fx: state input for σ' node {spec.name!r} is missing from the joint graph")
     first_use = min((u for u in g.users if u in members), key=order.__getitem__)
-    meta = {k: v for k, v in first_use.meta.items() if k != "val"}
+    meta = {k: v for k, v in (first_use if first_use.op != "output" else g).meta.items() if k not in ("val", "desc")}
     meta.update(partitioner_tag="is_backward", svgd_sigma=spec.name)
     with graph.inserting_before(first_use):
         optional = [placeholders.get(i) if i is not None else None
