@@ -80,8 +80,8 @@ def measure(label: str, batch: int, shape: tuple[int, ...], device: str, reps: i
     compiled = torch.compile(fused_t, fullgraph=True, dynamic=False)
     impls = {
         "clone": (lambda: g.clone(), copy_bytes),
-        "op": (lambda: op(g, r, S, RHO, EPS, True, -1, False), t_bytes),
-        "op+raise": (lambda: op(g, r, S, RHO, EPS, True, -1, True, "bench"), t_bytes),
+        "op": (lambda: op(g, r, S, RHO, EPS, True, [], False), t_bytes),
+        "op+raise": (lambda: op(g, r, S, RHO, EPS, True, [], True, "bench"), t_bytes),
         "inductor": (lambda: compiled(g, r), t_bytes),
     }
     times = {name: _median_seconds(fn, device, reps) for name, (fn, _) in impls.items()}

@@ -26,6 +26,8 @@ class Report:
                 shape = " ".join(f"{k}:{'x'.join(map(str, shapes[k]))}" for k in ("A", "B") if k in shapes) or "-"
             else:
                 shape = "x".join(map(str, row["r_shape"])) if row["r_shape"] is not None else "-"
+                if row.get("r_averaged"):
+                    shape += f" (mean over dim {','.join(map(str, row['r_averaged']))})"
             body.append([row["node"], row["op"], row["source"], params, "T" if row["t_in_graph"] else "-",
                          shape, str(row["r_bytes"])])
         widths = [min(48, max(len(h), *(len(r[i]) for r in body))) for i, h in enumerate(head)]
@@ -72,6 +74,7 @@ def explain(model_t) -> Report:
             "params": list(linear), "linear": linear, "reasons": reasons,
             "t_in_graph": rec.t_graphs > 0, "r_key": rec.key,
             "r_shape": tuple(r.shape) if r is not None else rec.r_shape, "r_bytes": nbytes,
+            "r_averaged": model_t.svgd_state.layouts.get(rec.key, ()) if rec.key else (),
             "state_shapes": state_shapes,
         })
     trainable = {n: p for n, p in model_t.model.named_parameters() if p.requires_grad}

@@ -30,6 +30,8 @@ class SVGDState(nn.Module):
         self.accs: dict[str, torch.Tensor] = {}         # "<σ' name>.r" -> [Σ g², n_all, n_here] (not saved)
         self.collecting: dict[str, torch.Tensor] = {}   # device -> 0-dim 0/1: T collects (accumulation)
         self.accumulating = False                       # inside svgd_fx.accumulate (picks the graphs)
+        self.layouts: dict[str, tuple[int, ...]] = {}   # "<σ' name>.r" -> dims averaged besides the batch
+        self.layout_version = 0                         # bumped when an r changes layout
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -37,21 +39,50 @@ class SVGDState(nn.Module):
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
 
-    def get_or_create(self, key: str, shape: tuple[int, ...], dtype: torch.dtype,
-                      device: torch.device, where: str) -> torch.Tensor:
-        """The state tensor ``key``; created zero (or from a pending load) on first use."""
+    def get_or_create(self, key: str, shape: tuple, dtype: torch.dtype, device: torch.device, where: str,
+                      reduce: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The state tensor ``key``; created zero (or from a pending load) on first use.
+
+        With ``reduce`` (SVGD's r), ``shape`` is the σ' output's full per-sample shape (SymInts
+        where it varies) and ``reduce`` the dims (of the output, ≥ 1) averaged into r's statistic
+        besides the batch: r keeps the others. Layouts only grow: a dimension once seen to vary
+        (symbolic in a graph, a size that differs from r's, a checkpoint without it) stays
+        averaged, and r is converted by its mean over that dimension, which is exactly the r the
+        smaller layout would have built (both are linear in the per-step statistics).
+        """
         existing = self.tensors.get(key)
         if existing is not None and (existing.device != torch.device(device) or existing.dtype != dtype):
             # the model moved (``model.to(...)`` under the compile backend, where r is not a
             # submodule of it) or changed dtype: the recompiled graph gets r where its values are
             existing = self.tensors[key] = existing.to(device=device, dtype=dtype)
+        if reduce is None:
+            return self._fixed(key, existing, shape, dtype, device, where)
+        pending = self._pending.pop(key, None)
+        current = existing if existing is not None else pending
+        reduce = set(reduce) | set(self.layouts.get(key, ()))
+        if current is not None:
+            reduce |= _varying_against(current, shape, self.layouts.get(key), where, key, loaded=existing is None)
+        reduce = tuple(sorted(reduce))
+        kept = tuple(int(shape[d - 1]) for d in range(1, len(shape) + 1) if d not in reduce)
+        if any(not isinstance(shape[d - 1], int) for d in range(1, len(shape) + 1) if d not in reduce):
+            raise StateShapeError(f"svgd_fx: σ' node {where}: a dimension kept in r varies ({shape})")
+        if current is None:
+            tensor = torch.zeros(kept, dtype=dtype, device=device)
+        else:
+            tensor = _averaged(current, self.layouts.get(key), reduce, len(shape)).to(device=device, dtype=dtype)
+        if existing is not None and tensor is not existing:
+            self.layout_version += 1              # graphs compiled for the old r are stale
+        self.tensors[key] = tensor
+        self.layouts[key] = reduce
+        return self.tensors[key]
+
+    def _fixed(self, key, existing, shape, dtype, device, where) -> torch.Tensor:
+        """A state tensor of one fixed shape (TSO-ALRA's factors and counters)."""
         if existing is not None:
             if tuple(existing.shape) != tuple(shape):
                 raise StateShapeError(
                     f"svgd_fx: the state {key!r} of σ' node {where} has shape {tuple(existing.shape)}, "
-                    f"but this call's σ' output has per-sample shape {tuple(shape)}. The per-sample "
-                    "shape of a σ' node must not change between steps (a varying sequence length?). "
-                    "Use transform(..., r_shape='channel') to keep r over the channel dimension only."
+                    f"but this call needs {tuple(shape)}: the state comes from a different model."
                 )
             return existing
         tensor = torch.zeros(shape, dtype=dtype, device=device)
@@ -60,7 +91,7 @@ class SVGDState(nn.Module):
             if tuple(pending.shape) != tuple(shape):
                 raise StateShapeError(
                     f"svgd_fx: loaded state {key!r} has shape {tuple(pending.shape)}, but σ' node "
-                    f"{where} needs {tuple(shape)}: the state comes from a different model or r_shape."
+                    f"{where} needs {tuple(shape)}: the state comes from a different model."
                 )
             tensor.copy_(pending)
         self.tensors[key] = tensor
@@ -89,6 +120,9 @@ class SVGDState(nn.Module):
             flag = self.collecting[key] = torch.full((), float(self.accumulating), dtype=torch.float32,
                                                          device=device)
         return flag
+
+    def describe_layout(self, key: str) -> tuple[int, ...]:
+        return self.layouts.get(key, ())
 
     # -- nn.Module plumbing: dotted keys, device moves, state_dict ---------------------------
     def _apply(self, fn, recurse=True):
@@ -120,10 +154,50 @@ class SVGDState(nn.Module):
             elif tuple(current.shape) != tuple(value.shape):
                 error_msgs.append(
                     f"svgd_fx: state {key!r} has shape {tuple(value.shape)} in the checkpoint but "
-                    f"{tuple(current.shape)} in this model (σ' node {key.rsplit('.', 1)[0]!r})."
+                    f"{tuple(current.shape)} in this model (σ' node {key.rsplit('.', 1)[0]!r}). Load a "
+                    "checkpoint whose r was averaged over a varying dimension before the first forward."
                 )
             else:
                 with torch.no_grad():
                     current.copy_(value)
         if strict:
             missing_keys.extend(prefix + k for k in self.tensors if k not in seen)
+
+
+def _kept_dims(ndim: int, reduce) -> list[int]:
+    return [d for d in range(1, ndim + 1) if d not in set(reduce or ())]
+
+
+def _varying_against(current: torch.Tensor, shape: tuple, layout, where: str, key: str, loaded: bool) -> set[int]:
+    """Dims of the σ' output (≥ 1) that ``current`` shows to vary: kept in r with another size
+    than ``shape`` has (a graph of another static shape), or missing from an r loaded from a
+    checkpoint that averaged them. A loaded r with all dims but other sizes is another model's."""
+    ndim = len(shape)
+    if layout is not None or current.dim() == ndim:
+        dims = _kept_dims(ndim, layout)
+        varying = {d for d, size in zip(dims, current.shape) if isinstance(shape[d - 1], int) and size != shape[d - 1]}
+        if varying and loaded:
+            raise StateShapeError(
+                f"svgd_fx: loaded state {key!r} has shape {tuple(current.shape)}, but σ' node {where} needs "
+                f"{tuple(shape)}: the state comes from a different model or r_shape.")
+        return varying
+    # a checkpoint's r with fewer dims: the dims it averaged are those it does not match, the
+    # latest dims matched first (varying ones are sequence dims, before the features)
+    sizes, matched = list(current.shape), []
+    for d in range(ndim, 0, -1):
+        if sizes and sizes[-1] == shape[d - 1]:
+            matched.append(d)
+            sizes.pop()
+    if sizes:
+        raise StateShapeError(f"svgd_fx: loaded state {key!r} has shape {tuple(current.shape)}, which does not fit "
+                              f"σ' node {where} (per-sample shape {tuple(shape)}): a different model?")
+    return {d for d in range(1, ndim + 1) if d not in matched}
+
+
+def _averaged(current: torch.Tensor, layout, reduce: tuple[int, ...], ndim: int) -> torch.Tensor:
+    """``current`` (r over the dims its layout keeps) averaged over the dims ``reduce`` adds."""
+    dims = _kept_dims(ndim, layout) if layout is not None or current.dim() == ndim else None
+    if dims is None:                     # a reduced checkpoint: already in the new layout
+        return current
+    extra = [i for i, d in enumerate(dims) if d in reduce]
+    return current.mean(dim=extra) if extra else current

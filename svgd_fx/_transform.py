@@ -157,6 +157,7 @@ class SigmaRecord:
     key: str | None                           # state key ("fc.linear.r"), or None if not routed
     r_shape: tuple[int, ...] | None
     t_graphs: int = 0                         # number of backward graphs with a T node for it
+    r_reduced: tuple[int, ...] = ()           # dims of the σ' output averaged into r besides the batch
     state_keys: tuple[str, ...] = ()          # TSO-ALRA: the layer's factor, root and step keys
 
 
@@ -376,15 +377,17 @@ class Plan:
     accumulating: bool = False                          # accumulator inputs + "collect" (last)
     collect_device: Any = None                          # where the "collect" mode input lives
     method: str = "svgd"                                # "tso-alra": specs are KronSpecs
+    r_shapes: list[tuple] = field(default_factory=list)  # the state tensors' shapes compiled for
 
     def rewrite(self, joint: torch.fx.GraphModule) -> None:
         """The reroute pass on AOTAutograd's joint graph (in place), logged per σ'."""
+        hint = option_spelling(self.owner, "exclude", "[...]")
         if self.method == "tso-alra":
             from .passes.kronecker import precondition
 
-            changed = precondition(joint, self.specs, self.param_derived_sources, self.param_inputs)
+            changed = precondition(joint, self.specs, self.param_derived_sources, self.param_inputs, hint)
         else:
-            changed = reroute(joint, self.specs, self.param_derived_sources, self.param_inputs)
+            changed = reroute(joint, self.specs, self.param_derived_sources, self.param_inputs, hint)
         for spec in self.specs:
             if spec.name in changed:
                 self.owner.log.records[spec.name].t_graphs += 1
@@ -404,6 +407,8 @@ class Plan:
         """
         compiled = aot_backend(self.gm, self.example_inputs)
         keys, r_specs, flag_keys, scaled = self.state_keys, self.r_specs, self.flag_keys, self.scaled
+        shapes = [tuple(spec_shape) for spec_shape in self.r_shapes]
+        checked = [None]     # the state's layout version the r shapes were last checked at
         device, collect_device, accumulating = (r_specs[0][3] if r_specs else None), self.collect_device, \
             self.accumulating
 
@@ -415,6 +420,10 @@ class Plan:
                 rs = [state.tensors[k] for k in keys]
             except KeyError:  # a model first seen through a graph compiled for another one
                 rs = [state.get_or_create(*spec) for spec in r_specs]
+            if state.layout_version != checked[0]:
+                if [tuple(r.shape) for r in rs] != shapes:
+                    raise _stale_graph(keys, shapes, rs)
+                checked[0] = state.layout_version
             tensors = [_own_version(r) for r in rs]
             if flag_keys:
                 flags = [state.flag(k, device) for k in flag_keys]
@@ -438,6 +447,23 @@ class Plan:
                 return compiled(*args, *state_tensors(owner_of_call(args)))
 
         return run
+
+
+def option_spelling(owner, name: str, value: str) -> str:
+    """How the user passes option ``name`` on the entry point ``owner`` belongs to."""
+    if isinstance(owner, SVGDModule):
+        return f"svgd_fx.transform(model, ..., {name}={value})"
+    return f"torch.compile(model, backend='svgd', options={{..., {name!r}: {value}}})"
+
+
+def _stale_graph(keys, shapes, rs) -> StateShapeError:
+    changed = [f"{k} {tuple(s)} -> {tuple(r.shape)}" for k, s, r in zip(keys, shapes, rs) if tuple(r.shape) != s]
+    return StateShapeError(
+        "svgd_fx: this graph was compiled for r shapes that have since changed, because a dimension of these σ' "
+        f"outputs started to vary between calls (r is now averaged over it): {changed[:4]}. TorchDynamo ran an older "
+        "graph of a static shape, which happens when the model is compiled with torch.compile(..., dynamic=False). "
+        "Compile with dynamic=None (the default), or call torch._dynamo.reset() once after the first batch of "
+        "every shape was seen.")
 
 
 def _without_accumulation(owner) -> SVGDError:
@@ -535,15 +561,17 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
     routed, keys, r_values, r_specs = [], [], [], []
     for sigma in analysis.sigmas:
         _disambiguate(log, sigma)
-        r_shape, channel_dim = _r_shape(sigma, config)
         key = f"{sigma.name}.r" if sigma.routed else None
-        log.records.setdefault(sigma.name, SigmaRecord(sigma, key, r_shape if sigma.routed else None))
+        record = log.records.setdefault(sigma.name, SigmaRecord(sigma, key, None))
         if not sigma.routed:
             continue
         r_dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
-        r_specs.append((key, r_shape, r_dtype, sigma.device, f"{sigma.name!r} ({sigma.location})"))
+        r_specs.append((key, _sample_shape(sigma), r_dtype, sigma.device, f"{sigma.name!r} ({sigma.location})",
+                        _reduce_dims(sigma, config)))
         r_values.append(owner.svgd_state.get_or_create(*r_specs[-1]))
-        routed.append((sigma, channel_dim))
+        reduce = owner.svgd_state.layouts[key]
+        record.r_shape, record.r_reduced = tuple(r_values[-1].shape), reduce
+        routed.append((sigma, reduce))
         keys.append(key)
 
     raising = config.nonfinite == "raise"
@@ -562,7 +590,7 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
             source=sigma.source, name=sigma.name, r_input=len(placeholders) + i,
             routed_inputs=frozenset(name_to_input[p] for p in sigma.routed_params),
             s=config.s, rho=config.rho, eps=config.eps,
-            mean_reduction=config.reduction == "mean", channel_dim=channel_dim, inline=inline_t,
+            mean_reduction=config.reduction == "mean", reduce_dims=reduce, inline=inline_t,
             raise_nonfinite=raising,
             flag_input=len(placeholders) + len(keys) + i if flag_keys else None,
             scale_input=after_accs if scaled else None,
@@ -571,7 +599,7 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
             collect_input=after_accs + int(scaled) if accumulating else None,
             identity_operands=_identity_operands(sigma, placeholders, analysis.node_kinds),
         )
-        for i, (sigma, channel_dim) in enumerate(routed)
+        for i, (sigma, reduce) in enumerate(routed)
     ]
     collecting = accumulating and bool(keys)
     acc_names = [k + ".acc" for k in keys] if accumulating else []
@@ -582,7 +610,7 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
     collect = [owner.svgd_state.collect_flag(collect_device)] if collecting else []
     return Plan(owner, new_gm, _with_state_examples(example_inputs, r_values + flags + accs + scale + collect),
                 specs, keys, _param_sources(analysis), param_inputs, r_specs, analysis.params_seen, flag_keys,
-                scaled, accumulating, collect_device)
+                scaled, accumulating, collect_device, r_shapes=[tuple(r.shape) for r in r_values])
 
 
 def _tso_plan(owner, gm, example_inputs, analysis, param_nodes, name_to_input, param_inputs) -> Plan:
@@ -595,7 +623,8 @@ def _tso_plan(owner, gm, example_inputs, analysis, param_nodes, name_to_input, p
     keys = [spec[0] for spec in r_specs]
     values = [owner.svgd_state.get_or_create(*spec) for spec in r_specs]
     return Plan(owner, _with_state_inputs(gm, keys), _with_state_examples(example_inputs, values), specs, keys,
-                _param_sources(analysis), param_inputs, r_specs, analysis.params_seen, method="tso-alra")
+                _param_sources(analysis), param_inputs, r_specs, analysis.params_seen, method="tso-alra",
+                r_shapes=[tuple(v.shape) for v in values])
 
 
 def _identity_operands(sigma: SigmaNode, placeholders: list[torch.fx.Node], kinds: dict):
@@ -643,25 +672,26 @@ def _disambiguate(log: PassLog, sigma: SigmaNode) -> None:
         log.key_locations.setdefault(sigma.name, where)
 
 
-def _r_shape(sigma: SigmaNode, config: SVGDConfig) -> tuple[tuple[int, ...] | None, int]:
-    if not sigma.routed:
-        return None, -1
-    shape = sigma.sample_shape
-    if shape is None:
+def _sample_shape(sigma: SigmaNode) -> tuple:
+    if sigma.sample_shape is None:
         raise StateShapeError(f"svgd_fx: σ' node {sigma.name!r} ({sigma.location}) does not return a "
                               "tensor with a batch dimension; exclude its parameters.")
-    channel_dim = -1
+    return sigma.sample_shape
+
+
+def _reduce_dims(sigma: SigmaNode, config: SVGDConfig) -> tuple[int, ...]:
+    """Dims of the σ' output averaged into r's statistic besides the batch: those whose size
+    varies between calls (symbolic in this graph; the state adds those it saw vary), and with
+    ``r_shape="channel"`` all but the channel dim."""
+    shape = _sample_shape(sigma)
+    reduce = {d for d, size in enumerate(shape, 1) if not isinstance(size, int)}
     if config.r_shape == "channel" and len(shape) >= 2:
-        channel_dim = sigma.channel_dim if sigma.channel_dim >= 1 else len(shape)  # dim of the output
-        shape = (shape[channel_dim - 1],)
-    dynamic = [d for d in shape if not isinstance(d, int)]
-    if dynamic:
-        raise StateShapeError(
-            f"svgd_fx: σ' node {sigma.name!r} ({sigma.location}) has a per-sample shape that changes "
-            f"between calls ({tuple(str(d) for d in sigma.sample_shape)}), but r has one fixed shape. "
-            "Use transform(..., r_shape='channel') to keep r over the channel dimension only."
-        )
-    return tuple(int(d) for d in shape), channel_dim
+        channel = sigma.channel_dim if sigma.channel_dim >= 1 else len(shape)  # dim of the output
+        if channel in reduce:
+            raise StateShapeError(f"svgd_fx: σ' node {sigma.name!r} ({sigma.location}): its channel dimension "
+                                  f"varies between calls ({tuple(str(d) for d in shape)}), so r cannot keep it.")
+        reduce |= {d for d in range(1, len(shape) + 1) if d != channel}
+    return tuple(sorted(reduce))
 
 
 def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

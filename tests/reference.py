@@ -79,7 +79,9 @@ class SVGDReference:
         self.param_names = {id(p): n for n, p in model.named_parameters()
                             if p.requires_grad and n not in set(exclude)}
         self.frozen = {id(p) for n, p in model.named_parameters() if id(p) not in self.param_names}
-        self.r: dict[int, torch.Tensor] = {}
+        self.r: dict[int, torch.Tensor] = {}          # kept with size-1 dims where averaged
+        self.shapes: dict[int, tuple] = {}
+        self.varying: dict[int, set[int]] = {}
         self.sigma_ops: list[str] = []         # op names of the routed σ' calls of the last forward
 
     def __call__(self, *inputs, **kw_inputs):
@@ -90,22 +92,28 @@ class SVGDReference:
         return out
 
     def T(self, index: int, g: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
+        """SPEC's T for the ``index``-th σ' call. r keeps the dims of g that have not varied so
+        far (and, with r_shape="channel", only the channel); the statistic averages the batch
+        and the others. When a dim first varies, r so far is averaged over it."""
+        shape = tuple(g.shape)
+        seen = self.shapes.get(index)
+        varying = self.varying.setdefault(index, set())
+        if seen is not None:
+            varying |= {d for d in range(1, g.dim()) if seen[d] != shape[d]}
+        self.shapes[index] = shape
+        averaged = set(varying)
+        if channel_dim is not None:
+            averaged |= {d for d in range(1, g.dim()) if d != channel_dim}
         batch = g.shape[0]
         per_sample = g * batch if self.reduction == "mean" else g
-        sq = per_sample.double() ** 2
-        if channel_dim is None:
-            stat = sq.mean(dim=0)
-        else:
-            stat = sq.transpose(channel_dim, -1).reshape(-1, sq.shape[channel_dim]).mean(dim=0)
+        stat = (per_sample.double() ** 2).mean(dim=[0, *sorted(averaged)], keepdim=True)
         r = self.r.get(index)
+        if r is not None:
+            newly = [d for d in sorted(averaged) if r.shape[d] != 1]     # r is kept broadcastable
+            r = r.mean(dim=newly, keepdim=True) if newly else r
         r = (1 - self.rho) * stat if r is None else self.rho * r + (1 - self.rho) * stat
         self.r[index] = r
-        denom = (r + self.eps).sqrt()
-        if channel_dim is not None:
-            shape = [1] * g.dim()
-            shape[channel_dim] = -1
-            denom = denom.view(shape)
-        return (self.s * g.double() / denom).to(g.dtype)
+        return (self.s * g.double() / (r + self.eps).sqrt()).to(g.dtype)
 
 
 class _Mode(TorchFunctionMode):

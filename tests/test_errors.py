@@ -107,47 +107,6 @@ def test_data_dependent_branch_is_covered_after_both_branches_are_seen():
     assert {r["node"] for r in svgd_fx.explain(model_t).rows} == {"a.linear", "b.linear", "c.linear"}
 
 
-class VaryingSeq(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(10, 4)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, ids):
-        return self.fc(self.emb(ids)).mean(1)
-
-
-def test_varying_per_sample_shape_is_a_clear_error_naming_the_node():
-    model_t = svgd_fx.transform(VaryingSeq(), s=0.1)
-    F.cross_entropy(model_t(torch.randint(0, 10, (4, 5))), torch.tensor([0, 1, 2, 0])).backward()
-    with pytest.raises(svgd_fx.StateShapeError, match=r"emb.embedding.*r_shape='channel'"):
-        model_t(torch.randint(0, 10, (4, 7)))
-
-
-def test_channel_r_shape_trains_with_varying_sequence_length():
-    from reference import SVGDReference
-    import copy
-
-    torch.manual_seed(0)
-    model = VaryingSeq().double()
-    ref_model = copy.deepcopy(model)
-    model_t = svgd_fx.transform(model, s=0.1, r_shape="channel")
-    ref = SVGDReference(ref_model, s=0.1, r_shape="channel")
-    opt, opt_r = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref_model.parameters(), lr=0.1)
-    for seq in (5, 7, 3, 5):
-        ids, y = torch.randint(0, 10, (4, seq)), torch.randint(0, 3, (4,))
-        opt.zero_grad()
-        opt_r.zero_grad()
-        F.cross_entropy(model_t(ids), y).backward()
-        F.cross_entropy(ref(ids), y).backward()
-        for p, q in zip(model.parameters(), ref_model.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
-        opt.step()
-        opt_r.step()
-    assert {k: tuple(v.shape) for k, v in model_t.svgd_state.tensors.items()} == {
-        "emb.embedding.r": (4,), "fc.linear.r": (3,)}
-
-
 def _small():
     return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
 

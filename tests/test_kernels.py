@@ -19,31 +19,34 @@ def test_torch_t_follows_spec(shape, mean):
     r = torch.rand(shape[1:], dtype=torch.float64)
     r0 = r.clone()
     s, rho, eps = 0.3, 0.7, 1e-4
-    out = torch.ops.svgd_fx.virtual_grad(g, r, s, rho, eps, mean, -1)
+    out = torch.ops.svgd_fx.virtual_grad(g, r, s, rho, eps, mean, [])
     b = shape[0] if mean else 1
     r_want = rho * r0 + (1 - rho) * ((b * g) ** 2).mean(0)
     torch.testing.assert_close(r, r_want, rtol=1e-14, atol=0)
     torch.testing.assert_close(out, s * g / torch.sqrt(r_want + eps), rtol=1e-14, atol=0)
 
 
-def test_torch_t_channel_mode():
+@pytest.mark.parametrize("reduce", [[2], [1, 3], [1]])
+def test_torch_t_averages_reduced_dims(reduce):
+    """r over the kept dims: the statistic is a mean over the batch and the reduced dims."""
     torch.manual_seed(0)
-    g = torch.randn(3, 4, 5, dtype=torch.float64)
-    r = torch.zeros(4, dtype=torch.float64)
-    out = torch.ops.svgd_fx.virtual_grad(g, r, 0.1, 0.9, 1e-6, True, 1)
-    stat = ((3 * g) ** 2).mean(dim=(0, 2))
-    torch.testing.assert_close(r, 0.1 * stat)
-    torch.testing.assert_close(out, 0.1 * g / torch.sqrt(0.1 * stat + 1e-6)[None, :, None])
+    g = torch.randn(3, 4, 5, 2, dtype=torch.float64)
+    kept = [d for d in (1, 2, 3) if d not in reduce]
+    r = torch.zeros([g.shape[d] for d in kept], dtype=torch.float64)
+    out = torch.ops.svgd_fx.virtual_grad(g, r, 0.1, 0.9, 1e-6, True, reduce)
+    stat = ((3 * g) ** 2).mean(dim=[0] + reduce, keepdim=True)
+    torch.testing.assert_close(r, 0.1 * stat.reshape(r.shape))
+    torch.testing.assert_close(out, 0.1 * g / torch.sqrt(0.1 * stat + 1e-6))
 
 
 def test_opcheck():
     g, r = torch.randn(4, 3), torch.zeros(3)
-    torch.library.opcheck(torch.ops.svgd_fx.virtual_grad.default, (g, r, 0.1, 0.9, 1e-6, True, -1))
+    torch.library.opcheck(torch.ops.svgd_fx.virtual_grad.default, (g, r, 0.1, 0.9, 1e-6, True, []))
 
 
 def test_empty_batch_leaves_r():
     r = torch.ones(3)
-    out = torch.ops.svgd_fx.virtual_grad(torch.randn(0, 3), r, 0.1, 0.9, 1e-6, True, -1)
+    out = torch.ops.svgd_fx.virtual_grad(torch.randn(0, 3), r, 0.1, 0.9, 1e-6, True, [])
     assert out.shape == (0, 3) and torch.equal(r, torch.ones(3))
 
 
@@ -63,7 +66,7 @@ def test_triton_kernel_matches_torch_in_interpreter():
             r1 = torch.rand(shape[1:]); r2 = r1.clone()
             for _ in range(3):
                 a = virtual_grad_triton(g, r1.view(-1), 0.1, 0.9, 1e-6, mean).view(g.shape)
-                b = virtual_grad_reference(g.contiguous().view(shape[0], -1), r2.view(-1), 0.1, 0.9, 1e-6, mean, -1)
+                b = virtual_grad_reference(g.contiguous().view(shape[0], -1), r2.view(-1), 0.1, 0.9, 1e-6, mean, [])
                 torch.testing.assert_close(r1, r2, rtol=1e-5, atol=1e-7)
                 torch.testing.assert_close(a.reshape(shape[0], -1).float(), b.float(), rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=1e-6)
                 assert a.is_contiguous()

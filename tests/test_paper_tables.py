@@ -77,7 +77,7 @@ def test_t_kernel_benchmark_times_the_real_t():
     r1 = torch.rand(4, 5, dtype=torch.float64)
     r0, r2 = r1.clone(), r1.clone()
     got = t_kernel.fused_t(g, r1)
-    want = torch.ops.svgd_fx.virtual_grad(g, r2, t_kernel.S, t_kernel.RHO, t_kernel.EPS, True, -1, False)
+    want = torch.ops.svgd_fx.virtual_grad(g, r2, t_kernel.S, t_kernel.RHO, t_kernel.EPS, True, [], False)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     torch.testing.assert_close(r1, r2, rtol=1e-12, atol=0)
     assert not torch.equal(r1, r0), "both updated r"

@@ -1,15 +1,16 @@
 """The T operator of SVGD as one custom op, with a Triton kernel on CUDA and torch elsewhere.
 
-``torch.ops.svgd_fx.virtual_grad(g, r, s, rho, eps, batch_scale, channel_dim)``
+``torch.ops.svgd_fx.virtual_grad(g, r, s, rho, eps, mean_reduction, reduce_dims)``
 
     B    = g.shape[0]                        (read at run time, never baked in)
-    u    = batch_scale(B) * g                (B·g for a mean loss, g for a sum)
-    r   <- rho * r + (1 - rho) * mean_{batch [, non-channel dims]} u**2     (in place)
-    out  = s * g / sqrt(r + eps)             (r broadcast over the batch dim)
+    u    = B * g if mean_reduction else g    (the per-sample gradient)
+    r   <- rho * r + (1 - rho) * mean_{batch, reduce_dims} u**2     (in place)
+    out  = s * g / sqrt(r + eps)             (r broadcast over the batch and reduce_dims)
 
 ``r`` is float32 (float64 when ``g`` is float64); the arithmetic runs in r's dtype and
-the result has g's dtype. ``channel_dim < 0`` keeps r at the full per-sample shape of g
-(SPEC's default); ``channel_dim = c >= 1`` keeps r over dim ``c`` of g only.
+the result has g's dtype. ``reduce_dims = []`` keeps r at the full per-sample shape of g
+(the default); otherwise r keeps the dims of g not listed (a channel, or the dims that do not
+vary between calls).
 
 TSO-ALRA's two-sided T (``torch.ops.svgd_fx.kron_t``) is in :mod:`.kron_op`.
 """

@@ -11,7 +11,7 @@ from . import _triton_impl
 triton_available = _triton_impl.available
 
 
-def _kernel_choice(g: torch.Tensor, channel_dim: int) -> str:
+def _kernel_choice(g: torch.Tensor, reduce_dims: list[int]) -> str:
     forced = os.environ.get("SVGD_FX_KERNEL", "")
     if forced == "torch":
         return "torch"
@@ -19,15 +19,9 @@ def _kernel_choice(g: torch.Tensor, channel_dim: int) -> str:
         if not triton_available():
             raise RuntimeError("SVGD_FX_KERNEL=triton but Triton cannot be imported")
         return "triton"
-    if g.is_cuda and channel_dim < 0 and triton_available():
+    if g.is_cuda and not reduce_dims and triton_available():
         return "triton"
     return "torch"
-
-
-def _stat_dims(g: torch.Tensor, channel_dim: int) -> list[int]:
-    if channel_dim < 0:
-        return [0]
-    return [d for d in range(g.dim()) if d != channel_dim]
 
 
 def _nonfinite(name: str, deferred: bool = False) -> Exception:
@@ -46,6 +40,11 @@ def _nonfinite(name: str, deferred: bool = False) -> Exception:
     )
 
 
+def broadcast_shape(shape, reduce_dims) -> list:
+    """r's shape as a view broadcast against g: 1 at the batch dim and at ``reduce_dims``."""
+    return [1] + [1 if d in reduce_dims else shape[d] for d in range(1, len(shape))]
+
+
 def _all_reduce(buffer: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
@@ -56,14 +55,12 @@ def _all_reduce(buffer: torch.Tensor) -> torch.Tensor:
     return buffer
 
 
-def _batch_sums(u: torch.Tensor, channel_dim: int, sync: bool) -> tuple[torch.Tensor, float]:
-    """Σ_b u[b]² (per-sample shape, or per channel: mean over the other per-sample dims first)
-    and the number of samples; with ``sync``, summed over torch.distributed's default group."""
+def _batch_sums(u: torch.Tensor, reduce_dims: list[int], sync: bool) -> tuple[torch.Tensor, float]:
+    """Σ_b u[b]² (per-sample shape; averaged over ``reduce_dims`` of u) and the number of
+    samples; with ``sync``, summed over torch.distributed's default group."""
     summed = u.square().sum(dim=0)
-    if channel_dim >= 0:
-        other = [d - 1 for d in _stat_dims(u, channel_dim) if d != 0]
-        if other:
-            summed = summed.mean(dim=other)
+    if reduce_dims:
+        summed = summed.mean(dim=[d - 1 for d in reduce_dims])
     if not sync:
         return summed, float(u.shape[0])
     buffer = _all_reduce(torch.cat([summed.flatten(), summed.new_tensor([float(u.shape[0])])]))
@@ -77,7 +74,7 @@ def virtual_grad_reference(
     rho: float,
     eps: float,
     mean_reduction: bool,
-    channel_dim: int,
+    reduce_dims: list[int],
     raise_nonfinite: bool = False,
     name: str = "",
     inv_scale: torch.Tensor | None = None,
@@ -103,7 +100,7 @@ def virtual_grad_reference(
     gr = g.to(r.dtype)
     u = gr if inv_scale is None else gr * inv_scale.to(r.dtype)
     if collect:
-        sums, count = _batch_sums(u, channel_dim, sync)
+        sums, count = _batch_sums(u, reduce_dims, sync)
         finite = torch.isfinite(sums)
         if raise_nonfinite and not bool(finite.all()):
             raise _nonfinite(name)
@@ -111,7 +108,7 @@ def virtual_grad_reference(
         acc[-2:].add_(acc.new_tensor([count, float(batch)]))
     else:
         # Per-sample gradient of the per-sample loss: B·g for a mean loss (SPEC, "One step").
-        sums, count = _batch_sums(u * batch if mean_reduction else u, channel_dim, sync)
+        sums, count = _batch_sums(u * batch if mean_reduction else u, reduce_dims, sync)
         stat = sums / count
         finite = torch.isfinite(stat)
         if bool(finite.all()):
@@ -121,10 +118,8 @@ def virtual_grad_reference(
         else:
             r.copy_(torch.where(finite, r * rho + stat * (1.0 - rho), r))
     denom = torch.sqrt(r + eps)
-    if channel_dim >= 0:
-        shape = [1] * g.dim()
-        shape[channel_dim] = -1
-        denom = denom.view(shape)
+    if g.dim() > 1:                     # r over the kept dims, broadcast over the batch and the rest
+        denom = denom.view(broadcast_shape(g.shape, reduce_dims))
     return (gr * s / denom).to(g.dtype).contiguous()
 
 
@@ -136,7 +131,7 @@ def virtual_grad(
     rho: float,
     eps: float,
     mean_reduction: bool,
-    channel_dim: int,
+    reduce_dims: list[int],
     raise_nonfinite: bool = False,
     name: str = "",
     inv_scale: torch.Tensor | None = None,
@@ -150,17 +145,17 @@ def virtual_grad(
     if collecting and acc is None:
         raise RuntimeError(f"svgd_fx: σ' node {name!r} is asked to collect statistics but has no accumulator")
     if collecting:
-        return virtual_grad_reference(g, r, s, rho, eps, mean_reduction, channel_dim, raise_nonfinite, name,
+        return virtual_grad_reference(g, r, s, rho, eps, mean_reduction, reduce_dims, raise_nonfinite, name,
                                       inv_scale, sync, acc, True)
-    if inv_scale is None and not sync and _kernel_choice(g, channel_dim) == "triton":
+    if inv_scale is None and not sync and _kernel_choice(g, reduce_dims) == "triton":
         if raise_nonfinite and not bool(torch.isfinite(g).all()):
             raise _nonfinite(name)
         return _triton_impl.virtual_grad_triton(g, r, s, rho, eps, mean_reduction)
-    return virtual_grad_reference(g, r, s, rho, eps, mean_reduction, channel_dim, raise_nonfinite, name,
+    return virtual_grad_reference(g, r, s, rho, eps, mean_reduction, reduce_dims, raise_nonfinite, name,
                                   inv_scale, sync)
 
 
 @virtual_grad.register_fake
-def _(g, r, s, rho, eps, mean_reduction, channel_dim, raise_nonfinite=False, name="", inv_scale=None,
+def _(g, r, s, rho, eps, mean_reduction, reduce_dims, raise_nonfinite=False, name="", inv_scale=None,
       sync=False, acc=None, collect=None):
     return torch.empty_like(g, memory_format=torch.contiguous_format)

@@ -108,7 +108,7 @@ class KronSpec:
 
 
 def precondition(gm: GraphModule, specs: list[KronSpec], param_derived_sources: set[str],
-                 param_inputs: set[int]) -> dict[str, str]:
+                 param_inputs: set[int], exclude_hint: str = "exclude=[...]") -> dict[str, str]:
     """Insert the two-sided T for every spec; return ``{σ' name: T node name}`` for those rewritten."""
     graph = gm.graph
     view = joint_view(gm)
@@ -118,7 +118,7 @@ def precondition(gm: GraphModule, specs: list[KronSpec], param_derived_sources: 
         if not group:
             continue
         members = set(group)
-        g = _incoming_gradient(spec, group, members, view.tangent_fed)
+        g = _incoming_gradient(spec, group, members, view.tangent_fed, exclude_hint)
         targets = {spec.weight_input: "weight"} | ({spec.bias_input: "bias"} if spec.bias_input is not None else {})
         edges = {}
         for o in (n for n in group if any(u not in members for u in n.users)):
@@ -128,7 +128,7 @@ def precondition(gm: GraphModule, specs: list[KronSpec], param_derived_sources: 
                 edges[o] = targets[idx]
         if not edges:
             continue
-        x = _layer_input(spec, view.forward.get(spec.source, []), view.placeholders)
+        x = _layer_input(spec, view.forward.get(spec.source, []), view.placeholders, exclude_hint)
         first = min((u for u in g.users if u in members), key=view.order.__getitem__)
         meta = {k: v for k, v in first.meta.items() if k != "val"}
         meta.update(partitioner_tag="is_backward", svgd_sigma=spec.name)
@@ -146,7 +146,7 @@ def precondition(gm: GraphModule, specs: list[KronSpec], param_derived_sources: 
     return done
 
 
-def _layer_input(spec: KronSpec, forward_group: list[Node], placeholders: dict) -> Node:
+def _layer_input(spec: KronSpec, forward_group: list[Node], placeholders: dict, exclude_hint: str) -> Node:
     """x: the one value entering the layer's forward nodes that is neither its weight nor its bias."""
     group = set(forward_group)
     own = {placeholders.get(spec.weight_input), placeholders.get(spec.bias_input)}
@@ -159,7 +159,7 @@ def _layer_input(spec: KronSpec, forward_group: list[Node], placeholders: dict) 
     if len(batchy) != 1:
         raise RerouteError(f"svgd_fx: cannot identify the input of layer {spec.name!r} in the joint graph "
                            f"(candidates {[a.name for a in batchy]}). Please report this model; exclude the "
-                           "layer's parameters meanwhile (transform(..., exclude=...)).")
+                           f"layer's parameters meanwhile ({exclude_hint}).")
     return batchy[0]
 
 

@@ -37,6 +37,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import RerouteError
 from ..kernels import virtual_grad  # noqa: F401  (registers torch.ops.svgd_fx.virtual_grad)
+from ..kernels.t_op import broadcast_shape
 from .locate import node_id
 
 
@@ -50,7 +51,7 @@ class RerouteSpec:
     rho: float
     eps: float
     mean_reduction: bool
-    channel_dim: int = -1
+    reduce_dims: tuple[int, ...] = ()   # dims of g averaged into r's statistic besides the batch
     inline: bool = False         # T as aten ops (fused by inductor) instead of the custom op
     raise_nonfinite: bool = True   # inf/NaN in g raises (the op), or is counted (fused, flag_input)
     flag_input: int | None = None  # plain-input index of the fused T's non-finite counter
@@ -98,8 +99,10 @@ def reroute(
     specs: list[RerouteSpec],
     param_derived_sources: set[str],
     param_inputs: set[int],
+    exclude_hint: str = "exclude=[...]",
 ) -> dict[str, str]:
     """Insert T for every spec; return ``{σ' name: T node name}`` for the ones rewritten.
+    ``exclude_hint`` spells the exclude option of the entry point, for error messages.
 
     ``param_derived_sources`` are the node ids of parameter-derived torch-level nodes
     (whose backward a parameter edge may pass through); ``param_inputs`` the plain-input
@@ -116,11 +119,11 @@ def reroute(
     for spec in specs:
         group = groups.get(spec.source)
         if not group:   # an identity backward (or no gradient through S here): T on the operand's edge
-            if (t_node := _reroute_identity(graph, spec, view)) is not None:
+            if (t_node := _reroute_identity(graph, spec, view, exclude_hint)) is not None:
                 done[spec.name] = t_node.name
             continue
         members = set(group)
-        g = _incoming_gradient(spec, group, members, view.tangent_fed)
+        g = _incoming_gradient(spec, group, members, view.tangent_fed, exclude_hint)
         group, members = _with_own_chain_backward(group, members, chain_backward, view)
         outs = [n for n in group if any(u not in members for u in n.users)]
         edges = [(o, reached) for o in outs
@@ -133,13 +136,13 @@ def reroute(
             raise RerouteError(
                 f"svgd_fx: at σ' node {spec.name!r} one gradient edge reaches parameters that get T and "
                 f"parameters that must not (graph inputs {mixed}), and their chain cannot be split here "
-                "(its value is shared with other nodes). Pass exclude=[...] with the parameters of this node "
+                f"(its value is shared with other nodes). Pass {exclude_hint} with the parameters of this node "
                 "to train them on plain gradients knowingly.")
         if not reroute_outs:
             continue    # no gradient reaches the routed parameters through S in this graph
         t_node = _insert_t(graph, spec, g, members, placeholders, order)
         _copy_between(graph, g, t_node, group, members, reroute_outs)
-        if spec.inline and spec.channel_dim < 0:
+        if spec.inline and not spec.reduce_dims:
             _sum_batch_first(graph, t_node)
         done[spec.name] = t_node.name
     if done:
@@ -194,7 +197,7 @@ def finish(gm: GraphModule) -> None:
     gm.recompile()
 
 
-def _reroute_identity(graph, spec: RerouteSpec, view: JointView) -> Node | None:
+def _reroute_identity(graph, spec: RerouteSpec, view: JointView, exclude_hint: str) -> Node | None:
     """T for a σ' node whose backward is the identity: ``x + p`` where the parameter-derived
     operand already has the output's full shape (a position table at batch size 1, a bias
     expanded over the batch). Its backward emits no node, so ∇σ'J itself flows on to the
@@ -206,13 +209,13 @@ def _reroute_identity(graph, spec: RerouteSpec, view: JointView) -> Node | None:
         raise RerouteError(
             f"svgd_fx: σ' node {spec.name!r} has an identity backward here (its parameter-derived operand has "
             "the output's full shape) and that operand is also used elsewhere, so the gradient arriving through "
-            "S alone cannot be told apart. Pass exclude=[...] with its parameters to train them on plain "
+            f"S alone cannot be told apart. Pass {exclude_hint} with its parameters to train them on plain "
             "gradients knowingly.")
     t_node = None
     for path in spec.identity_operands:
         for kind, ref in path:      # the first step down the chain that has a backward of its own
             if kind == "node" and (chain := view.backward.get(ref)):
-                g = _incoming_gradient(spec, chain, set(chain), view.tangent_fed)
+                g = _incoming_gradient(spec, chain, set(chain), view.tangent_fed, exclude_hint)
                 consumers = [u for u in g.users if u in set(chain)]
                 break
             if kind == "input":
@@ -227,7 +230,7 @@ def _reroute_identity(graph, spec: RerouteSpec, view: JointView) -> Node | None:
         t_node = _insert_t(graph, spec, g, set(consumers), view.placeholders, view.order)
         for c in consumers:
             c.replace_input_with(g, t_node)
-        if spec.inline and spec.channel_dim < 0:
+        if spec.inline and not spec.reduce_dims:
             _sum_batch_first(graph, t_node)
     return t_node
 
@@ -254,7 +257,8 @@ def _with_own_chain_backward(group, members, chain_backward, view):
     return sorted(group + extra, key=view.order.__getitem__), members
 
 
-def _incoming_gradient(spec, group: list[Node], members: set[Node], tangent_fed: set[Node]) -> Node:
+def _incoming_gradient(spec, group: list[Node], members: set[Node], tangent_fed: set[Node],
+                       exclude_hint: str = "exclude=[...]") -> Node:
     incoming: list[Node] = []
     for n in group:
         for a in n.all_input_nodes:
@@ -266,7 +270,7 @@ def _incoming_gradient(spec, group: list[Node], members: set[Node], tangent_fed:
         raise RerouteError(
             f"svgd_fx: cannot identify the gradient arriving at σ' node {spec.name!r} in the joint "
             f"graph: expected one incoming backward value, found {[a.name for a in incoming]}. "
-            "Please report this model; exclude its parameters meanwhile (transform(..., exclude=...))."
+            f"Please report this model; exclude its parameters meanwhile ({exclude_hint})."
         )
     return incoming[0]
 
@@ -312,7 +316,7 @@ def _insert_t(graph, spec, g, members, placeholders, order) -> Node:
             return _inline_t(graph, spec, g, r, meta, flag, acc, collect)
         t_node = graph.call_function(
             torch.ops.svgd_fx.virtual_grad.default,
-            (g, r, spec.s, spec.rho, spec.eps, spec.mean_reduction, spec.channel_dim,
+            (g, r, spec.s, spec.rho, spec.eps, spec.mean_reduction, list(spec.reduce_dims),
              spec.raise_nonfinite, spec.name, inv_scale, spec.sync, acc, collect),
         )
     t_node.meta.update(meta)
@@ -344,10 +348,8 @@ def _inline_t(graph, spec, g, r, meta, flag=None, acc=None, collect=None) -> Nod
     batch = g_val.shape[0] if isinstance(g_val.shape[0], int) else emit(aten.sym_size.int, g, 0)
     gr = g if g_val.dtype == r_val.dtype else emit(torch.ops.prims.convert_element_type.default, g, r_val.dtype)
     sq = emit(aten.mul.Tensor, gr, gr)
-    if spec.channel_dim >= 0:    # r per channel: mean over the other per-sample dims first
-        other = [d for d in range(1, g_val.dim()) if d != spec.channel_dim]
-        if other:
-            sq = emit(aten.mean.dim, sq, other)
+    if spec.reduce_dims:         # r over the kept dims: mean over the reduced ones first
+        sq = emit(aten.mean.dim, sq, list(spec.reduce_dims))
     sums = emit(aten.sum.dim_IntList, sq, [0])
     # mean_b (B·g)² = B·Σ_b g² for a mean loss; mean_b g² = Σ_b g² / B for a sum loss
     stat = emit(aten.mul.Tensor if spec.mean_reduction else aten.div.Tensor, sums, batch)
@@ -381,10 +383,8 @@ def _inline_t(graph, spec, g, r, meta, flag=None, acc=None, collect=None) -> Nod
     for a in alive:
         r_read = emit(aten.add.Tensor, r_read, emit(aten.mul.Tensor, a, 0.0))
     denom = emit(aten.sqrt.default, emit(aten.add.Tensor, r_read, spec.eps))
-    if spec.channel_dim >= 0:
-        shape = [1] * g_val.dim()
-        shape[spec.channel_dim] = -1
-        denom = emit(aten.view.default, denom, shape)
+    if spec.reduce_dims:
+        denom = emit(aten.view.default, denom, broadcast_shape(g_val.shape, spec.reduce_dims))
     out = emit(aten.div.Tensor, emit(aten.mul.Tensor, gr, spec.s), denom)
     out.meta["svgd_t_parts"] = (gr, denom, spec.s, tag)
     if g_val.dtype != r_val.dtype:

@@ -1,0 +1,103 @@
+"""Hugging Face models from tiny configs against the independent reference, on both entry points.
+
+float64, three SGD steps; every σ' node the reference routes gets a T node in the graph, and the
+ones it keeps plain do not. Inductor's compiles cost most of the time, so the compile backend
+runs a subset that covers each mechanism (flattened Conv1D rows, identity-backward adds, SDPA
+with a learned bias, class-token concatenation, RMSNorm)."""
+
+import pytest
+import torch
+
+import svgd_fx
+from reference import SVGDReference
+from zoo import MODELS, ZOO
+
+
+def _wrapped(model, kind):
+    if kind == "transform":
+        return svgd_fx.transform(model, s=0.1)
+    return torch.compile(model, backend=svgd_fx.backend(s=0.1))
+
+
+def train_against_reference(real, kind, shapes=((4, 6),) * 3, setup=None, seed=0):
+    """SGD on ``real`` through ``kind`` and on the reference; gradients compared every step.
+    Returns the wrapped model and the reference."""
+    torch.manual_seed(seed)
+    model = real.make().double().train()
+    ref_model = real.make().double().train()
+    ref_model.load_state_dict(model.state_dict())
+    if setup is not None:
+        setup(model)
+    wrapped, ref = _wrapped(model, kind), SVGDReference(ref_model, s=0.1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for step, (b, t) in enumerate(shapes):
+        inputs = real.inputs(b, t, gen)
+        model.zero_grad()
+        ref_model.zero_grad()
+        wrapped(**inputs).loss.backward()
+        ref(**inputs).loss.backward()
+        grads = [(n, p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), ref_model.parameters())]
+        scale = max(q.abs().max().item() for _, _, q in grads if q is not None)
+        for name, got, want in grads:
+            assert (got is None) == (want is None), name
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=real.rtol, atol=real.rtol * 1e-2 * scale,
+                                           msg=lambda m: f"{real.name} step {step} (B={b}, T={t}) {name}: {m}")
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), ref_model.parameters()):
+                if p.grad is not None:
+                    p -= 0.05 * p.grad
+                    q -= 0.05 * q.grad
+    return wrapped, ref
+
+
+def check_t_placement(real, wrapped, ref):
+    """T at every σ' node the reference routes (the same count), none where it must not."""
+    rows = svgd_fx.explain(wrapped).rows
+    with_t = [row["node"] for row in rows if row["t_in_graph"]]
+    assert len(with_t) == len(ref.sigma_ops) == real.routed, (len(with_t), len(ref.sigma_ops), real.routed)
+    silent = [row["node"] for row in rows if any(row["linear"].values()) and not row["t_in_graph"]]
+    assert not silent, f"linear σ' nodes without T: {silent}"
+    plain = {row["node"] for row in rows if not row["t_in_graph"]}
+    assert plain == set(real.plain)
+
+
+@pytest.mark.parametrize("real", ZOO, ids=lambda m: m.name)
+def test_transform_matches_reference(real):
+    wrapped, ref = train_against_reference(real, "transform")
+    check_t_placement(real, wrapped, ref)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "vit", "convnext", "swin", "deit", "bloom", "clip"])
+def test_transform_at_batch_size_one(name):
+    """Batch size 1: every position table (and Swin's bias) meets an add whose backward is the
+    identity; T must be there all the same."""
+    real = MODELS[name]
+    wrapped, ref = train_against_reference(real, "transform", shapes=((1, 6),) * 2)
+    check_t_placement(real, wrapped, ref)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "t5", "vit", "llama"])
+def test_backend_matches_reference(name):
+    real = MODELS[name]
+    wrapped, ref = train_against_reference(real, "backend")
+    check_t_placement(real, wrapped, ref)
+
+
+@pytest.mark.parametrize("kind", ["transform", "backend"])
+def test_changing_sequence_lengths(kind):
+    """Dynamic padding with the default options: lengths and batch sizes change every step."""
+    real = MODELS["gpt2"]
+    wrapped, ref = train_against_reference(real, kind, shapes=((4, 6), (4, 9), (3, 5), (2, 9), (4, 6)))
+    check_t_placement(real, wrapped, ref)
+    state = wrapped.svgd_state if kind == "transform" else svgd_fx.state_of(wrapped)
+    assert tuple(state["transformer.h.0.ln_1.layer_norm.r"].shape) == (16,)     # the sequence dim averaged
+
+
+@pytest.mark.parametrize("name,kind", [("llama", "transform"), ("gpt2", "transform"), ("llama", "backend")])
+def test_gradient_checkpointing(name, kind):
+    """Hugging Face's gradient_checkpointing_enable(): the checkpointed blocks' σ' nodes get T, and
+    the recomputation in the backward does not update r a second time."""
+    real = MODELS[name]
+    wrapped, ref = train_against_reference(real, kind, setup=lambda m: m.gradient_checkpointing_enable())
+    check_t_placement(real, wrapped, ref)

@@ -1,0 +1,116 @@
+"""σ' nodes whose per-sample shape changes between calls (dynamic padding): r keeps the dims that
+do not vary and averages the others, with the default options, on both entry points."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import svgd_fx
+from helpers import assert_t_fired, state, wrap
+from reference import SVGDReference
+
+
+class VaryingSeq(nn.Module):
+    """Token and position embeddings, a LayerNorm and a linear over [B, T, C], pooled over T."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.pos = nn.Embedding(16, 4)
+        self.ln = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.pos(torch.arange(ids.shape[1]))
+        return self.fc(self.ln(h)).mean(1)
+
+
+SHAPES = [(4, 5), (4, 7), (3, 3), (4, 5), (2, 8)]    # (batch, sequence length) per step
+
+
+def _train(wrapped, model, ref_model, shapes=SHAPES, seed=0, check=True):
+    ref = SVGDReference(ref_model, s=0.1)
+    opt, opt_r = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    for b, t in shapes:
+        ids, y = torch.randint(0, 10, (b, t), generator=gen), torch.randint(0, 3, (b,), generator=gen)
+        opt.zero_grad()
+        opt_r.zero_grad()
+        F.cross_entropy(wrapped(ids), y).backward()
+        F.cross_entropy(ref(ids), y).backward()
+        if check:
+            for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"B={b} T={t} {n}: {m}")
+        opt.step()
+        opt_r.step()
+
+
+@pytest.mark.parametrize("kind", ["transform", "backend_fused", "backend_op"])
+def test_varying_sequence_length_matches_reference_with_defaults(kind):
+    torch.manual_seed(0)
+    model = VaryingSeq().double()
+    ref_model = copy.deepcopy(model)
+    wrapped = wrap(model, kind)
+    _train(wrapped, model, ref_model)
+    st = state(wrapped, model)
+    assert_t_fired(wrapped, st, {"emb.embedding", "pos.add", "ln.layer_norm", "fc.linear"})
+    # r keeps the feature dim; the sequence dim (1) is averaged, as over the batch
+    assert {k: tuple(v.shape) for k, v in st.tensors.items()} == {
+        "emb.embedding.r": (4,), "pos.add.r": (4,), "ln.layer_norm.r": (4,), "fc.linear.r": (3,)}
+    rows = {row["node"]: row for row in svgd_fx.explain(wrapped).rows}
+    assert rows["fc.linear"]["r_averaged"] == (1,)
+    assert "mean over dim 1" in str(svgd_fx.explain(wrapped))
+
+
+def test_fixed_shapes_keep_the_full_r():
+    """Where nothing varies, r has SPEC's full per-sample shape (only the batch size changes)."""
+    torch.manual_seed(0)
+    model = VaryingSeq().double()
+    model_t = svgd_fx.transform(model, s=0.1)
+    _train(model_t, model, copy.deepcopy(model), shapes=[(4, 5), (3, 5), (4, 5)])
+    assert tuple(model_t.svgd_state["fc.linear.r"].shape) == (5, 3)
+    assert svgd_fx.explain(model_t).rows[-1]["r_averaged"] == ()
+
+
+def test_checkpoint_of_an_averaged_r_loads_into_a_fresh_model():
+    """Saved after the sequence length varied (r over the features only), loaded before the first
+    forward of a fresh transform: the next steps are bit-identical to the original's."""
+    torch.manual_seed(0)
+    model = VaryingSeq().double()
+    model_t = svgd_fx.transform(model, s=0.1)
+    _train(model_t, model, copy.deepcopy(model), shapes=SHAPES[:3], check=False)
+    saved = copy.deepcopy(model_t.state_dict())
+    assert tuple(saved["svgd_state.fc.linear.r"].shape) == (3,)
+
+    twin = VaryingSeq().double()
+    twin_t = svgd_fx.transform(twin, s=0.1)
+    twin_t.load_state_dict(saved)
+    gen = torch.Generator().manual_seed(5)
+    for b, t in [(4, 6), (4, 6), (3, 9)]:          # the first length is fixed for a while
+        ids, y = torch.randint(0, 10, (b, t), generator=gen), torch.randint(0, 3, (b,), generator=gen)
+        for m, mt in ((model, model_t), (twin, twin_t)):
+            m.zero_grad()
+            F.cross_entropy(mt(ids), y).backward()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(p.grad, q.grad)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), twin.parameters()):
+                p -= 0.1 * p.grad
+                q -= 0.1 * q.grad
+    assert torch.equal(model_t.svgd_state["fc.linear.r"], twin_t.svgd_state["fc.linear.r"])
+
+
+def test_static_graphs_of_an_older_layout_are_loud():
+    """With torch.compile(dynamic=False), Dynamo keeps a graph per sequence length; the first was
+    compiled for the full r, which has since been averaged: calling it again raises, never runs
+    on an r it was not built for."""
+    torch.manual_seed(0)
+    model = VaryingSeq()
+    model_c = torch.compile(model, backend=svgd_fx.backend(s=0.1), dynamic=False)
+    for t in (5, 7):
+        F.cross_entropy(model_c(torch.randint(0, 10, (4, t))), torch.tensor([0, 1, 2, 0])).backward()
+    with pytest.raises(svgd_fx.StateShapeError, match="dynamic=False"):
+        model_c(torch.randint(0, 10, (4, 5)))
