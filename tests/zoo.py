@@ -75,10 +75,10 @@ ZOO = [
     RealModel("t5", lambda: tf.T5ForConditionalGeneration(tf.T5Config(
         vocab_size=V, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0,
         relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0)),
-        _seq2seq, routed=51, rtol=1e-5),
+        _seq2seq, routed=51, rtol=1e-4),
     RealModel("vit", lambda: tf.ViTForImageClassification(tf.ViTConfig(
         image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, num_labels=3, **_NO_DROPOUT)), _image(8), routed=22),
+        intermediate_size=32, num_labels=3, **_NO_DROPOUT)), _image(8), routed=21),
     RealModel("distilbert", lambda: tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
         vocab_size=V, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=16, dropout=0,
         attention_dropout=0, seq_classif_dropout=0, num_labels=3)), _cls, routed=21),
@@ -91,7 +91,7 @@ ZOO = [
         _image(16), routed=22),
     RealModel("deit", lambda: tf.DeiTForImageClassification(tf.DeiTConfig(
         image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, num_labels=3, **_NO_DROPOUT)), _image(8), routed=22),
+        intermediate_size=32, num_labels=3, **_NO_DROPOUT)), _image(8), routed=21),
     RealModel("bloom", lambda: tf.BloomForCausalLM(tf.BloomConfig(
         vocab_size=V, hidden_size=16, n_layer=2, n_head=2, hidden_dropout=0, attention_dropout=0)), _lm, routed=16),
     RealModel("clip", lambda: tf.CLIPModel(tf.CLIPConfig(
