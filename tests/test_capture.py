@@ -111,3 +111,39 @@ def test_chain_linearity_rules_in_explain():
         linear.update(row["linear"])
     assert linear == {"p": False, "a": False, "b": True, "c": True, "d": True, "e": False}
     assert count_t_nodes(model_t) == 2   # the b*c and the d+1 σ' nodes
+
+
+def test_reason_names_the_op_that_broke_linearity():
+    """``x * (2 * sigmoid(g))``: the multiplication keeps linearity, sigmoid broke it."""
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = nn.Parameter(torch.zeros(3))
+
+        def forward(self, x):
+            return x * (2.0 * torch.sigmoid(self.g))
+
+    model_t = svgd_fx.transform(Gate(), s=0.1)
+    model_t(torch.randn(4, 3)).sum().backward()
+    (row,) = svgd_fx.explain(model_t).rows
+    assert row["linear"] == {"g": False} and "sigmoid" in row["reasons"]["g"]
+
+
+def test_transformer_fast_paths_in_eval():
+    """torch.nn's Transformer layers in eval: under no_grad they take torch's fused fast path (one
+    node; no backward, nothing to do) and give eager's output; with grad they take the path whose
+    projections are σ' nodes, and train."""
+    from cases import AttentionNet
+
+    torch.manual_seed(0)
+    model = AttentionNet().eval()
+    eager = copy.deepcopy(model)
+    model_t = svgd_fx.transform(model, s=0.1)
+    x = torch.randn(3, 5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(model_t(x), eager(x))
+    F.cross_entropy(model_t(x), torch.tensor([0, 1, 2])).backward()
+    with_t = {row["node"] for row in svgd_fx.explain(model_t).rows if row["t_in_graph"]}
+    assert {"enc.layers.0.self_attn.linear", "enc.layers.1.self_attn.out_proj.linear", "attn.linear"} <= with_t
+    assert all(p.grad is not None for p in model.parameters())
