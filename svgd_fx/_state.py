@@ -7,6 +7,8 @@ the same model produces the same names, so a saved state loads and continues bit
 
 r tensors are created at the first forward (their shape is the σ' output's, which only the
 trace knows). A state loaded before that is held and checked against the traced shape then.
+A dimension of a σ' output that varies between calls is averaged from then on (``layouts``):
+r keeps the others, and graphs compiled for the older r are recognised by ``layout_version``.
 Compiled graphs never hold an r: the wrapper passes the current tensors at every call, so
 ``.to(device)`` and ``load_state_dict`` can replace or overwrite them freely.
 """
@@ -63,8 +65,8 @@ class SVGDState(nn.Module):
         if current is not None:
             reduce |= _varying_against(current, shape, self.layouts.get(key), where, key, loaded=existing is None)
         reduce = tuple(sorted(reduce))
-        kept = tuple(int(shape[d - 1]) for d in range(1, len(shape) + 1) if d not in reduce)
-        if any(not isinstance(shape[d - 1], int) for d in range(1, len(shape) + 1) if d not in reduce):
+        kept = tuple(shape[d - 1] for d in range(1, len(shape) + 1) if d not in reduce)
+        if not all(isinstance(size, int) for size in kept):    # never int() a SymInt: it would guard
             raise StateShapeError(f"svgd_fx: σ' node {where}: a dimension kept in r varies ({shape})")
         if current is None:
             tensor = torch.zeros(kept, dtype=dtype, device=device)
@@ -120,9 +122,6 @@ class SVGDState(nn.Module):
             flag = self.collecting[key] = torch.full((), float(self.accumulating), dtype=torch.float32,
                                                          device=device)
         return flag
-
-    def describe_layout(self, key: str) -> tuple[int, ...]:
-        return self.layouts.get(key, ())
 
     # -- nn.Module plumbing: dotted keys, device moves, state_dict ---------------------------
     def _apply(self, fn, recurse=True):
@@ -185,7 +184,7 @@ def _varying_against(current: torch.Tensor, shape: tuple, layout, where: str, ke
     # latest dims matched first (varying ones are sequence dims, before the features)
     sizes, matched = list(current.shape), []
     for d in range(ndim, 0, -1):
-        if sizes and sizes[-1] == shape[d - 1]:
+        if sizes and isinstance(shape[d - 1], int) and sizes[-1] == shape[d - 1]:
             matched.append(d)
             sizes.pop()
     if sizes:

@@ -321,6 +321,21 @@ class SeqFirstAttentionNet(nn.Module):
         return self.out(self.dec(h + a, h, tgt_mask=causal, tgt_is_causal=True)[0])
 
 
+class ExpandedBias(nn.Module):
+    """``x + p.expand(B, -1)``: the parameter-derived operand has the output's full shape, so the
+    add's backward is the identity at every batch size (Swin's shifted-window bias, a position
+    table at batch size 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 4)
+        self.p = nn.Parameter(torch.randn(4) * 0.1)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(x) + self.p.expand(x.shape[0], -1)))
+
+
 @dataclass
 class Case:
     name: str
@@ -380,6 +395,7 @@ CASES = [
               "self_attn.linear", "self_attn.out_proj.linear", "multihead_attn.linear", "multihead_attn.linear#1",
               "multihead_attn.out_proj.linear", "linear1.linear", "linear2.linear", "norm1.layer_norm",
               "norm2.layer_norm", "norm3.layer_norm")}),
+    Case("expanded_bias", ExpandedBias, _x(5), _cls(3), "ce", {"fc.linear", "p.add", "out.linear"}),
     Case("sigmoid_gate", SigmoidGate, _x(5), _cls(3), "ce", {"fc.linear", "out.linear"}, {"g.mul"}),
     Case("lstm", LSTMNet, _x(4, 3), _cls(2), "ce", {"inp.linear", "head.linear"}, {"lstm.lstm"}),
     Case("chains", ChainNet, _x(5), _cls(3), "ce", {"W.matmul", "a.mul", "gain.linear"}, {"scale.div"}),

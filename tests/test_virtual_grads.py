@@ -50,3 +50,18 @@ def test_changing_batch_size_matches_reference(name):
     # every backward graph (one per Dynamo recompile) carries all the T nodes
     assert count_t_nodes(model_t) == len(case.t_nodes) * len(model_t.log.backward_graphs)
     assert model_t.log.graphs <= 2, "batch-size changes must not recompile per size"
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("name", ["expanded_bias", "positional"])
+def test_identity_backward_adds_get_t_at_any_batch_size(name, batch):
+    """An add whose backward is the identity (the parameter-derived operand already has the
+    output's shape) has no backward node of its own: T must still be on its operand's edge."""
+    import dataclasses
+
+    case = dataclasses.replace(next(c for c in CASES if c.name == name), batch=batch)
+    model_t, history = run_against_reference(case, torch.float64, steps=3)
+    for step, grads in enumerate(history):
+        for pname, got, want in grads:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=lambda m: f"step {step}, {pname}: {m}")
+    _check_t_placement(model_t, case)
