@@ -214,10 +214,32 @@ def _frame_locals():
     yield stack
 
 
+def _compiled_root(params: list[nn.Parameter]) -> nn.Module | None:
+    """The module ``torch.compile`` was called on, if it owns ``params``: the outermost
+    ``OptimizedModule`` on the Python stack. When Dynamo gives up on the outer frames (a hook
+    installed under a lock, Hugging Face's output capturing) and compiles inner modules as frames
+    of their own, their graphs still belong to the model the user compiled: one state, one pass
+    log, one coverage check."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    root, frame = None, sys._getframe(1)
+    while frame is not None:
+        for value in frame.f_locals.values():
+            if isinstance(value, OptimizedModule) and isinstance(value._orig_mod, nn.Module) \
+                    and _owns_all(value._orig_mod, params):
+                root = value._orig_mod
+        frame = frame.f_back
+    return root
+
+
 def _find_model(params: list[nn.Parameter]) -> nn.Module | None:
-    """The module whose parameters include all of ``params``: an already bound one, else the
-    largest owning module among the compiled frame's locals (a submodule's frame may be the one
-    compiled after a graph break), else among the Python stack's."""
+    """The module whose parameters include all of ``params``: the compiled model on the stack
+    (:func:`_compiled_root`), else an already bound one, else the largest owning module among
+    the compiled frame's locals (a submodule's frame may be the one compiled after a graph
+    break), else among the Python stack's."""
+    root = _compiled_root(params)
+    if root is not None:
+        return root
     for module in list(_BINDINGS.keys()):
         if _owns_all(module, params):
             return module

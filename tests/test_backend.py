@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch._inductor.utils import run_and_get_code
 import svgd_fx
 from cases import CASES, PaperMLP, loss_fn
 from helpers import assert_t_fired, cast_inputs, train_changing_batches, twin
+from reference import SVGDReference
 from svgd_fx.kernels import triton_available
 
 T_CALL = "= torch.ops.svgd_fx.virtual_grad.default("
@@ -462,3 +464,57 @@ def test_graph_break_inside_a_submodule_keeps_one_state_with_root_names():
     assert set(svgd_fx.state_of(model).tensors) == set(model_t.svgd_state.tensors) == \
         {"inp.linear.r", "inner.a.linear.r", "inner.b.linear.r", "out.linear.r"}
     assert svgd_fx._backend.binding_of(model.inner) is None   # bound once, at the root
+
+
+class _Body(torch.nn.Module):
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.fc, self.ln = torch.nn.Linear(n_in, n_out), torch.nn.LayerNorm(n_out)
+
+    def forward(self, h):
+        return torch.tanh(self.ln(self.fc(h)))
+
+
+class _HooksUnderALock(torch.nn.Module):
+    """Installs a forward hook under a lock on its first call (as Hugging Face's output capturing
+    does): TorchDynamo gives up on this frame and compiles ``body`` and ``head`` as frames of their
+    own, with ``self`` the submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = _Body(4, 6), _Body(6, 3)
+        self._lock, self._hooked = threading.Lock(), False
+
+    def forward(self, x):
+        with self._lock:
+            if not self._hooked:
+                self.body.register_forward_hook(lambda module, inputs, output: None)
+                self._hooked = True
+        return self.head(self.body(x))
+
+
+def test_frames_compiled_inside_an_eager_root_share_one_binding():
+    """One model, one state, one pass log, one coverage check, whichever frames Dynamo compiles:
+    the graphs of body and head bind to the module torch.compile was called on."""
+    torch.manual_seed(0)
+    model, ref_model = _HooksUnderALock().double(), _HooksUnderALock().double()
+    ref_model.load_state_dict(model.state_dict())
+    model_c = torch.compile(model, backend=svgd_fx.backend(s=0.1))
+    ref = SVGDReference(ref_model, s=0.1)
+    for step in range(3):
+        x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+        model.zero_grad()
+        ref_model.zero_grad()
+        torch.nn.functional.cross_entropy(model_c(x), y).backward()
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+        for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"step {step} {n}: {m}")
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), ref_model.parameters()):
+                p -= 0.1 * p.grad
+                q -= 0.1 * q.grad
+    assert svgd_fx._backend.binding_of(model.body) is None and svgd_fx._backend.binding_of(model.head) is None
+    binding = svgd_fx._backend.binding_of(model)
+    assert binding.log.graphs >= 2 and binding.coverage_checked
+    assert_t_fired(model_c, svgd_fx.state_of(model_c),
+                   {"body.fc.linear", "body.ln.layer_norm", "head.fc.linear", "head.ln.layer_norm"})
