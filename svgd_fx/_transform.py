@@ -157,7 +157,6 @@ class SigmaRecord:
     key: str | None                           # state key ("fc.linear.r"), or None if not routed
     r_shape: tuple[int, ...] | None
     t_graphs: int = 0                         # number of backward graphs with a T node for it
-    r_reduced: tuple[int, ...] = ()           # dims of the σ' output averaged into r besides the batch
     state_keys: tuple[str, ...] = ()          # TSO-ALRA: the layer's factor, root and step keys
 
 
@@ -570,7 +569,7 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
                         _reduce_dims(sigma, config)))
         r_values.append(owner.svgd_state.get_or_create(*r_specs[-1]))
         reduce = owner.svgd_state.layouts[key]
-        record.r_shape, record.r_reduced = tuple(r_values[-1].shape), reduce
+        record.r_shape = tuple(r_values[-1].shape)
         routed.append((sigma, reduce))
         keys.append(key)
 

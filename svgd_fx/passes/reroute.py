@@ -1,9 +1,10 @@
 """The paper's §3.2 on AOTAutograd's joint forward/backward graph.
 
 For one σ' node S (found by :mod:`.locate` on the torch-level graph), the joint graph holds
-the aten nodes of S's backward: every node tagged ``partitioner_tag == "is_backward"`` whose
-``fwd_source_fn_stack`` names S. Call that group ``B_S``. Exactly one backward value from
-outside ``B_S`` enters it: ``g = ∇_{σ'}J`` (an accumulated gradient or a tangent input).
+the aten nodes of S's backward: the nodes computed from a tangent (the backward region) that
+carry S's id (``locate.node_id``, which AOTAutograd copies from S to its aten forward nodes and
+on to their backward nodes). Call that group ``B_S``. Exactly one backward value from outside
+``B_S`` enters it: ``g = ∇_{σ'}J`` (an accumulated gradient or a tangent input).
 
 The values ``B_S`` hands on are the gradients of S's inputs. Each is classified by where it
 flows: a *parameter edge* reaches only the joint graph's outputs for parameter gradients,
@@ -113,8 +114,8 @@ def reroute(
     order, out_values, out_descs, placeholders, groups = (view.order, view.out_values, view.out_descs,
                                                           view.placeholders, view.backward)
     # the backward of parameter-derived chains, and the untagged accumulation adds between them
-    chain_backward = [n for n in order if n in view.tangent_fed and n.op == "call_function"
-                      and (node_id(n) is None or node_id(n) in param_derived_sources)]
+    chain_backward = {n for n in order if n in view.tangent_fed and n.op == "call_function"
+                      and (node_id(n) is None or node_id(n) in param_derived_sources)}
     done: dict[str, str] = {}
     for spec in specs:
         group = groups.get(spec.source)
@@ -215,8 +216,9 @@ def _reroute_identity(graph, spec: RerouteSpec, view: JointView, exclude_hint: s
     for path in spec.identity_operands:
         for kind, ref in path:      # the first step down the chain that has a backward of its own
             if kind == "node" and (chain := view.backward.get(ref)):
-                g = _incoming_gradient(spec, chain, set(chain), view.tangent_fed, exclude_hint)
-                consumers = [u for u in g.users if u in set(chain)]
+                own = set(chain)
+                g = _incoming_gradient(spec, chain, own, view.tangent_fed, exclude_hint)
+                consumers = [u for u in g.users if u in own]
                 break
             if kind == "input":
                 slots = [i for i, d in enumerate(view.out_descs) if _plain_index(d) == ref]
@@ -246,12 +248,17 @@ def _with_own_chain_backward(group, members, chain_backward, view):
     output, e.g. a weight set by a forward pre-hook) may join: backward ops are linear in their
     incoming gradient, so the copy fed T(g) plus that tangent still adds the tangent plainly.
     """
-    extra = []
-    for n in chain_backward:
+    members, extra = set(members), []
+    frontier = [u for n in group for u in n.users if u in chain_backward and u not in members]
+    while frontier:
+        n = frontier.pop()
+        if n in members:
+            continue
         fed = [a for a in n.all_input_nodes if a in view.tangent_fed]
-        if n not in members and any(a in members for a in fed) and all(a in members or _is_tangent(a) for a in fed):
-            members = members | {n}
+        if all(a in members or _is_tangent(a) for a in fed):
+            members.add(n)
             extra.append(n)
+            frontier += [u for u in n.users if u in chain_backward and u not in members]
     if not extra:
         return group, members
     return sorted(group + extra, key=view.order.__getitem__), members
