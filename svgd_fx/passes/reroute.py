@@ -140,7 +140,11 @@ def reroute(
                 f"(its value is shared with other nodes). Pass {exclude_hint} with the parameters of this node "
                 "to train them on plain gradients knowingly.")
         if not reroute_outs:
-            continue    # no gradient reaches the routed parameters through S in this graph
+            raise RerouteError(
+                f"svgd_fx: σ' node {spec.name!r} is linear in parameters that get T, but none of the gradient "
+                "edges of its backward leads to them alone in the joint graph (they pass through the backward "
+                "of a node the pass did not class as parameter-derived). Please report this model; pass "
+                f"{exclude_hint} with its parameters to train them on plain gradients knowingly.")
         t_node = _insert_t(graph, spec, g, members, placeholders, order)
         _copy_between(graph, g, t_node, group, members, reroute_outs)
         if spec.inline and not spec.reduce_dims:
