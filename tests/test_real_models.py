@@ -2,9 +2,10 @@
 
 float64, three SGD steps; every σ' node the reference routes gets a T node in the graph, and the
 ones it keeps plain do not. Inductor's compiles cost most of the time, so the compile backend
-runs a subset that covers each mechanism (flattened Conv1D rows, identity-backward adds, SDPA
-with a learned bias, class-token concatenation, RMSNorm, channel LayerNorm and layer scale,
-shifted windows, ALiBi, two towers)."""
+runs by default on a subset that covers each mechanism (flattened Conv1D rows, identity-backward
+adds, SDPA with a learned bias, class-token concatenation); ``-m slow`` adds Llama, ConvNeXt,
+Swin, DeiT, BLOOM and CLIP (RMSNorm, channel LayerNorm and layer scale, shifted windows, ALiBi,
+two towers)."""
 
 import pytest
 import torch
@@ -78,7 +79,11 @@ def test_transform_at_batch_size_one(name):
     check_t_placement(real, wrapped, ref)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "t5", "vit", "llama", "convnext", "swin", "deit", "bloom", "clip"])
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "t5", "vit"] + [
+    pytest.param(n, marks=_SLOW) for n in ("llama", "convnext", "swin", "deit", "bloom", "clip")])
 def test_backend_matches_reference(name):
     real = MODELS[name]
     wrapped, ref = train_against_reference(real, "backend")
