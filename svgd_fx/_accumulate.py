@@ -74,6 +74,11 @@ def accumulate(model, phase: str = "single") -> Iterator[None]:
 
     owner = owner_of(model, "accumulate")
     config = getattr(owner, "config", None)
+    if config is None and not hasattr(model, "_orig_mod"):
+        raise TypeError(f"svgd_fx.accumulate: this {type(model).__name__} has not been compiled with the svgd backend "
+                        "(nor returned by svgd_fx.transform), so no SVGD state would collect anything. Pass what "
+                        "svgd_fx.transform returned, or torch.compile(model, backend='svgd', options={..., "
+                        "'accumulation': True}).")
     if getattr(config, "method", "svgd") != "svgd":
         raise ValueError(f"svgd_fx.accumulate supports SVGD only; this model uses method={config.method!r}")
     if config is not None and not isinstance(owner, SVGDModule) and not config.accumulation:

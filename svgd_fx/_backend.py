@@ -74,6 +74,8 @@ def _describe(config: SVGDConfig, excluded: frozenset[str]) -> str:
 
 
 _BINDINGS: "weakref.WeakKeyDictionary[nn.Module, Binding]" = weakref.WeakKeyDictionary()
+# models given to svgd_fx.transform (their SVGD state lives in what transform returned)
+_TRANSFORMED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 # id(parameter) -> (weakref to it, weakref to its model's binding): the per-call owner lookup
 _PARAM_OWNER: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
@@ -99,6 +101,10 @@ def owner_of(model: Any, caller: str, create: bool = True):
     if isinstance(inner, SVGDModule):
         return inner
     inner = getattr(inner, "_orig_mod", inner)
+    if isinstance(inner, nn.Module) and inner in _TRANSFORMED:
+        raise TypeError(f"svgd_fx.{caller}: this {type(inner).__name__} is the model given to svgd_fx.transform, "
+                        "whose SVGD state lives in what transform returned: pass that (model_t = "
+                        "svgd_fx.transform(model, ...); svgd_fx." + caller + "(model_t)).")
     if isinstance(inner, nn.Module):
         binding = _binding_for(inner) if create else _BINDINGS.get(inner)
         if binding is not None:

@@ -8,7 +8,8 @@ the same model produces the same names, so a saved state loads and continues bit
 r tensors are created at the first forward (their shape is the σ' output's, which only the
 trace knows). A state loaded before that is held and checked against the traced shape then.
 A dimension of a σ' output that varies between calls is averaged from then on (``layouts``):
-r keeps the others, and graphs compiled for the older r are recognised by ``layout_version``.
+r keeps the others. ``version`` counts the replacements of state tensors (a layout change, a
+dtype or device move): each compiled graph checks its state against it at every call.
 Compiled graphs never hold an r: the wrapper passes the current tensors at every call, so
 ``.to(device)`` and ``load_state_dict`` can replace or overwrite them freely.
 """
@@ -33,7 +34,7 @@ class SVGDState(nn.Module):
         self.collecting: dict[str, torch.Tensor] = {}   # device -> 0-dim 0/1: T collects (accumulation)
         self.accumulating = False                       # inside svgd_fx.accumulate (picks the graphs)
         self.layouts: dict[str, tuple[int, ...]] = {}   # "<σ' name>.r" -> dims averaged besides the batch
-        self.layout_version = 0                         # bumped when an r changes layout
+        self.version = 0                                # bumped when a state tensor is replaced
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -57,6 +58,7 @@ class SVGDState(nn.Module):
             # the model moved (``model.to(...)`` under the compile backend, where r is not a
             # submodule of it) or changed dtype: the recompiled graph gets r where its values are
             existing = self.tensors[key] = existing.to(device=device, dtype=dtype)
+            self.version += 1
         if reduce is None:
             return self._fixed(key, existing, shape, dtype, device, where)
         pending = self._pending.pop(key, None)
@@ -73,7 +75,7 @@ class SVGDState(nn.Module):
         else:
             tensor = _averaged(current, self.layouts.get(key), reduce, len(shape)).to(device=device, dtype=dtype)
         if existing is not None and tensor is not existing:
-            self.layout_version += 1              # graphs compiled for the old r are stale
+            self.version += 1                     # graphs compiled for the old r are stale
         self.tensors[key] = tensor
         self.layouts[key] = reduce
         return self.tensors[key]
@@ -98,6 +100,26 @@ class SVGDState(nn.Module):
             tensor.copy_(pending)
         self.tensors[key] = tensor
         return tensor
+
+    def fit(self, keys: list[str], tensors: list[torch.Tensor], compiled_for: list[tuple]) -> list[torch.Tensor]:
+        """The state tensors ``keys`` as a graph compiled for ``(shape, dtype, device)`` each needs
+        them: moved where the graph reads them (a model cast back and forth runs the graphs of both
+        dtypes in turn: r follows the graph that reads it, never has its bytes reinterpreted).
+        A shape that differs is a graph of an older layout: ``StateShapeError``."""
+        fitted = []
+        for key, tensor, (shape, dtype, device) in zip(keys, tensors, compiled_for):
+            if tuple(tensor.shape) != shape:
+                raise StateShapeError(
+                    "svgd_fx: this graph was compiled for an r of another shape "
+                    f"({key}: {shape} -> {tuple(tensor.shape)}): a dimension of its σ' output started to vary "
+                    "between calls after it was compiled, and r is now averaged over it. TorchDynamo ran an "
+                    "older graph of a static shape, which happens with torch.compile(..., dynamic=False): "
+                    "compile with dynamic=None (the default).")
+            if tensor.dtype != dtype or tensor.device != device:
+                tensor = self.tensors[key] = tensor.to(device=device, dtype=dtype)
+                self.version += 1
+            fitted.append(tensor)
+        return fitted
 
     def flag(self, key: str, device: torch.device) -> torch.Tensor:
         """A 0-dim counter the fused T increments when ∇σ'J is not finite (``nonfinite="raise"``)."""
@@ -131,6 +153,7 @@ class SVGDState(nn.Module):
         self.prev = {}
         self.accs = {}
         self.collecting = {}
+        self.version += 1
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

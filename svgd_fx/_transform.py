@@ -228,6 +228,9 @@ class SVGDModule(nn.Module):
         self._compiled = [torch.compile(model, backend=_Backend(self), dynamic=None)]
         self.register_state_dict_post_hook(_strip_model_prefix)
         self.register_load_state_dict_pre_hook(_add_model_prefix)
+        from ._backend import _TRANSFORMED
+
+        _TRANSFORMED.add(model)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -376,7 +379,7 @@ class Plan:
     accumulating: bool = False                          # accumulator inputs + "collect" (last)
     collect_device: Any = None                          # where the "collect" mode input lives
     method: str = "svgd"                                # "tso-alra": specs are KronSpecs
-    r_shapes: list[tuple] = field(default_factory=list)  # the state tensors' shapes compiled for
+    r_shapes: list[tuple] = field(default_factory=list)  # (shape, dtype, device) of each state tensor
 
     def rewrite(self, joint: torch.fx.GraphModule) -> None:
         """The reroute pass on AOTAutograd's joint graph (in place), logged per σ'."""
@@ -406,8 +409,8 @@ class Plan:
         """
         compiled = aot_backend(self.gm, self.example_inputs)
         keys, r_specs, flag_keys, scaled = self.state_keys, self.r_specs, self.flag_keys, self.scaled
-        shapes = [tuple(spec_shape) for spec_shape in self.r_shapes]
-        checked = [None]     # the state's layout version the r shapes were last checked at
+        compiled_for = list(self.r_shapes)
+        checked = [None]     # the state's version the tensors were last fitted at
         device, collect_device, accumulating = (r_specs[0][3] if r_specs else None), self.collect_device, \
             self.accumulating
 
@@ -419,10 +422,9 @@ class Plan:
                 rs = [state.tensors[k] for k in keys]
             except KeyError:  # a model first seen through a graph compiled for another one
                 rs = [state.get_or_create(*spec) for spec in r_specs]
-            if state.layout_version != checked[0]:
-                if [tuple(r.shape) for r in rs] != shapes:
-                    raise _stale_graph(keys, shapes, rs)
-                checked[0] = state.layout_version
+            if state.version != checked[0]:
+                rs = state.fit(keys, rs, compiled_for)
+                checked[0] = state.version
             tensors = [_own_version(r) for r in rs]
             if flag_keys:
                 flags = [state.flag(k, device) for k in flag_keys]
@@ -453,16 +455,6 @@ def option_spelling(owner, name: str, value: str) -> str:
     if isinstance(owner, SVGDModule):
         return f"svgd_fx.transform(model, ..., {name}={value})"
     return f"torch.compile(model, backend='svgd', options={{..., {name!r}: {value}}})"
-
-
-def _stale_graph(keys, shapes, rs) -> StateShapeError:
-    changed = [f"{k} {tuple(s)} -> {tuple(r.shape)}" for k, s, r in zip(keys, shapes, rs) if tuple(r.shape) != s]
-    return StateShapeError(
-        "svgd_fx: this graph was compiled for r shapes that have since changed, because a dimension of these σ' "
-        f"outputs started to vary between calls (r is now averaged over it): {changed[:4]}. TorchDynamo ran an older "
-        "graph of a static shape, which happens when the model is compiled with torch.compile(..., dynamic=False). "
-        "Compile with dynamic=None (the default), or call torch._dynamo.reset() once after the first batch of "
-        "every shape was seen.")
 
 
 def _without_accumulation(owner) -> SVGDError:
@@ -609,7 +601,7 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
     collect = [owner.svgd_state.collect_flag(collect_device)] if collecting else []
     return Plan(owner, new_gm, _with_state_examples(example_inputs, r_values + flags + accs + scale + collect),
                 specs, keys, _param_sources(analysis), param_inputs, r_specs, analysis.params_seen, flag_keys,
-                scaled, accumulating, collect_device, r_shapes=[tuple(r.shape) for r in r_values])
+                scaled, accumulating, collect_device, r_shapes=[_signature(r) for r in r_values])
 
 
 def _tso_plan(owner, gm, example_inputs, analysis, param_nodes, name_to_input, param_inputs) -> Plan:
@@ -623,7 +615,11 @@ def _tso_plan(owner, gm, example_inputs, analysis, param_nodes, name_to_input, p
     values = [owner.svgd_state.get_or_create(*spec) for spec in r_specs]
     return Plan(owner, _with_state_inputs(gm, keys), _with_state_examples(example_inputs, values), specs, keys,
                 _param_sources(analysis), param_inputs, r_specs, analysis.params_seen, method="tso-alra",
-                r_shapes=[tuple(v.shape) for v in values])
+                r_shapes=[_signature(v) for v in values])
+
+
+def _signature(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.dtype, t.device
 
 
 def _identity_operands(sigma: SigmaNode, placeholders: list[torch.fx.Node], kinds: dict):

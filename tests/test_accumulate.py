@@ -220,6 +220,15 @@ def test_accumulate_rejects_bad_use():
         with svgd_fx.accumulate(model_t):
             with svgd_fx.accumulate(model_t):
                 pass
+    plain = torch.nn.Linear(3, 2)
+    with pytest.raises(TypeError, match="not been compiled with the svgd backend"):
+        with svgd_fx.accumulate(plain):             # nothing would collect: silently a no-op before
+            pass
+    given = torch.nn.Linear(3, 2)
+    svgd_fx.transform(given, s=0.1)
+    with pytest.raises(TypeError, match="the model given to svgd_fx.transform"):
+        with svgd_fx.accumulate(given):             # the original, not what transform returned
+            pass
     with pytest.raises(TypeError, match="accumulate"):
         with svgd_fx.accumulate(object()):
             pass

@@ -428,6 +428,27 @@ def test_model_cast_after_compiling_moves_r():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_model_cast_back_and_forth_feeds_each_graph_its_own_dtype():
+    """float32 → float64 → float32: Dynamo runs the cached float32 graph again, while r was moved to
+    float64 for the float64 graph. r must follow the graph that reads it (before, the float32 graph
+    read the float64 r's bytes as float32). Against transform doing the same casts."""
+    torch.manual_seed(0)
+    model = PaperMLP((20, 12, 5))
+    twin = copy.deepcopy(model)
+    model_c, model_t = torch.compile(model, backend=svgd_fx.backend(s=0.1)), svgd_fx.transform(twin, s=0.1)
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float64, torch.float32, torch.float64):
+        model.to(dtype)
+        model_t.to(dtype)
+        x, y = torch.randn(8, 20, generator=gen).to(dtype), torch.randint(0, 5, (8,), generator=gen)
+        for m, wrapped in ((model, model_c), (twin, model_t)):
+            m.zero_grad()
+            torch.nn.functional.cross_entropy(wrapped(x), y).backward()
+        for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{dtype} {n}: {m}")
+    assert {v.dtype for v in svgd_fx.state_of(model).tensors.values()} == {torch.float64}
+
+
 class _Inner(torch.nn.Module):
     def __init__(self):
         super().__init__()
