@@ -67,7 +67,9 @@ def transform(
                is never updated from a non-finite statistic.
     grad_scaler: the ``torch.amp.GradScaler`` that scales the loss (fp16 training). r is then
                built from the unscaled gradient, and a step the scaler skips (inf/NaN found)
-               leaves r as it was. Call ``scaler.update()`` once per step, as usual.
+               leaves r as it was. Call ``scaler.update()`` once per step, as usual. A forward
+               under fp16 autocast with grad enabled raises unless a scaler is given, or
+               ``grad_scaler=False`` says that this fp16 training has none.
     distributed: with DDP (each rank sees part of the batch), all-reduce T's batch statistic
                over torch.distributed's default group before T, so every rank's r is what one
                process would build on the joined batch (r-sized, one all-reduce per σ' node).
@@ -86,19 +88,23 @@ def transform(
 
 def make_config(*, s, method, rho, eps, reduction, r_shape, nonfinite, grad_scaler, distributed, gamma, t_int,
                 damping, switch_at_step, accumulation=False) -> SVGDConfig:
-    if method == "tso-alra" and grad_scaler is not None:
+    scaling = isinstance(grad_scaler, torch.amp.GradScaler)
+    if method == "tso-alra" and scaling:
         raise ValueError("svgd_fx: grad_scaler is not supported with method='tso-alra' yet (the factors "
                          "would be built from S× scaled gradients)")
     if nonfinite is None:
-        nonfinite = "skip" if grad_scaler is not None else "raise"
+        nonfinite = "skip" if scaling else "raise"
     return SVGDConfig.from_options(method=method, s=s, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape,
                                    nonfinite=nonfinite, distributed=bool(distributed), gamma=gamma, t_int=t_int,
                                    damping=damping, switch_at_step=switch_at_step, accumulation=bool(accumulation))
 
 
 def _check_scaler(scaler):
-    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
-        raise TypeError(f"svgd_fx: grad_scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-    if scaler is not None and not scaler.is_enabled():
-        return None    # a disabled scaler scales nothing
-    return scaler
+    """The GradScaler to read, None (not given: an fp16 autocast forward raises), or False (no
+    scaler, knowingly: given as False, or a disabled scaler, which scales nothing)."""
+    if scaler is None or scaler is False:
+        return scaler
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"svgd_fx: grad_scaler must be a torch.amp.GradScaler (or False: fp16 without a scaler), "
+                        f"got {type(scaler).__name__}")
+    return scaler if scaler.is_enabled() else False

@@ -414,8 +414,14 @@ class Plan:
         device, collect_device, accumulating = (r_specs[0][3] if r_specs else None), self.collect_device, \
             self.accumulating
 
+        autocast_device = torch.device(device).type if device is not None else None
+
         def state_tensors(owner) -> list[torch.Tensor]:
             state = owner.svgd_state
+            if owner.grad_scaler is None and autocast_device is not None and torch.is_grad_enabled() \
+                    and torch.is_autocast_enabled(autocast_device) \
+                    and torch.get_autocast_dtype(autocast_device) == torch.float16:
+                raise _fp16_without_scaler(owner)
             if state.accumulating and not accumulating:
                 raise _without_accumulation(owner)
             try:
@@ -455,6 +461,14 @@ def option_spelling(owner, name: str, value: str) -> str:
     if isinstance(owner, SVGDModule):
         return f"svgd_fx.transform(model, ..., {name}={value})"
     return f"torch.compile(model, backend='svgd', options={{..., {name!r}: {value}}})"
+
+
+def _fp16_without_scaler(owner) -> SVGDError:
+    return SVGDError(
+        "svgd_fx: a forward under fp16 autocast with grad enabled, and no grad_scaler given. With "
+        "torch.amp.GradScaler the loss is S times larger, so r would be built from S·g and the virtual gradients "
+        f"would come out S times too small. Pass the scaler ({option_spelling(owner, 'grad_scaler', 'scaler')}), "
+        f"or {option_spelling(owner, 'grad_scaler', 'False')} if this fp16 training uses no scaler.")
 
 
 def _without_accumulation(owner) -> SVGDError:
@@ -566,7 +580,7 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
         keys.append(key)
 
     raising = config.nonfinite == "raise"
-    scaled = getattr(owner, "grad_scaler", None) is not None
+    scaled = isinstance(getattr(owner, "grad_scaler", None), torch.amp.GradScaler)
     inline_t = inline_t and not scaled and not config.distributed   # these use the T op
     flag_keys = [f"{sigma.name}.nonfinite" for sigma, _ in routed] if inline_t and raising else []
     flags = [owner.svgd_state.flag(k, sigma.device) for k, (sigma, _) in zip(flag_keys, routed)]

@@ -95,3 +95,27 @@ def test_bf16_autocast_keeps_r_in_float32(kind):
     for key, r in _state(wrapped16, model16).tensors.items():
         assert r.dtype == torch.float32, key
         torch.testing.assert_close(r, _state(wrapped32, model32).tensors[key], rtol=0.1, atol=1e-3 * r.max().item())
+
+
+@pytest.mark.parametrize("kind", ["transform", "backend"])
+def test_fp16_autocast_without_a_scaler_raises_and_names_the_option(kind):
+    """fp16 training with a GradScaler that svgd_fx was not given builds r from S·g: virtual
+    gradients S times too small, silently. A grad-enabled forward under fp16 autocast needs the
+    scaler, or grad_scaler=False said on purpose; bf16 and no_grad forwards need nothing."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 20)
+    model = PaperMLP(widths=(20, 16, 5))
+    wrapped = _wrap(model, kind)
+    with torch.autocast("cpu", dtype=torch.float16):
+        with pytest.raises(svgd_fx.SVGDError, match="grad_scaler"):
+            wrapped(x)
+        with torch.no_grad():
+            wrapped(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wrapped(x).float().sum().backward()
+    torch._dynamo.reset()
+    knowingly = PaperMLP(widths=(20, 16, 5))
+    wrapped = _wrap(knowingly, kind, grad_scaler=False)
+    with torch.autocast("cpu", dtype=torch.float16):
+        wrapped(x).float().sum().backward()
+    assert_t_fired(wrapped, _state(wrapped, knowingly), {"net.0.linear", "net.1.batch_norm", "net.3.linear"})
