@@ -39,7 +39,7 @@ def transform(
     r_shape: str | None = None,
     nonfinite: str | None = None,
     grad_scaler=None,
-    distributed: bool = False,
+    distributed: bool | None = None,
     gamma: float | None = None,
     t_int: int | None = None,
     damping: float | None = None,
@@ -70,7 +70,7 @@ def transform(
                leaves r as it was. Call ``scaler.update()`` once per step, as usual. A forward
                under fp16 autocast with grad enabled raises unless a scaler is given, or
                ``grad_scaler=False`` says that this fp16 training has none.
-    distributed: with DDP (each rank sees part of the batch), all-reduce T's batch statistic
+    distributed: with DDP (each rank sees part of the batch), ``True`` all-reduces T's batch statistic
                over torch.distributed's default group before T, so every rank's r is what one
                process would build on the joined batch (r-sized, one all-reduce per σ' node).
     gamma, t_int, damping, switch_at_step:  TSO-ALRA's options (method="tso-alra" only): the
@@ -95,7 +95,8 @@ def make_config(*, s, method, rho, eps, reduction, r_shape, nonfinite, grad_scal
     if nonfinite is None:
         nonfinite = "skip" if scaling else "raise"
     return SVGDConfig.from_options(method=method, s=s, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape,
-                                   nonfinite=nonfinite, distributed=bool(distributed), gamma=gamma, t_int=t_int,
+                                   nonfinite=nonfinite, distributed=None if distributed is None else bool(distributed),
+                                   gamma=gamma, t_int=t_int,
                                    damping=damping, switch_at_step=switch_at_step, accumulation=bool(accumulation))
 
 

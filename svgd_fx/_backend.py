@@ -287,7 +287,7 @@ class backend:
     def __init__(self, s: float | None = None, *, method: str = "svgd", rho: float | None = None,
                  eps: float | None = None, reduction: str = "mean", exclude: ExcludeSpec = None,
                  r_shape: str | None = None, nonfinite: str | None = None, grad_scaler=None,
-                 distributed: bool = False, t_impl: str = "fused", gamma: float | None = None,
+                 distributed: bool | None = None, t_impl: str = "fused", gamma: float | None = None,
                  t_int: int | None = None, damping: float | None = None,
                  switch_at_step: int | None = None, accumulation: bool = False) -> None:
         from . import _check_scaler, make_config

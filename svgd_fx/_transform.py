@@ -56,7 +56,7 @@ class SVGDConfig:
     reduction: str = "mean"
     r_shape: str = "full"
     nonfinite: str = "raise"
-    distributed: bool = False
+    distributed: bool | None = None    # None: not given (an error where a process group has several ranks)
     method: str = "svgd"
     accumulation: bool = False      # the compile backend: graphs take svgd_fx.accumulate's inputs
     gamma: float = 0.05
@@ -184,10 +184,9 @@ def _resolve_exclude(model: nn.Module, exclude: ExcludeSpec) -> set[str]:
     return names
 
 
-def _check_model(model: nn.Module) -> dict[str, nn.Parameter]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"svgd_fx.transform takes an nn.Module (or a torch.fx.GraphModule), "
-                        f"got {type(model).__name__}")
+def refuse_sharded(model: nn.Module) -> None:
+    """FSDP (1 or 2) replaces the parameters by flat or sharded ones and gathers them inside its own
+    hooks, so the pass cannot see which parameter enters which σ' node: refuse it by name."""
     sharded = [name or "<root>" for name, m in model.named_modules()
                if any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule") for c in type(m).__mro__)]
     if sharded:
@@ -197,6 +196,13 @@ def _check_model(model: nn.Module) -> dict[str, nn.Parameter]:
             "cannot see which parameter enters which σ' node. Use DDP with "
             "transform(..., distributed=True), or keep the model unsharded."
         )
+
+
+def _check_model(model: nn.Module) -> dict[str, nn.Parameter]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"svgd_fx.transform takes an nn.Module (or a torch.fx.GraphModule), "
+                        f"got {type(model).__name__}")
+    refuse_sharded(model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("svgd_fx: the model has no trainable parameters (none with requires_grad=True): "
@@ -542,6 +548,12 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
     accumulator per σ'; with a GradScaler, 1/S; when ``accumulating``, the 0-dim "collect".
     """
     model, config, log = owner.model, owner.config, owner.log
+    if config.distributed is None and _world_size() > 1:
+        raise SVGDError(
+            f"svgd_fx: torch.distributed runs {_world_size()} processes, and distributed was not given. With DDP each "
+            "rank sees part of the batch: pass " + option_spelling(owner, "distributed", "True") + " so that r is "
+            "built from the joined batch (what one process would build), or distributed=False to keep each rank's r "
+            "from its own samples knowingly.")
     gm = _own_copy(gm)
     params = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     consts = {id(t) for t in model.buffers()} | {id(p) for p in model.parameters() if not p.requires_grad}
@@ -599,7 +611,7 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
             raise_nonfinite=raising,
             flag_input=len(placeholders) + len(keys) + i if flag_keys else None,
             scale_input=after_accs if scaled else None,
-            sync=config.distributed,
+            sync=bool(config.distributed),
             acc_input=first_acc + i if accumulating else None,
             collect_input=after_accs + int(scaled) if accumulating else None,
             identity_operands=_identity_operands(sigma, placeholders, analysis.node_kinds),
@@ -630,6 +642,12 @@ def _tso_plan(owner, gm, example_inputs, analysis, param_nodes, name_to_input, p
     return Plan(owner, _with_state_inputs(gm, keys), _with_state_examples(example_inputs, values), specs, keys,
                 _param_sources(analysis), param_inputs, r_specs, analysis.params_seen, method="tso-alra",
                 r_shapes=[_signature(v) for v in values])
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _signature(t: torch.Tensor) -> tuple:

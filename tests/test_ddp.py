@@ -30,7 +30,19 @@ class Net(torch.nn.Module):        # Linear -> LayerNorm -> ReLU -> Conv1d -> Li
 single = Net(copy.deepcopy(model))
 local = Net(model)
 ddp = DDP(svgd_fx.transform(local, s=0.1, distributed=True))
-single_t = svgd_fx.transform(single, s=0.1)
+single_t = svgd_fx.transform(single, s=0.1, distributed=False)   # one process's r, on purpose
+unsaid = svgd_fx.transform(Net(copy.deepcopy(model)), s=0.1)       # several ranks: must choose
+try:
+    unsaid(torch.randn(4, 6).double())
+    raise AssertionError("no error without distributed= in a process group of 2")
+except svgd_fx.SVGDError as e:
+    assert "distributed=True" in str(e) and "distributed=False" in str(e), e
+unsaid_c = torch.compile(Net(copy.deepcopy(model)), backend=svgd_fx.backend(s=0.1))
+try:
+    unsaid_c(torch.randn(4, 6).double())
+    raise AssertionError("no error under the backend without distributed= in a process group of 2")
+except Exception as e:          # Dynamo wraps what a backend raises
+    assert "'distributed': True" in str(e), e
 opt, opt_single = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (local, single))
 gen = torch.Generator().manual_seed(1)
 def check(what):                # this rank's virtual gradients and r = one process on the joined batch
