@@ -109,6 +109,14 @@ def owner_of(model: Any, caller: str, create: bool = True):
         binding = _binding_for(inner) if create else _BINDINGS.get(inner)
         if binding is not None:
             return binding
+    if not create and isinstance(inner, nn.Module) and hasattr(model, "_orig_mod"):
+        raise TypeError(
+            f"svgd_fx.{caller}: no graph of this {type(inner).__name__} has been compiled by backend 'svgd'. Before its "
+            "first forward that is expected; if forwards already ran, TorchDynamo ran them uncompiled and the model "
+            "trained on plain gradients: it gave up on the whole forward (nn.LSTM/GRU without "
+            "torch._dynamo.config.allow_rnn = True, a graph break it could not resume from, FSDP's hooks) or hit its "
+            "recompile limit. TORCH_LOGS=graph_breaks,recompiles shows which; torch.compile(..., fullgraph=True) "
+            "makes it an error; svgd_fx.transform(model, ...) checks this itself.")
     raise TypeError(f"svgd_fx.{caller} takes what svgd_fx.transform returned, or a model compiled with "
                     "torch.compile(..., backend='svgd')" + ("" if create else " after its first forward")
                     + f"; got {type(model).__name__}")

@@ -230,6 +230,18 @@ def test_lstm_with_allow_rnn():
     assert {n for n, t in rows.items() if t} == case.t_nodes and rows["lstm.lstm"] is False
 
 
+def test_explain_when_the_backend_compiled_nothing_says_what_happened():
+    """Without allow_rnn Dynamo gives up on the LSTM model's whole forward and never calls the
+    backend: explain() says that forwards then ran uncompiled, and why that happens."""
+    case = next(c for c in CASES if c.name == "lstm")
+    model = case.make()
+    model_c = torch.compile(model, backend="svgd", options={"s": 0.1})
+    xs, y = case.inputs(4), case.target(4)
+    loss_fn(case.loss, model_c(*xs), y).backward()         # ran, uncompiled
+    with pytest.raises(TypeError, match="no graph of this LSTMNet has been compiled by backend 'svgd'.*allow_rnn"):
+        svgd_fx.explain(model_c)
+
+
 def test_no_cache_returns_a_graph_without_the_rewrite(tmp_path, monkeypatch):
     """With inductor's caches on, compiling the same model first with plain inductor, then with
     svgd (twice, after a reset) must give T every time and the same gradients."""
