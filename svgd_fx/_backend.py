@@ -410,4 +410,5 @@ def _check_coverage(binding: Binding) -> None:
             "outside the captured graphs. Fix the graph break (TORCH_LOGS=graph_breaks shows where), or "
             "pass options={'exclude': [...]} with these names to train them on plain gradients knowingly."
         )
+    binding.svgd_state.check_claimed(binding.log.records)
     binding.coverage_checked = True

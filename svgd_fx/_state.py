@@ -16,6 +16,9 @@ Compiled graphs never hold an r: the wrapper passes the current tensors at every
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -27,6 +30,8 @@ class SVGDState(nn.Module):
         super().__init__()
         self.tensors: dict[str, torch.Tensor] = {}      # "<σ' name>.r" -> tensor
         self._pending: dict[str, torch.Tensor] = {}     # loaded before the first trace
+        self._pending_strict = False                    # loaded with strict=True: all must be claimed
+        self.strict_load = True                         # the strict= of the load in progress (see loading)
         self.flags: dict[str, torch.Tensor] = {}        # "<σ' name>.nonfinite" -> count (not saved)
         self.prev: dict[str, torch.Tensor] = {}         # r at the start of the step (GradScaler)
         self.scale_used: float | None = None            # the GradScaler scale of the last forward
@@ -101,6 +106,31 @@ class SVGDState(nn.Module):
         self.tensors[key] = tensor
         return tensor
 
+    @contextmanager
+    def loading(self, strict: bool) -> Iterator[None]:
+        """Around a ``load_state_dict(strict=...)`` call: nn.Module passes strict=True to every
+        ``_load_from_state_dict``, so the caller's choice is kept here."""
+        self.strict_load = strict
+        try:
+            yield
+        finally:
+            self.strict_load = True
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        with self.loading(strict):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def check_claimed(self, nodes) -> None:
+        """After the first forward: a strictly loaded state key that no σ' node claimed would
+        silently start that node's r at zero (a checkpoint of another model or other options)."""
+        if self._pending_strict and self._pending:
+            from .errors import SVGDError
+
+            raise SVGDError(
+                f"svgd_fx: the loaded state has keys that no σ' node of this model uses: {sorted(self._pending)[:6]} "
+                f"(σ' nodes found: {sorted(nodes)[:6]}{' ...' if len(nodes) > 6 else ''}). The checkpoint comes from "
+                "another model or other options; load it with strict=False to drop them knowingly.")
+
     def fit(self, keys: list[str], tensors: list[torch.Tensor], compiled_for: list[tuple]) -> list[torch.Tensor]:
         """The state tensors ``keys`` as a graph compiled for ``(shape, dtype, device)`` each needs
         them: moved where the graph reads them (a model cast back and forth runs the graphs of both
@@ -173,6 +203,8 @@ class SVGDState(nn.Module):
             current = self.tensors.get(key)
             if current is None:
                 self._pending[key] = value.detach().clone()
+                # torch passes strict=True here whatever the caller said: the caller's is in _strict
+                self._pending_strict = self._pending_strict or self.strict_load
             elif tuple(current.shape) != tuple(value.shape):
                 error_msgs.append(
                     f"svgd_fx: state {key!r} has shape {tuple(value.shape)} in the checkpoint but "

@@ -278,7 +278,12 @@ class SVGDModule(nn.Module):
                 + ". Fix the graph break (run with TORCH_LOGS=graph_breaks to see where), or pass "
                 "exclude=[...] with these names to train them on plain gradients knowingly."
             )
+        self.svgd_state.check_claimed(self.log.records)
         self._coverage_checked = True
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        with self.svgd_state.loading(strict):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def extra_repr(self) -> str:
         return self.config.describe()

@@ -108,6 +108,31 @@ def test_load_with_wrong_r_shape_names_the_node():
         fresh(torch.randn(4, 12))
 
 
+@pytest.mark.parametrize("kind", ["transform", "backend"])
+def test_strict_load_of_a_key_no_node_claims_is_an_error(kind):
+    """A checkpoint key that no σ' node of this model uses would silently leave that r at zero:
+    with strict=True (the default) the first forward (backend: backward) names it; strict=False
+    drops it knowingly."""
+    model_t = svgd_fx.transform(PaperMLP((12, 8, 4)), s=0.1)
+    model_t(torch.randn(4, 12)).sum().backward()
+    sd = {k.removeprefix("svgd_state."): v for k, v in model_t.state_dict().items() if k.startswith("svgd_state.")}
+    sd["net.9.linear.r"] = torch.ones(4)              # a layer this model does not have
+    for strict in (True, False):
+        torch._dynamo.reset()
+        fresh = PaperMLP((12, 8, 4))
+        if kind == "transform":
+            wrapped = svgd_fx.transform(fresh, s=0.1)
+            wrapped.svgd_state.load_state_dict(sd, strict=strict)
+        else:
+            wrapped = torch.compile(fresh, backend="svgd", options={"s": 0.1})
+            svgd_fx.state_of(wrapped).load_state_dict(sd, strict=strict)
+        if strict:
+            with pytest.raises(svgd_fx.SVGDError, match=r"no σ' node of this model uses: \['net.9.linear.r'\]"):
+                wrapped(torch.randn(4, 12)).sum().backward()
+        else:
+            wrapped(torch.randn(4, 12)).sum().backward()
+
+
 def test_r_shape_never_depends_on_batch():
     torch.manual_seed(0)
     case = CASE["res_cnn"]
