@@ -15,9 +15,8 @@ and fuses. Three things differ from :func:`svgd_fx.transform`:
 * **Caches.** A custom joint pass has no cache key, so inductor's FX-graph cache and the
   AOTAutograd cache are turned off for the graphs this backend compiles (and only those):
   no compiled graph can come back from a cache without the rewrite.
-* **Coverage.** Graph pieces compile one by one during the first forward, so the check that
-  every trainable parameter was seen runs when the backward reaches the first piece, before
-  any optimizer step can use a plain gradient.
+* **Coverage.** A parameter that receives a gradient that did not come through an SVGD graph
+  raises ``CoverageError`` at the end of that backward (see :mod:`svgd_fx._guard`).
 """
 
 from __future__ import annotations
@@ -30,9 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._guard import GradientGuard
 from ._state import SVGDState
-from ._transform import ExcludeSpec, PassLog, SVGDConfig, _check_model, _resolve_exclude, build_plan
-from .errors import CoverageError, SVGDError
+from ._transform import ExcludeSpec, PassLog, SVGDConfig, _check_model, _resolve_exclude, build_plan, refuse_sharded
+from .errors import SVGDError
 
 _OPTION_NAMES = ("s", "method", "rho", "eps", "reduction", "exclude", "r_shape", "nonfinite", "grad_scaler",
                  "distributed", "t_impl", "gamma", "t_int", "damping", "switch_at_step", "accumulation")
@@ -46,8 +46,8 @@ class Binding:
     log: PassLog = field(default_factory=PassLog)
     config: SVGDConfig | None = None
     excluded: frozenset[str] = frozenset()
-    coverage_checked: bool = False
     grad_scaler: Any = None
+    guard: GradientGuard | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -60,6 +60,8 @@ class Binding:
         excluded = frozenset(_resolve_exclude(self.model, exclude))
         if self.config is None:
             self.config, self.excluded, self.grad_scaler = config, excluded, grad_scaler
+            self.guard = GradientGuard(self.model, excluded, _coverage_message)
+            self.guard.on_first_check.append(lambda: self.svgd_state.check_claimed(self.log.records))
         elif (self.config, self.excluded) != (config, excluded):
             raise SVGDError(
                 f"svgd_fx: {type(self.model).__name__} is already compiled with SVGD options "
@@ -338,8 +340,7 @@ class backend:
         plan = build_plan(binding, gm, example_inputs, inline_t=self.t_impl == "fused",
                           accumulating=self.config.accumulation)
         owner = _owner_of_call(plan, binding)
-        compiled = plan.wrap(lambda g, xs: _compile_inductor(g, xs, plan), owner)
-        return _with_coverage_check(owner, compiled, first=binding.log.graphs == 1)
+        return plan.wrap(lambda g, xs: _compile_inductor(g, xs, plan), owner)
 
 
 def svgd(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **kwargs):
@@ -377,38 +378,127 @@ def _compile_inductor(gm, example_inputs, plan):
         return compile_fx(gm, example_inputs, config_patches=patches)
 
 
-def _with_coverage_check(owner, compiled, first: bool):
-    """On the first graph piece, check coverage when the backward reaches it (see module doc)."""
-    if not first:
-        return compiled
-
-    def run(*args):
-        out = compiled(*args)
-        binding = owner(args)
-        if not binding.coverage_checked and torch.is_grad_enabled():
-            leaves = [t for t in (out if isinstance(out, (list, tuple)) else [out])
-                      if isinstance(t, torch.Tensor) and t.requires_grad]
-            if leaves:
-                hook = torch.autograd.graph.register_multi_grad_hook(
-                    leaves, lambda grads: _check_coverage(binding), mode="any")
-                binding._coverage_hook = hook
-        return out
-
-    return run
+def _coverage_message(names: list[str]) -> str:
+    return (
+        "svgd_fx: these trainable parameters received gradients that did not come through a graph of backend "
+        f"'svgd', so they would train on plain gradients: {names}. Usually a graph break put their use outside "
+        "the captured graphs (TORCH_LOGS=graph_breaks shows where), or TorchDynamo ran a whole forward "
+        "uncompiled. Fix the graph break, or pass options={'exclude': [...]} with these names to train them on "
+        "plain gradients knowingly.")
 
 
-def _check_coverage(binding: Binding) -> None:
-    if binding.coverage_checked:
+# ----------------------------------------------------------------------------- before any graph
+
+def _svgd_backend_of(compiled: Any) -> backend | None:
+    """The configured svgd backend a ``torch.compile``\\ d module was compiled with, or None.
+
+    Reads Dynamo's wrappers (``OptimizedModule.dynamo_ctx.callback`` → ``ConvertFrame`` →
+    ``WrapBackendDebug`` → what ``torch.compile`` was given): private attributes, hence the
+    defensive reads. ``backend="svgd"`` with ``options`` gives one ``backend(**options)``."""
+    try:
+        given = compiled.dynamo_ctx.callback._torchdynamo_orig_backend._torchdynamo_orig_backend
+        given = getattr(given, "_torchdynamo_orig_backend", given)
+    except AttributeError:
+        return None
+    if "_svgd_fx_backend" in getattr(given, "__dict__", {}):
+        return given._svgd_fx_backend
+    compiler = getattr(given, "compiler_fn", given)
+    found = None
+    if isinstance(compiler, backend):
+        found = compiler
+    elif compiler is svgd:
+        try:
+            found = backend(**(getattr(given, "kwargs", {}).get("options") or {}))
+        except (TypeError, ValueError):
+            found = None       # the real compile will say what is wrong with the options
+    try:
+        given._svgd_fx_backend = found          # once per torch.compile call
+    except AttributeError:
+        pass
+    return found
+
+
+def _svgd_models_on_stack() -> list[tuple[nn.Module, backend]]:
+    """(model, its svgd backend) for every module compiled with backend 'svgd' that is running,
+    also inside another ``torch.compile`` (whose ``_orig_mod`` is the svgd-compiled one)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    found, frame = [], sys._getframe(1)
+    while frame is not None:
+        for value in frame.f_locals.values():
+            while isinstance(value, OptimizedModule):
+                b = _svgd_backend_of(value)
+                inner = value._orig_mod
+                if b is not None and isinstance(inner, nn.Module) and not any(inner is m for m, _ in found):
+                    found.append((inner, b))
+                value = inner
+        frame = frame.f_back
+    return found
+
+
+def _outer_compile_of(model: nn.Module) -> str | None:
+    """The backend of a ``torch.compile`` around the svgd-compiled ``model``, if one is running."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        for value in frame.f_locals.values():
+            if isinstance(value, OptimizedModule) and isinstance(value._orig_mod, OptimizedModule) \
+                    and getattr(value._orig_mod, "_orig_mod", None) is model and _svgd_backend_of(value) is None:
+                return type(value.dynamo_ctx.callback).__name__
+        frame = frame.f_back
+    return None
+
+
+_ALLOW_RNN_BEFORE: list[bool] = []
+
+
+def _on_compile_start(args) -> None:
+    """Dynamo starts compiling a frame: for an svgd-compiled model on the stack, bind it and arm its
+    gradient guard now (Dynamo may give up on the frame and never call the backend), refuse what
+    cannot work (FSDP, a second torch.compile around it), and let Dynamo trace nn.LSTM/GRU for
+    this compile (``allow_rnn``), as ``transform`` does."""
+    models = _svgd_models_on_stack()
+    if not models:
         return
-    model = binding.model
-    missing = [n for n, p in model.named_parameters()
-               if p.requires_grad and n not in binding.log.params_seen and n not in binding.excluded]
-    if missing:
-        raise CoverageError(
-            "svgd_fx: these trainable parameters were never seen by the SVGD pass of backend 'svgd', so "
-            f"they would silently train on plain gradients: {missing}. Usually a graph break put their use "
-            "outside the captured graphs. Fix the graph break (TORCH_LOGS=graph_breaks shows where), or "
-            "pass options={'exclude': [...]} with these names to train them on plain gradients knowingly."
-        )
-    binding.svgd_state.check_claimed(binding.log.records)
-    binding.coverage_checked = True
+    for model, b in models:
+        refuse_sharded(model)
+        if _outer_compile_of(model) is not None:
+            raise SVGDError(
+                f"svgd_fx: {type(model).__name__} was compiled with backend 'svgd' and then compiled again around "
+                "that (torch.compile(torch.compile(model, backend='svgd'))): the outer compile inlines it with its own "
+                "backend and SVGD never runs. Compile the model once, with backend='svgd'.")
+        binding = _binding_for(model)
+        if binding.config is None:      # a conflict of options is the backend's to report
+            binding.configure(b.config, b.exclude, b.grad_scaler)
+    _ALLOW_RNN_BEFORE.append(torch._dynamo.config.allow_rnn)
+    torch._dynamo.config.allow_rnn = True
+
+
+def _on_compile_end(args) -> None:
+    if _ALLOW_RNN_BEFORE:
+        torch._dynamo.config.allow_rnn = _ALLOW_RNN_BEFORE.pop()
+
+
+class _Kept(list):
+    """Dynamo's callback list, whose ``clear()`` (run by ``torch._dynamo.reset()``, which users call
+    between models) keeps svgd_fx's own callbacks."""
+
+    def clear(self) -> None:
+        kept = [f for f in self if f in (_on_compile_start, _on_compile_end)]
+        super().clear()
+        self.extend(kept)
+
+
+def _install_compile_callbacks() -> None:
+    handler = torch._dynamo.callback_handler
+    for attr, fn in (("start_callbacks", _on_compile_start), ("end_callbacks", _on_compile_end)):
+        callbacks = getattr(handler, attr)
+        if not isinstance(callbacks, _Kept):
+            callbacks = _Kept(callbacks)
+            setattr(handler, attr, callbacks)
+        if fn not in callbacks:
+            callbacks.append(fn)
+
+
+_install_compile_callbacks()

@@ -26,8 +26,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ._guard import GradientGuard
 from ._state import SVGDState
-from .errors import CoverageError, StateShapeError, SVGDError
+from .errors import StateShapeError, SVGDError
 from .passes.composites import expand_composites
 from .passes.linearity import nodes_in
 from .passes.locate import Kind, SigmaNode, locate, node_id, tag_nodes
@@ -229,7 +230,9 @@ class SVGDModule(nn.Module):
         self.config = config
         self.excluded = frozenset(exclude)
         self.log = PassLog()
-        self._coverage_checked = False
+        self._first_inputs: tuple | None = None     # for the guard's message, until its first check passes
+        self.guard = GradientGuard(model, self.excluded, self._coverage_message)
+        self.guard.on_first_check.append(self._first_check_passed)
         # hidden from nn: [plain graphs] + [graphs with accumulate's inputs], compiled at its first use
         self._compiled = [torch.compile(model, backend=_Backend(self), dynamic=None)]
         self.register_state_dict_post_hook(_strip_model_prefix)
@@ -251,8 +254,8 @@ class SVGDModule(nn.Module):
             if isinstance(inner, SVGDError):  # our own message, without Dynamo's wrapping
                 raise inner.with_traceback(None) from None
             raise
-        if not self._coverage_checked:
-            self._check_coverage(args, kwargs)
+        if self.guard.checks == 0:
+            self._first_inputs = (args, kwargs)
         return out
 
     def _compiled_for(self, accumulating: bool):
@@ -265,21 +268,20 @@ class SVGDModule(nn.Module):
             self._compiled.append(torch.compile(self.model, backend=_Backend(self, accumulating=True), dynamic=None))
         return self._compiled[1]
 
-    def _check_coverage(self, args, kwargs) -> None:
-        trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        missing = [n for n in trainable if n not in self.log.params_seen and n not in self.excluded]
-        if missing:
-            breaks = _graph_break_locations(self.model, args, kwargs)
-            raise CoverageError(
-                "svgd_fx: these trainable parameters were never seen by the SVGD pass, so they would "
-                f"silently train on plain gradients: {missing}. Usually a graph break (code TorchDynamo "
-                "cannot trace) put their use outside the captured graphs"
-                + (f"; graph breaks seen: {breaks}" if breaks else "")
-                + ". Fix the graph break (run with TORCH_LOGS=graph_breaks to see where), or pass "
-                "exclude=[...] with these names to train them on plain gradients knowingly."
-            )
+    def _coverage_message(self, names: list[str]) -> str:
+        inputs, self._first_inputs = self._first_inputs, None
+        breaks = _graph_break_locations(self.model, *inputs) if inputs is not None else []
+        return (
+            "svgd_fx: these trainable parameters received gradients that did not come through an SVGD graph, "
+            f"so they would train on plain gradients: {names}. Usually a graph break (code TorchDynamo cannot "
+            "trace) put their use outside the captured graphs"
+            + (f"; graph breaks seen: {breaks}" if breaks else " (TORCH_LOGS=graph_breaks shows where)")
+            + ". Fix the graph break, or pass exclude=[...] with these names to train them on plain gradients "
+            "knowingly.")
+
+    def _first_check_passed(self) -> None:
+        self._first_inputs = None
         self.svgd_state.check_claimed(self.log.records)
-        self._coverage_checked = True
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         with self.svgd_state.loading(strict):
@@ -430,8 +432,13 @@ class Plan:
 
         autocast_device = torch.device(device).type if device is not None else None
 
-        def state_tensors(owner) -> list[torch.Tensor]:
+        param_idx = sorted(self.param_inputs)
+        plan_key = object()
+
+        def state_tensors(owner, args) -> list[torch.Tensor]:
             state = owner.svgd_state
+            if torch.is_grad_enabled():
+                owner.guard.entered(plan_key, lambda: frozenset(id(args[i]) for i in param_idx))
             if owner.grad_scaler is None and autocast_device is not None and torch.is_grad_enabled() \
                     and torch.is_autocast_enabled(autocast_device) \
                     and torch.get_autocast_dtype(autocast_device) == torch.float16:
@@ -462,10 +469,10 @@ class Plan:
             owner = self.owner
 
             def run(*args):
-                return compiled(*args, *state_tensors(owner))
+                return compiled(*args, *state_tensors(owner, args))
         else:
             def run(*args):
-                return compiled(*args, *state_tensors(owner_of_call(args)))
+                return compiled(*args, *state_tensors(owner_of_call(args), args))
 
         return run
 
@@ -556,6 +563,7 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
     accumulator per σ'; with a GradScaler, 1/S; when ``accumulating``, the 0-dim "collect".
     """
     model, config, log = owner.model, owner.config, owner.log
+    owner.guard.arm(model)
     if config.distributed is None and _world_size() > 1:
         raise SVGDError(
             f"svgd_fx: torch.distributed runs {_world_size()} processes, and distributed was not given. With DDP each "

@@ -63,9 +63,13 @@ class HiddenParams(nn.Module):
 
 
 def test_graph_break_hiding_parameters_raises_naming_them():
-    model_t = svgd_fx.transform(HiddenParams(), s=0.1)
+    """b's gradient does not come through an SVGD graph: the backward that computes it raises
+    (before any optimizer step), naming the parameters and the graph break."""
+    model = HiddenParams()
+    model_t = svgd_fx.transform(model, s=0.1)
+    out = model_t(torch.randn(3, 4))                 # the forward itself is fine
     with pytest.raises(svgd_fx.CoverageError, match=r"\['b.weight', 'b.bias'\].*exclude=") as info:
-        model_t(torch.randn(3, 4))
+        F.cross_entropy(out, torch.tensor([0, 1, 0])).backward()
     assert "test_errors.py:" in str(info.value) and "self._untraceable(" in str(info.value)
 
 
@@ -94,17 +98,45 @@ class DataDependent(nn.Module):
         return self.c(h)
 
 
-def test_data_dependent_branch_is_covered_after_both_branches_are_seen():
+def test_data_dependent_branch_trains_and_checks_per_step():
+    """Each step checks the parameters that received gradients: the branch not taken gets none
+    (c at step 0), which is fine; the other branch compiles when first taken, with T."""
     model = DataDependent()
     with torch.no_grad():
         model.a.weight.copy_(torch.eye(4))
         model.a.bias.zero_()
     model_t = svgd_fx.transform(model, s=0.1)
-    with pytest.raises(svgd_fx.CoverageError, match=r"\['c.weight', 'c.bias'\]"):
-        model_t(torch.ones(3, 4))   # only the `b` branch ran: `c` has not been seen
-    model_t(-torch.ones(3, 4))      # relu -> 0: the `c` branch; now every parameter was seen
-    F.cross_entropy(model_t(torch.ones(3, 4)), torch.tensor([0, 1, 0])).backward()
-    assert {r["node"] for r in svgd_fx.explain(model_t).rows} == {"a.linear", "b.linear", "c.linear"}
+    y = torch.tensor([0, 1, 0])
+    F.cross_entropy(model_t(torch.ones(3, 4)), y).backward()       # the `b` branch
+    assert model.c.weight.grad is None and model.b.weight.grad is not None
+    F.cross_entropy(model_t(-torch.ones(3, 4)), y).backward()      # relu -> 0: the `c` branch
+    assert model.c.weight.grad is not None
+    assert {r["node"]: r["t_in_graph"] for r in svgd_fx.explain(model_t).rows} == {
+        "a.linear": True, "b.linear": True, "c.linear": True}
+
+
+class AuxHead(nn.Module):
+    """An auxiliary head that a step may not use: eager leaves its .grad None, and so must svgd_fx."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x, with_aux: bool = False):
+        h = torch.relu(self.body(x))
+        return self.head(h) + (self.aux(h) if with_aux else 0)
+
+
+@pytest.mark.parametrize("kind", ["transform", "backend"])
+def test_an_unused_parameter_is_not_an_error(kind):
+    model = AuxHead()
+    wrapped = svgd_fx.transform(model, s=0.1) if kind == "transform" else \
+        torch.compile(model, backend="svgd", options={"s": 0.1})
+    F.cross_entropy(wrapped(torch.randn(3, 4)), torch.tensor([0, 1, 0])).backward()
+    assert model.aux.weight.grad is None and model.head.weight.grad is not None
+    F.cross_entropy(wrapped(torch.randn(3, 4), with_aux=True), torch.tensor([0, 1, 0])).backward()
+    assert model.aux.weight.grad is not None
+    assert {r["node"] for r in svgd_fx.explain(wrapped).rows if r["t_in_graph"]} >= {"aux.linear", "head.linear"}
 
 
 def _small():
