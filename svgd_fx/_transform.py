@@ -194,8 +194,8 @@ def refuse_sharded(model: nn.Module) -> None:
         raise SVGDError(
             f"svgd_fx: FSDP is not supported (sharded modules: {sharded[:4]}). FSDP replaces the "
             "parameters by flat or sharded ones and gathers them inside its own hooks, so the pass "
-            "cannot see which parameter enters which σ' node. Use DDP with "
-            "transform(..., distributed=True), or keep the model unsharded."
+            "cannot see which parameter enters which σ' node. Use DDP with distributed=True, or keep "
+            "the model unsharded."
         )
 
 

@@ -129,3 +129,31 @@ def test_fsdp_is_a_clear_error():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), Sharded(4, 2))
     with pytest.raises(svgd_fx.SVGDError, match=r"FSDP is not supported \(sharded modules: \['1'\]\)"):
         svgd_fx.transform(model, s=0.1)
+
+
+FSDP2_SCRIPT = r"""
+import os, torch, torch.distributed as dist, svgd_fx
+dist.init_process_group("gloo", rank=0, world_size=1)
+from torch.distributed.fsdp import fully_shard
+model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+fully_shard(model[0])
+fully_shard(model)
+model_c = torch.compile(model, backend=svgd_fx.backend(s=0.1, distributed=True))
+try:
+    model_c(torch.randn(5, 4)).sum().backward()
+    print("TRAINED")          # before: plain gradients, no error (FSDP2 hands the graph gathered tensors)
+except Exception as e:
+    print("REFUSED" if "FSDP is not supported" in str(e) else "OTHER " + str(e)[:300])
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_fsdp2_under_the_backend_is_refused(tmp_path):
+    """FSDP2 (fully_shard) under torch.compile(backend="svgd"): refused as clearly as transform
+    refuses it (one gloo process on loopback)."""
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "REFUSED" in res.stdout, res.stdout + res.stderr[-3000:]
