@@ -8,7 +8,7 @@ the same model produces the same names, so a saved state loads and continues bit
 r tensors are created at the first forward (their shape is the σ' output's, which only the
 trace knows). A state loaded before that is held and checked against the traced shape then.
 A dimension of a σ' output that varies between calls is averaged from then on (``layouts``):
-r keeps the others. ``version`` counts the replacements of state tensors (a layout change, a
+r keeps the others. ``version`` is renewed at every replacement of a state tensor (a layout change, a
 dtype or device move): each compiled graph checks its state against it at every call.
 Compiled graphs never hold an r: the wrapper passes the current tensors at every call, so
 ``.to(device)`` and ``load_state_dict`` can replace or overwrite them freely.
@@ -16,6 +16,7 @@ Compiled graphs never hold an r: the wrapper passes the current tensors at every
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -23,6 +24,11 @@ import torch
 from torch import nn
 
 from .errors import StateShapeError
+
+
+# versions are unique across states: a graph shared by several models (Dynamo serves instances
+# of one class from one graph) compares the version of the state it is given, never another's
+_VERSIONS = itertools.count(1)
 
 
 class SVGDState(nn.Module):
@@ -39,7 +45,11 @@ class SVGDState(nn.Module):
         self.collecting: dict[str, torch.Tensor] = {}   # device -> 0-dim 0/1: T collects (accumulation)
         self.accumulating = False                       # inside svgd_fx.accumulate (picks the graphs)
         self.layouts: dict[str, tuple[int, ...]] = {}   # "<σ' name>.r" -> dims averaged besides the batch
-        self.version = 0                                # bumped when a state tensor is replaced
+        self.version = next(_VERSIONS)                  # renewed when a state tensor is replaced
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.version = next(_VERSIONS)      # a copy's tensors are its own
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -63,7 +73,7 @@ class SVGDState(nn.Module):
             # the model moved (``model.to(...)`` under the compile backend, where r is not a
             # submodule of it) or changed dtype: the recompiled graph gets r where its values are
             existing = self.tensors[key] = existing.to(device=device, dtype=dtype)
-            self.version += 1
+            self.version = next(_VERSIONS)
         if reduce is None:
             return self._fixed(key, existing, shape, dtype, device, where)
         pending = self._pending.pop(key, None)
@@ -80,7 +90,7 @@ class SVGDState(nn.Module):
         else:
             tensor = _averaged(current, self.layouts.get(key), reduce, len(shape)).to(device=device, dtype=dtype)
         if existing is not None and tensor is not existing:
-            self.version += 1                     # graphs compiled for the old r are stale
+            self.version = next(_VERSIONS)                     # graphs compiled for the old r are stale
         self.tensors[key] = tensor
         self.layouts[key] = reduce
         return self.tensors[key]
@@ -147,7 +157,7 @@ class SVGDState(nn.Module):
                     "compile with dynamic=None (the default).")
             if tensor.dtype != dtype or tensor.device != device:
                 tensor = self.tensors[key] = tensor.to(device=device, dtype=dtype)
-                self.version += 1
+                self.version = next(_VERSIONS)
             fitted.append(tensor)
         return fitted
 
@@ -183,7 +193,7 @@ class SVGDState(nn.Module):
         self.prev = {}
         self.accs = {}
         self.collecting = {}
-        self.version += 1
+        self.version = next(_VERSIONS)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
