@@ -21,6 +21,8 @@ and fuses. Three things differ from :func:`svgd_fx.transform`:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -40,14 +42,21 @@ _OPTION_NAMES = ("s", "method", "rho", "eps", "reduction", "exclude", "r_shape",
 
 @dataclass(eq=False)
 class Binding:
-    """SVGD's per-model state under the compile backend (what ``SVGDModule`` holds for transform)."""
+    """SVGD's per-model state under the compile backend (what ``SVGDModule`` holds for transform).
+
+    It lives in the model's ``__dict__``, so ``copy.deepcopy`` and pickling of the model (or of
+    what ``torch.compile`` returned, which copies and pickles its ``_orig_mod``) carry the options
+    and the state along: the copy continues from the same r. The pass log, the gradient guard and
+    the compiled graphs are not carried; the copy's first forward rebuilds them.
+    """
     model_ref: weakref.ref
     svgd_state: SVGDState = field(default_factory=SVGDState)
     log: PassLog = field(default_factory=PassLog)
     config: SVGDConfig | None = None
     excluded: frozenset[str] = frozenset()
     grad_scaler: Any = None
-    guard: GradientGuard | None = None
+    _guard: GradientGuard | None = None
+    plans: set[int] = field(default_factory=set)   # ids of the compiled graphs whose σ' nodes are in log
 
     @property
     def model(self) -> nn.Module:
@@ -56,26 +65,53 @@ class Binding:
             raise SVGDError("svgd_fx: the model of this SVGD state no longer exists")
         return model
 
+    @property
+    def guard(self) -> GradientGuard:
+        if self._guard is None:         # made at first use: a copy's model is complete by then
+            self._guard = GradientGuard(self.model, self.excluded, lambda names: _coverage_message(self, names))
+            self._guard.on_first_check.append(lambda: self.svgd_state.check_claimed(self.log.records))
+        return self._guard
+
     def configure(self, config: SVGDConfig, exclude: ExcludeSpec, grad_scaler=None) -> None:
         excluded = frozenset(_resolve_exclude(self.model, exclude))
         if self.config is None:
             self.config, self.excluded, self.grad_scaler = config, excluded, grad_scaler
-            self.guard = GradientGuard(self.model, excluded, _coverage_message)
-            self.guard.on_first_check.append(lambda: self.svgd_state.check_claimed(self.log.records))
+            self.guard.arm(self.model)
         elif (self.config, self.excluded) != (config, excluded):
             raise SVGDError(
                 f"svgd_fx: {type(self.model).__name__} is already compiled with SVGD options "
                 f"{_describe(self.config, self.excluded)}; now asked for {_describe(config, excluded)}. "
-                "One model keeps one r per σ' node, built with one set of options: use a fresh copy of "
-                "the model (copy.deepcopy) for other options."
+                "One model keeps one r per σ' node, built with one set of options (a deepcopy of the model "
+                "carries them along): for other options, build a fresh model and load the weights into it "
+                "(fresh.load_state_dict(model.state_dict()))."
             )
+
+    def __deepcopy__(self, memo: dict) -> "Binding":
+        """Copied with its model (found in ``memo``): options and state; the GradScaler is the
+        user's object and stays shared unless it is being copied too."""
+        model = copy.deepcopy(self.model, memo)
+        scaler = memo.get(id(self.grad_scaler), self.grad_scaler)
+        return _rebuilt_binding(model, self.config, self.excluded, scaler, copy.deepcopy(self.svgd_state, memo))
+
+    def __reduce__(self):
+        return _rebuilt_binding, (self.model, self.config, self.excluded, self.grad_scaler, self.svgd_state)
+
+
+def _rebuilt_binding(model, config, excluded, grad_scaler, svgd_state) -> Binding:
+    """A binding restored by deepcopy or unpickling (``model`` may still be filling in)."""
+    binding = Binding(weakref.ref(model), svgd_state, config=config, excluded=excluded, grad_scaler=grad_scaler)
+    model.__dict__[_ATTR] = binding
+    _BOUND.add(model)
+    return binding
 
 
 def _describe(config: SVGDConfig, excluded: frozenset[str]) -> str:
     return config.describe() + (f", exclude={sorted(excluded)}" if excluded else "")
 
 
-_BINDINGS: "weakref.WeakKeyDictionary[nn.Module, Binding]" = weakref.WeakKeyDictionary()
+# the binding of a model is its __dict__[_ATTR]; _BOUND lists the bound models (for the owner search)
+_ATTR = "_svgd_fx_binding"
+_BOUND: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 # models given to svgd_fx.transform (their SVGD state lives in what transform returned)
 _TRANSFORMED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 # id(parameter) -> (weakref to it, weakref to its model's binding): the per-call owner lookup
@@ -108,8 +144,10 @@ def owner_of(model: Any, caller: str, create: bool = True):
                         "whose SVGD state lives in what transform returned: pass that (model_t = "
                         "svgd_fx.transform(model, ...); svgd_fx." + caller + "(model_t)).")
     if isinstance(inner, nn.Module):
-        binding = _binding_for(inner) if create else _BINDINGS.get(inner)
+        binding = _binding_for(inner) if create else _bound(inner)
         if binding is not None:
+            if binding.config is None and inner is not model and (b := _svgd_backend_of(model)) is not None:
+                binding.configure(b.config, b.exclude, b.grad_scaler)   # the options torch.compile was given
             return binding
     if not create and isinstance(inner, nn.Module) and hasattr(model, "_orig_mod"):
         raise TypeError(
@@ -125,7 +163,7 @@ def owner_of(model: Any, caller: str, create: bool = True):
 
 
 def binding_of(model: nn.Module) -> Binding | None:
-    return _BINDINGS.get(_unwrap(model))
+    return _bound(_unwrap(model))
 
 
 def _unwrap(model: Any) -> nn.Module:
@@ -135,13 +173,21 @@ def _unwrap(model: Any) -> nn.Module:
     return inner
 
 
+def _bound(model: nn.Module) -> Binding | None:
+    binding = model.__dict__.get(_ATTR)
+    # a shallow copy (copy.copy) shares its original's __dict__ entries: not its binding
+    return binding if binding is not None and binding.model_ref() is model else None
+
+
 def _binding_for(model: nn.Module) -> Binding:
-    binding = _BINDINGS.get(model)
+    binding = _bound(model)
     if binding is None:
         binding = Binding(weakref.ref(model))
-        _BINDINGS[model] = binding
-        model.register_state_dict_post_hook(_save_state_hook(binding))
-        model.register_load_state_dict_pre_hook(_load_state_hook(binding))
+        model.__dict__[_ATTR] = binding
+        _BOUND.add(model)
+    if _save_state_hook not in model._state_dict_hooks.values():      # a copy has them already
+        model.register_state_dict_post_hook(_save_state_hook)
+        model.register_load_state_dict_pre_hook(_load_state_hook)
     for p in model.parameters():
         _PARAM_OWNER[id(p)] = (weakref.ref(p, lambda _, key=id(p): _PARAM_OWNER.pop(key, None)),
                                weakref.ref(binding))
@@ -156,48 +202,78 @@ def _owner_of_call(plan, compiled_for: Binding):
     read and update is chosen from the parameters of each call, never from the closure.
     """
     first = min(plan.param_inputs)
+    compiled_for.plans.add(id(plan))
 
     def owner(args) -> Binding:
         param = args[first]
         entry = _PARAM_OWNER.get(id(param))
-        if entry is not None and entry[0]() is param and (binding := entry[1]()) is not None:
-            if binding.config is not None:
-                return binding
+        if entry is not None and entry[0]() is param and (binding := entry[1]()) is not None \
+                and binding.config is not None and id(plan) in binding.plans:
+            return binding
         return _adopt(plan, compiled_for, [args[i] for i in sorted(plan.param_inputs)])
 
     return owner
 
 
 def _adopt(plan, compiled_for: Binding, params: list[nn.Parameter]) -> Binding:
-    """A model reached through a graph compiled for another: bind it with the same options."""
+    """A model reached through a graph compiled for another (or a copy of it): bind it with the
+    same options, and log the graph's σ' nodes as its own."""
     model = _find_model(params)
     if model is None:
         raise SVGDError("svgd_fx: a graph compiled by the svgd backend was called with parameters of an "
                         "nn.Module it cannot find; compile each model with torch.compile(model, ...).")
     binding = _binding_for(model)
     binding.configure(compiled_for.config, compiled_for.excluded, compiled_for.grad_scaler)
-    for name, record in compiled_for.log.records.items():
-        binding.log.records.setdefault(name, record)
+    for name in plan.sigma_names & compiled_for.log.records.keys():
+        mine = binding.log.records.get(name)
+        if mine is None:
+            mine = binding.log.records[name] = dataclasses.replace(compiled_for.log.records[name], t_graphs=0)
+        mine.t_graphs += name in plan.t_names
     binding.log.params_seen |= plan.params_seen
     binding.log.graphs += 1
+    binding.plans.add(id(plan))
     return binding
 
 
-def _save_state_hook(binding: Binding):
-    def hook(module, state_dict, prefix, local_metadata) -> None:
+def _save_state_hook(module, state_dict, prefix, local_metadata) -> None:
+    """``svgd_state.<σ' name>.r`` in the state_dict of what was compiled: ``model_c.state_dict()``
+    (prefix ``_orig_mod.``), or the model's own after ``model.compile(backend="svgd")``. The bare
+    model's ``state_dict()`` stays its own, loadable into a fresh plain model."""
+    binding = _bound(module)
+    if binding is None:
+        return
+    if prefix.endswith("_orig_mod.") or getattr(module, "_compiled_call_impl", None) is not None:
         for key, value in binding.svgd_state.state_dict(keep_vars=False).items():
             state_dict[f"{prefix}svgd_state.{key}"] = value
-    return hook
 
 
-def _load_state_hook(binding: Binding):
-    def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-             error_msgs) -> None:
-        own = prefix + "svgd_state."
-        mine = {key[len(own):]: state_dict.pop(key) for key in list(state_dict) if key.startswith(own)}
+def _load_state_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                     error_msgs) -> None:
+    binding = _bound(module)
+    own = prefix + "svgd_state."
+    mine = {key[len(own):]: state_dict.pop(key) for key in list(state_dict) if key.startswith(own)}
+    if binding is not None and mine:
         binding.svgd_state._load_from_state_dict(mine, "", local_metadata, strict, missing_keys,
                                                  unexpected_keys, error_msgs)
-    return hook
+    elif mine:
+        unexpected_keys.extend(own + key for key in mine)
+
+
+def _on_module_registered(module, name, submodule) -> None:
+    """``torch.compile(model)`` wraps ``model`` in an ``OptimizedModule`` whose first act is to
+    register it as ``_orig_mod``: give that wrapper a load hook, so that a checkpoint with SVGD
+    state loads into a freshly compiled model before its first forward (no ``state_of`` needed)."""
+    if name == "_orig_mod" and type(module).__name__ == "OptimizedModule":
+        module.register_load_state_dict_pre_hook(_load_into_compiled)
+
+
+def _load_into_compiled(module, state_dict, prefix, *rest) -> None:
+    own = prefix + "_orig_mod.svgd_state."
+    if any(key.startswith(own) for key in state_dict) and _svgd_backend_of(module) is not None:
+        owner_of(module, "load_state_dict")   # binds the model (its hooks load the keys) with its options
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_on_module_registered)
 
 
 # ----------------------------------------------------------------------------- finding the model
@@ -256,7 +332,7 @@ def _find_model(params: list[nn.Parameter]) -> nn.Module | None:
     root = _compiled_root(params)
     if root is not None:
         return root
-    for module in list(_BINDINGS.keys()):
+    for module in list(_BOUND):
         if _owns_all(module, params):
             return module
     for values in _frame_locals():
@@ -378,13 +454,33 @@ def _compile_inductor(gm, example_inputs, plan):
         return compile_fx(gm, example_inputs, config_patches=patches)
 
 
-def _coverage_message(names: list[str]) -> str:
-    return (
-        "svgd_fx: these trainable parameters received gradients that did not come through a graph of backend "
-        f"'svgd', so they would train on plain gradients: {names}. Usually a graph break put their use outside "
-        "the captured graphs (TORCH_LOGS=graph_breaks shows where), or TorchDynamo ran a whole forward "
-        "uncompiled. Fix the graph break, or pass options={'exclude': [...]} with these names to train them on "
-        "plain gradients knowingly.")
+def _coverage_message(binding: Binding, names: list[str]) -> str:
+    """The coverage error under the backend, with the likeliest cause for what was seen."""
+    model = type(binding.model).__name__
+    head = ("svgd_fx: these trainable parameters received gradients that did not come through a graph of backend "
+            f"'svgd', so they would train on plain gradients: {names}. ")
+    knowingly = ("pass options={'exclude': [...]} with these names to train them on plain gradients knowingly.")
+    if binding.log.graphs == 0:
+        return head + (
+            f"No graph of {model} has been compiled by backend 'svgd': either a torch.compile around the svgd-compiled "
+            "model compiled it with its own backend (torch.compile(torch.compile(model, backend='svgd')): compile it "
+            "once, with backend='svgd'), or TorchDynamo ran the whole forward uncompiled (TORCH_LOGS=graph_breaks "
+            "shows why). Fix that, or " + knowingly)
+    if _recompile_limit_hit():
+        return head + (
+            f"TorchDynamo hit its recompile limit (torch._dynamo.config.recompile_limit = "
+            f"{torch._dynamo.config.recompile_limit}) in this process, and frames past it run uncompiled: "
+            "TORCH_LOGS=recompiles shows what recompiles (an input shape under dynamic=False, a Python value that "
+            "changes); torch._dynamo.reset() between models you are done with; or raise the limit.")
+    return head + (
+        "Usually a graph break put their use outside the captured graphs (TORCH_LOGS=graph_breaks shows where). Fix "
+        "the graph break, or " + knowingly)
+
+
+def _recompile_limit_hit() -> bool:
+    from torch._dynamo.utils import counters
+
+    return any(key.startswith("Dynamo recompile limit exceeded") for key in counters.get("unimplemented", {}))
 
 
 # ----------------------------------------------------------------------------- before any graph

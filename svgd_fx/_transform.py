@@ -229,17 +229,42 @@ class SVGDModule(nn.Module):
         self.svgd_state = SVGDState()
         self.config = config
         self.excluded = frozenset(exclude)
-        self.log = PassLog()
-        self._first_inputs: tuple | None = None     # for the guard's message, until its first check passes
-        self.guard = GradientGuard(model, self.excluded, self._coverage_message)
-        self.guard.on_first_check.append(self._first_check_passed)
-        # hidden from nn: [plain graphs] + [graphs with accumulate's inputs], compiled at its first use
-        self._compiled = [torch.compile(model, backend=_Backend(self), dynamic=None)]
         self.register_state_dict_post_hook(_strip_model_prefix)
         self.register_load_state_dict_pre_hook(_add_model_prefix)
+        self._start()
+
+    def _start(self) -> None:
+        """What is rebuilt rather than copied or pickled: the pass log, the gradient guard and the
+        compiled graphs (hidden from nn: [plain graphs] + [graphs with accumulate's inputs],
+        compiled at first use)."""
         from ._backend import _TRANSFORMED
 
-        _TRANSFORMED.add(model)
+        self.log = PassLog()
+        self._first_inputs: tuple | None = None     # for the guard's message, until its first check passes
+        self.guard = GradientGuard(self.model, self.excluded, self._coverage_message)
+        self.guard.on_first_check.append(self._first_check_passed)
+        self._compiled = [torch.compile(self.model, backend=_Backend(self), dynamic=None)]
+        _TRANSFORMED.add(self.model)
+
+    def __getstate__(self) -> dict:
+        """Pickled and deep-copied: the model, the options and the SVGD state (the copy continues
+        from the same r); the log, guard and graphs are rebuilt (see ``_start``)."""
+        state = dict(self.__dict__)
+        for key in _REBUILT:
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._start()
+
+    def __deepcopy__(self, memo: dict) -> "SVGDModule":
+        if self.grad_scaler is not None:     # the user's scaler steps the copy too: shared, not copied
+            memo.setdefault(id(self.grad_scaler), self.grad_scaler)
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return copied
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -290,6 +315,8 @@ class SVGDModule(nn.Module):
     def extra_repr(self) -> str:
         return self.config.describe()
 
+
+_REBUILT = ("log", "_first_inputs", "guard", "_compiled")
 
 _DYNAMO_STRICT = {"allow_rnn": True, "suppress_errors": False}
 if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
@@ -396,6 +423,8 @@ class Plan:
     collect_device: Any = None                          # where the "collect" mode input lives
     method: str = "svgd"                                # "tso-alra": specs are KronSpecs
     r_shapes: list[tuple] = field(default_factory=list)  # (shape, dtype, device) of each state tensor
+    sigma_names: frozenset[str] = frozenset()            # the σ' nodes of this graph (routed or not)
+    t_names: set[str] = field(default_factory=set)       # those its backward got a T for (rewrite)
 
     def rewrite(self, joint: torch.fx.GraphModule) -> None:
         """The reroute pass on AOTAutograd's joint graph (in place), logged per σ'."""
@@ -409,6 +438,7 @@ class Plan:
         for spec in self.specs:
             if spec.name in changed:
                 self.owner.log.records[spec.name].t_graphs += 1
+                self.t_names.add(spec.name)
 
     def partition(self, joint, joint_inputs, **kwargs):
         from torch._functorch.partitioners import default_partition
@@ -437,8 +467,6 @@ class Plan:
 
         def state_tensors(owner, args) -> list[torch.Tensor]:
             state = owner.svgd_state
-            if torch.is_grad_enabled():
-                owner.guard.entered(plan_key, lambda: frozenset(id(args[i]) for i in param_idx))
             if owner.grad_scaler is None and autocast_device is not None and torch.is_grad_enabled() \
                     and torch.is_autocast_enabled(autocast_device) \
                     and torch.get_autocast_dtype(autocast_device) == torch.float16:
@@ -465,14 +493,20 @@ class Plan:
                 tensors.append(state.collect_flag(collect_device))
             return tensors
 
+        def watched(owner, args, outputs):
+            if torch.is_grad_enabled():     # a backward through this graph covers its parameters
+                owner.guard.watch(plan_key, lambda: frozenset(id(args[i]) for i in param_idx), outputs)
+            return outputs
+
         if owner_of_call is None:
             owner = self.owner
 
             def run(*args):
-                return compiled(*args, *state_tensors(owner, args))
+                return watched(owner, args, compiled(*args, *state_tensors(owner, args)))
         else:
             def run(*args):
-                return compiled(*args, *state_tensors(owner_of_call(args), args))
+                owner = owner_of_call(args)
+                return watched(owner, args, compiled(*args, *state_tensors(owner, args)))
 
         return run
 
@@ -643,7 +677,8 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
     collect = [owner.svgd_state.collect_flag(collect_device)] if collecting else []
     return Plan(owner, new_gm, _with_state_examples(example_inputs, r_values + flags + accs + scale + collect),
                 specs, keys, _param_sources(analysis), param_inputs, r_specs, analysis.params_seen, flag_keys,
-                scaled, accumulating, collect_device, r_shapes=[_signature(r) for r in r_values])
+                scaled, accumulating, collect_device, r_shapes=[_signature(r) for r in r_values],
+                sigma_names=frozenset(sigma.name for sigma in analysis.sigmas))
 
 
 def _tso_plan(owner, gm, example_inputs, analysis, param_nodes, name_to_input, param_inputs) -> Plan:
@@ -657,7 +692,7 @@ def _tso_plan(owner, gm, example_inputs, analysis, param_nodes, name_to_input, p
     values = [owner.svgd_state.get_or_create(*spec) for spec in r_specs]
     return Plan(owner, _with_state_inputs(gm, keys), _with_state_examples(example_inputs, values), specs, keys,
                 _param_sources(analysis), param_inputs, r_specs, analysis.params_seen, method="tso-alra",
-                r_shapes=[_signature(v) for v in values])
+                r_shapes=[_signature(v) for v in values], sigma_names=frozenset(s.name for s in analysis.sigmas))
 
 
 def _world_size() -> int:

@@ -174,8 +174,7 @@ def test_state_dict_round_trip_and_load_before_first_forward():
 
     fresh = PaperMLP()
     fresh_c = torch.compile(fresh, backend="svgd", options={"s": 0.1})
-    svgd_fx.state_of(fresh_c)                   # installs the hooks before the first forward
-    fresh_c.load_state_dict(saved)              # strict: every key is known
+    fresh_c.load_state_dict(saved)              # strict, before its first forward: every key is known
     for m in (model, fresh):
         for p in m.parameters():
             p.grad = None
@@ -335,9 +334,9 @@ def test_triton_t_under_inductor_with_changing_batch():
                         p -= 0.1 * p.grad
                 # every run starts the next step from the same parameters, statistics and r, so each
                 # comparison measures one step (float32 differences otherwise grow through BN at B=3)
-                synced = models[1].state_dict()
-                models[0].load_state_dict(synced)
-                runs[2][1].load_state_dict(synced)
+                synced = runs[1][1].state_dict()                  # weights, statistics and r
+                runs[0][1].load_state_dict(synced)
+                runs[2][1].load_state_dict({k.removeprefix("_orig_mod."): v for k, v in synced.items()})
         assert calls[0] > 0, "the Triton kernel never ran"
         print("ok", calls[0])
     """)

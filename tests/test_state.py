@@ -158,7 +158,6 @@ if mode == "transform":
     wrapped = svgd_fx.transform(model, s=0.1)
 else:
     wrapped = torch.compile(model, backend="svgd", options={{"s": 0.1}})
-    svgd_fx.state_of(wrapped)          # hooks in place before loading into a fresh model
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 gen = torch.Generator().manual_seed(1)
 batches = [(torch.randn(16, 784, generator=gen), torch.randint(0, 10, (16,), generator=gen)) for _ in range(5)]
