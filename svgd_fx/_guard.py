@@ -6,11 +6,15 @@ an error, raised at the end of that backward (before any optimizer step can use 
 that receives no gradient (an auxiliary head not used this step, the branch not taken) is fine,
 and so is one the user excluded.
 
-Mechanism, cheap per step: every compiled SVGD graph marks itself *entered* when it runs with
-grad enabled (a set insert); every parameter has a post-accumulate-grad hook that notes it
-received a gradient (one Python call per parameter per backward) and, the first time in a
-backward, queues one callback for the end of that backward. The callback compares the
-parameters that received gradients with those of the graphs entered.
+Mechanism, cheap per step: every compiled SVGD graph that runs with grad enabled puts a pre-hook
+on its own backward node (AOTAutograd's ``CompiledFunctionBackward``), which marks the graph as
+*passed* when a backward runs through it; every parameter has a post-accumulate-grad hook that
+notes it received a gradient (one Python call per parameter per backward) and, the first time in
+a backward, queues one callback for the end of that backward. The callback compares the
+parameters that received gradients with those of the graphs that backward passed. Marking in
+the backward, not the forward, tells a second backward through the same graph
+(``retain_graph=True``: covered) from a forward that ran uncompiled after an earlier one that
+did not (past TorchDynamo's recompile limit: not covered).
 """
 
 from __future__ import annotations
@@ -31,9 +35,8 @@ class GradientGuard:
         self.excluded = excluded
         self.explain = explain                     # the names of the offenders -> the error message
         self.plan_params: dict[object, frozenset[int]] = {}
-        self.entered_plans: set[object] = set()
+        self.passed: set[object] = set()           # graphs whose backward this backward ran through
         self.received: set[int] = set()
-        self.step_open = False                     # a graph entered since the last check
         self.callback_queued = False
         self.on_first_check: list[Callable[[], None]] = []
         self.checks = 0
@@ -47,14 +50,15 @@ class GradientGuard:
             if p.requires_grad and id(p) not in self.handles:
                 self.handles[id(p)] = p.register_post_accumulate_grad_hook(_noting(guard, id(p)))
 
-    def entered(self, plan_key: object, params: Callable[[], frozenset[int]]) -> None:
-        """A compiled SVGD graph ran with grad enabled; ``params()`` gives its parameters' ids."""
-        if not self.step_open:
-            self.entered_plans.clear()
-            self.step_open = True
-        self.entered_plans.add(plan_key)
+    def watch(self, plan_key: object, params: Callable[[], frozenset[int]], outputs) -> None:
+        """A compiled SVGD graph ran with grad enabled and returned ``outputs``; ``params()`` gives
+        its parameters' ids. A backward through it marks the graph passed."""
+        node = _backward_node(outputs)
+        if node is None:
+            return
         if plan_key not in self.plan_params:
             self.plan_params[plan_key] = params()
+        node.register_prehook(_passing(weakref.ref(self), plan_key))
 
     def note(self, pid: int) -> None:
         self.received.add(pid)
@@ -64,9 +68,9 @@ class GradientGuard:
 
     def check(self) -> None:
         self.callback_queued = False
-        self.step_open = False
         received, self.received = self.received, set()
-        covered = set().union(*(self.plan_params[k] for k in self.entered_plans))
+        passed, self.passed = self.passed, set()
+        covered = set().union(*(self.plan_params[k] for k in passed))
         offenders = [self.names[pid] for pid in received
                      if pid not in covered and pid in self.names and self.names[pid] not in self.excluded]
         self.checks += 1
@@ -76,9 +80,31 @@ class GradientGuard:
             self.on_first_check.pop()()
 
 
+def _backward_node(outputs):
+    """AOTAutograd's backward node of a compiled graph, from its outputs (a view output hangs
+    one node below it)."""
+    for out in outputs if isinstance(outputs, (list, tuple)) else (outputs,):
+        node = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
+        for _ in range(3):
+            if node is None:
+                break
+            if type(node).__name__ == "CompiledFunctionBackward":
+                return node
+            node = next((f for f, _ in node.next_functions if f is not None), None)
+    return None
+
+
 def _noting(guard: "weakref.ref[GradientGuard]", pid: int):
     def hook(param: torch.Tensor) -> None:
         g = guard()
         if g is not None:
             g.note(pid)
     return hook
+
+
+def _passing(guard: "weakref.ref[GradientGuard]", plan_key: object):
+    def prehook(grad_outputs):
+        g = guard()
+        if g is not None:
+            g.passed.add(plan_key)
+    return prehook

@@ -161,6 +161,46 @@ def test_recompile_limit_is_loud_not_plain_gradients():
             svgd_fx.transform(_small(), s=0.1)(torch.randn(8, 6))
 
 
+def test_backend_past_the_recompile_limit_is_loud_not_plain_gradients():
+    """Under the backend, a forward past TorchDynamo's recompile limit runs uncompiled after
+    earlier ones ran through SVGD graphs: its backward raises, naming the limit (it used to count
+    as covered by the graphs of the step before)."""
+    torch._dynamo.reset()
+    model = _small()
+    model_c = torch.compile(model, backend="svgd", options={"s": 0.1}, dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for batch in (8, 5):
+            model_c(torch.randn(batch, 6)).sum().backward()
+        assert all(row["t_in_graph"] for row in svgd_fx.explain(model_c).rows)
+        out = model_c(torch.randn(3, 6))          # a third shape: Dynamo runs it uncompiled
+        with pytest.raises(svgd_fx.CoverageError, match=r"'0.weight'.*recompile limit \(.*= 2\)"):
+            out.sum().backward()
+
+
+def test_backend_inside_another_compile_is_loud():
+    """torch.compile(torch.compile(model, backend='svgd')) compiles the model with the outer
+    compile's backend: no SVGD graph, and the error says so."""
+    torch._dynamo.reset()
+    model_c = torch.compile(_small(), backend="svgd", options={"s": 0.1})
+    outer = torch.compile(model_c)
+    with pytest.raises(svgd_fx.CoverageError, match="No graph of Sequential.*torch.compile around"):
+        outer(torch.randn(4, 6)).sum().backward()
+
+
+def test_a_second_backward_through_the_same_graph_is_covered():
+    """retain_graph=True, then a second backward through the same SVGD graph (the backend's fused
+    T takes it as a second observation): virtual gradients, not a coverage error; coverage is
+    marked by the backward that passes the graph, not by the forward."""
+    torch._dynamo.reset()
+    model = _small()
+    model_c = torch.compile(model, backend="svgd", options={"s": 0.1})
+    loss = model_c(torch.randn(4, 6)).pow(2).sum()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(row["t_in_graph"] for row in svgd_fx.explain(model_c).rows)
+
+
 def test_owner_lookups_name_the_caller_and_what_they_take():
     """explain / state_of / accumulate / switch_to_sgd resolve the model the same way (owner_of)."""
     model_t = svgd_fx.transform(_small(), s=0.1)
