@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import kernels  # noqa: F401  (registers torch.ops.svgd_fx.virtual_grad)
+from . import _backend, kernels  # noqa: F401  (kernels registers torch.ops.svgd_fx.virtual_grad)
 from ._accumulate import accumulate
 from ._backend import backend, state_of
 from ._explain import Report, explain
@@ -81,7 +81,18 @@ def transform(
     config = make_config(s=s, method=method, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape,
                          nonfinite=nonfinite, grad_scaler=grad_scaler, distributed=distributed, gamma=gamma,
                          t_int=t_int, damping=damping, switch_at_step=switch_at_step)
+    if isinstance(model, SVGDModule):
+        raise TypeError("svgd_fx.transform: this is already what svgd_fx.transform returned (for "
+                        f"{type(model.model).__name__}); train it as it is. For other options, transform a fresh "
+                        "model (fresh.load_state_dict(model_t.model.state_dict())).")
     _check_model(model)
+    bound = _backend._bound(getattr(model, "_orig_mod", model))
+    if bound is not None and bound.config is not None:
+        raise TypeError("svgd_fx.transform: this model is compiled with backend 'svgd', which gives it SVGD "
+                        "already (one model, one SVGD state): use one entry point per model.")
+    if getattr(model, "_orig_mod", None) is not None:
+        raise TypeError("svgd_fx.transform: this is what torch.compile returned; pass the model itself "
+                        "(transform compiles it): svgd_fx.transform(model_c._orig_mod, ...).")
     excluded = _resolve_exclude(model, exclude)
     return SVGDModule(model, config, excluded, _check_scaler(grad_scaler))
 

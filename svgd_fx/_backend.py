@@ -112,8 +112,8 @@ def _describe(config: SVGDConfig, excluded: frozenset[str]) -> str:
 # the binding of a model is its __dict__[_ATTR]; _BOUND lists the bound models (for the owner search)
 _ATTR = "_svgd_fx_binding"
 _BOUND: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-# models given to svgd_fx.transform (their SVGD state lives in what transform returned)
-_TRANSFORMED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+# models given to svgd_fx.transform -> (a weakref to) what it returned, where their SVGD state lives
+_TRANSFORMED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 # id(parameter) -> (weakref to it, weakref to its model's binding): the per-call owner lookup
 _PARAM_OWNER: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
@@ -410,6 +410,7 @@ class backend:
                 f"parameters (shapes {[tuple(p.shape) for p in params[:4]]}...). Compile the model "
                 "itself (torch.compile(model, backend='svgd', ...)), or use svgd_fx.transform(model, s)."
             )
+        _refuse_transformed(model)
         binding = _binding_for(model)
         _check_model(model)
         binding.configure(self.config, self.exclude, self.grad_scaler)
@@ -532,6 +533,14 @@ def _svgd_models_on_stack() -> list[tuple[nn.Module, backend]]:
     return found
 
 
+def _refuse_transformed(model: nn.Module) -> None:
+    if model in _TRANSFORMED:
+        raise SVGDError(
+            f"svgd_fx: this {type(model).__name__} was given to svgd_fx.transform, whose SVGD state and gradient "
+            "checks it carries; compiling it with backend 'svgd' as well would put two SVGD states on one set of "
+            "parameters. Use one entry point per model (what transform returned, or a fresh model for the backend).")
+
+
 def _outer_compile_of(model: nn.Module) -> str | None:
     """The backend of a ``torch.compile`` around the svgd-compiled ``model``, if one is running."""
     from torch._dynamo.eval_frame import OptimizedModule
@@ -559,6 +568,7 @@ def _on_compile_start(args) -> None:
         return
     for model, b in models:
         refuse_sharded(model)
+        _refuse_transformed(model)
         if _outer_compile_of(model) is not None:
             raise SVGDError(
                 f"svgd_fx: {type(model).__name__} was compiled with backend 'svgd' and then compiled again around "

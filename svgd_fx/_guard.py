@@ -50,6 +50,12 @@ class GradientGuard:
             if p.requires_grad and id(p) not in self.handles:
                 self.handles[id(p)] = p.register_post_accumulate_grad_hook(_noting(guard, id(p)))
 
+    def disarm(self) -> None:
+        """Remove the parameters' hooks (the owner was superseded)."""
+        for handle in self.handles.values():
+            handle.remove()
+        self.handles.clear()
+
     def watch(self, plan_key: object, params: Callable[[], frozenset[int]], outputs) -> None:
         """A compiled SVGD graph ran with grad enabled and returned ``outputs``; ``params()`` gives
         its parameters' ids. A backward through it marks the graph passed."""

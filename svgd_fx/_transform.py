@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -244,7 +245,17 @@ class SVGDModule(nn.Module):
         self.guard = GradientGuard(self.model, self.excluded, self._coverage_message)
         self.guard.on_first_check.append(self._first_check_passed)
         self._compiled = [torch.compile(self.model, backend=_Backend(self), dynamic=None)]
-        _TRANSFORMED.add(self.model)
+        self._superseded = False
+        earlier = _TRANSFORMED.get(self.model)
+        if earlier is not None and earlier() is not None and earlier() is not self:
+            earlier()._supersede()
+        _TRANSFORMED[self.model] = weakref.ref(self)
+
+    def _supersede(self) -> None:
+        """A later ``transform`` of the same model takes over (re-running a notebook cell): this
+        one's gradient checks stop, and calling it raises."""
+        self._superseded = True
+        self.guard.disarm()
 
     def __getstate__(self) -> dict:
         """Pickled and deep-copied: the model, the options and the SVGD state (the copy continues
@@ -267,6 +278,10 @@ class SVGDModule(nn.Module):
         return copied
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._superseded:
+            raise SVGDError(
+                f"svgd_fx: this transform of {type(self.model).__name__} was superseded by a later "
+                "svgd_fx.transform of the same model, which holds the SVGD state now: use what that call returned.")
         try:
             # a frame Dynamo gives up on would run uncompiled, training on plain gradients: make
             # the recompile limit and suppressed errors fail loudly instead (see _DYNAMO_STRICT)
@@ -316,7 +331,7 @@ class SVGDModule(nn.Module):
         return self.config.describe()
 
 
-_REBUILT = ("log", "_first_inputs", "guard", "_compiled")
+_REBUILT = ("log", "_first_inputs", "guard", "_compiled", "_superseded")
 
 _DYNAMO_STRICT = {"allow_rnn": True, "suppress_errors": False}
 if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):

@@ -201,6 +201,34 @@ def test_a_second_backward_through_the_same_graph_is_covered():
     assert all(row["t_in_graph"] for row in svgd_fx.explain(model_c).rows)
 
 
+def test_one_model_one_entry_point():
+    """transform of what transform returned, of a compiled model, or of a model under backend
+    'svgd' (and the backend on a transformed model) name the mistake; a second transform of one
+    model (a re-run notebook cell) takes over, and the first one raises when called (its
+    gradient checks would otherwise flag the second one's gradients as a graph break)."""
+    torch._dynamo.reset()
+    model = _small()
+    first = svgd_fx.transform(model, s=0.1)
+    with pytest.raises(TypeError, match="already what svgd_fx.transform returned"):
+        svgd_fx.transform(first, s=0.1)
+    second = svgd_fx.transform(model, s=0.1)
+    second(torch.randn(4, 6)).sum().backward()                   # no coverage error from `first`
+    assert all(row["t_in_graph"] for row in svgd_fx.explain(second).rows)
+    with pytest.raises(svgd_fx.SVGDError, match="superseded by a later svgd_fx.transform"):
+        first(torch.randn(4, 6))
+    with pytest.raises((torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.InternalTorchDynamoError),
+                       match="given to svgd_fx.transform"):
+        torch.compile(model, backend="svgd", options={"s": 0.1})(torch.randn(4, 6))
+
+    other = _small()
+    other_c = torch.compile(other, backend="svgd", options={"s": 0.1})
+    other_c(torch.randn(4, 6)).sum().backward()
+    with pytest.raises(TypeError, match="compiled with backend 'svgd'"):
+        svgd_fx.transform(other, s=0.1)
+    with pytest.raises(TypeError, match="what torch.compile returned"):
+        svgd_fx.transform(torch.compile(_small()), s=0.1)
+
+
 def test_owner_lookups_name_the_caller_and_what_they_take():
     """explain / state_of / accumulate / switch_to_sgd resolve the model the same way (owner_of)."""
     model_t = svgd_fx.transform(_small(), s=0.1)
