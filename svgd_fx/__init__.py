@@ -19,7 +19,8 @@ from ._accumulate import accumulate
 from ._backend import backend, state_of
 from ._explain import Report, explain
 from ._tso import SwitchOnPlateau, switch_to_sgd, switched
-from .errors import CoverageError, FactorError, NonFiniteGradientError, RerouteError, StateShapeError, SVGDError
+from .errors import (CoverageError, FactorError, GradientAccumulationWarning, NonFiniteGradientError, RerouteError,
+                     StateShapeError, SVGDError)
 from ._transform import ExcludeSpec, SVGDConfig, SVGDModule, _check_model, _resolve_exclude
 
 __all__ = ["transform", "accumulate", "switch_to_sgd", "switched", "SwitchOnPlateau", "FactorError", "backend", "state_of", "explain", "Report", "SVGDModule", "SVGDConfig", "SVGDError", "StateShapeError",

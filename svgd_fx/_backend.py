@@ -70,6 +70,7 @@ class Binding:
         if self._guard is None:         # made at first use: a copy's model is complete by then
             self._guard = GradientGuard(self.model, self.excluded, lambda names: _coverage_message(self, names))
             self._guard.on_first_check.append(lambda: self.svgd_state.check_claimed(self.log.records))
+            self._guard.quiet = lambda: self.svgd_state.accumulating
         return self._guard
 
     def configure(self, config: SVGDConfig, exclude: ExcludeSpec, grad_scaler=None) -> None:

@@ -19,13 +19,14 @@ did not (past TorchDynamo's recompile limit: not covered).
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .errors import CoverageError
+from .errors import CoverageError, GradientAccumulationWarning
 
 
 class GradientGuard:
@@ -41,6 +42,11 @@ class GradientGuard:
         self.on_first_check: list[Callable[[], None]] = []
         self.checks = 0
         self.handles: dict[int, object] = {}
+        self.quiet: Callable[[], bool] = lambda: False     # the owner's: inside svgd_fx.accumulate
+        self.probe: tuple | None = None    # (id, weakref) of the parameter watched for accumulation
+        self.last_grad: tuple | None = None  # (weakref, version) of its .grad after the previous backward
+        self.accumulated = False             # this backward added into that .grad, untouched since
+        self.warned = False
         self.arm(model)
 
     def arm(self, model: nn.Module) -> None:
@@ -66,8 +72,10 @@ class GradientGuard:
             self.plan_params[plan_key] = params()
         node.register_prehook(_passing(weakref.ref(self), plan_key))
 
-    def note(self, pid: int) -> None:
+    def note(self, pid: int, param: torch.Tensor) -> None:
         self.received.add(pid)
+        if self.probe is None:
+            self._watch(pid, param)
         if not self.callback_queued:
             self.callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.check)
@@ -82,8 +90,43 @@ class GradientGuard:
         self.checks += 1
         if offenders:
             raise CoverageError(self.explain(sorted(offenders, key=list(self.names.values()).index)))
+        if not self.warned:
+            self._watch_accumulation()
         while self.on_first_check:
             self.on_first_check.pop()()
+
+
+    def _watch(self, pid: int, param: torch.Tensor) -> None:
+        """Watch one parameter for gradient accumulation: a pre-hook on its AccumulateGrad node
+        sees whether its ``.grad`` is still the tensor the previous backward left, untouched
+        (same object, same version: nobody zeroed or replaced it) when the next one adds to it."""
+        with torch.enable_grad():
+            node = param.view_as(param).grad_fn.next_functions[0][0]
+        self.probe = (pid, weakref.ref(param), node)      # holding the node keeps it the one autograd uses
+        node.register_prehook(_before_accumulating(weakref.ref(self)))
+
+    def before_accumulating(self) -> None:
+        param = self.probe[1]()
+        grad = param.grad if param is not None else None
+        last = self.last_grad
+        if grad is not None and last is not None and last[0]() is grad and grad._version == last[1] \
+                and not self.quiet():
+            self.accumulated = True
+
+    def _watch_accumulation(self) -> None:
+        """At the end of a backward: warn once if it added into the watched ``.grad`` outside
+        ``svgd_fx.accumulate``; remember that ``.grad`` for the next backward."""
+        if self.accumulated:
+            self.warned = True
+            warnings.warn(
+                "svgd_fx: several backward passes accumulated into .grad before one optimizer step (gradient "
+                "accumulation, e.g. a framework's gradient_accumulation_steps / accumulate_grad_batches): each "
+                "backward updated r from its own micro-batch, so the virtual gradients are not the accumulated "
+                "batch's. Run the micro-batches of a step inside `with svgd_fx.accumulate(model):` (see its "
+                "docs). Warned once.", GradientAccumulationWarning, stacklevel=2)
+        param = self.probe[1]() if self.probe is not None else None
+        grad = param.grad if param is not None else None
+        self.last_grad = (weakref.ref(grad), grad._version) if grad is not None else None
 
 
 def _backward_node(outputs):
@@ -104,8 +147,16 @@ def _noting(guard: "weakref.ref[GradientGuard]", pid: int):
     def hook(param: torch.Tensor) -> None:
         g = guard()
         if g is not None:
-            g.note(pid)
+            g.note(pid, param)
     return hook
+
+
+def _before_accumulating(guard: "weakref.ref[GradientGuard]"):
+    def prehook(grad_outputs):
+        g = guard()
+        if g is not None and not g.warned:
+            g.before_accumulating()
+    return prehook
 
 
 def _passing(guard: "weakref.ref[GradientGuard]", plan_key: object):

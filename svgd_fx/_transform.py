@@ -244,6 +244,7 @@ class SVGDModule(nn.Module):
         self._first_inputs: tuple | None = None     # for the guard's message, until its first check passes
         self.guard = GradientGuard(self.model, self.excluded, self._coverage_message)
         self.guard.on_first_check.append(self._first_check_passed)
+        self.guard.quiet = lambda: self.svgd_state.accumulating
         self._compiled = [torch.compile(self.model, backend=_Backend(self), dynamic=None)]
         self._superseded = False
         earlier = _TRANSFORMED.get(self.model)

@@ -23,3 +23,8 @@ class NonFiniteGradientError(SVGDError, FloatingPointError):
 
 class FactorError(SVGDError, FloatingPointError):
     """TSO-ALRA: a Kronecker factor that is non-finite or not positive definite after damping."""
+
+
+class GradientAccumulationWarning(UserWarning):
+    """Several backward passes accumulated into ``.grad`` outside ``svgd_fx.accumulate``: r was
+    updated per micro-batch, not from the accumulated batch."""

@@ -232,3 +232,40 @@ def test_accumulate_rejects_bad_use():
     with pytest.raises(TypeError, match="accumulate"):
         with svgd_fx.accumulate(object()):
             pass
+
+
+@pytest.mark.parametrize("kind", ["transform", "backend"])
+def test_backward_passes_accumulated_outside_accumulate_warn_once(kind):
+    """Two backward passes into the same .grad before an optimizer step (a training framework's
+    gradient accumulation) update r once per micro-batch: not the accumulated batch. svgd_fx sees
+    the .grad being accumulated into and warns once, naming svgd_fx.accumulate; zeroing between
+    backward passes (either way) and svgd_fx.accumulate itself are quiet."""
+    import warnings
+
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    wrapped = svgd_fx.transform(model, s=0.1) if kind == "transform" else \
+        torch.compile(model, backend="svgd", options={"s": 0.1, "accumulation": True})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def backward():
+        wrapped(torch.randn(4, 6)).pow(2).mean().backward()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", svgd_fx.GradientAccumulationWarning)
+        for set_to_none in (True, False, True):
+            opt.zero_grad(set_to_none=set_to_none)
+            backward()
+            opt.step()
+        opt.zero_grad()
+        with svgd_fx.accumulate(wrapped):
+            backward()
+            backward()
+        opt.step()
+        opt.zero_grad()
+    with pytest.warns(svgd_fx.GradientAccumulationWarning, match=r"svgd_fx\.accumulate"):
+        backward()
+        backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", svgd_fx.GradientAccumulationWarning)
+        backward()                      # once only
