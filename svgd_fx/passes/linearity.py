@@ -40,6 +40,19 @@ class OpRule:
     args: tuple[str, ...]         # argument names in positional order
     linear_in: frozenset[str]     # arguments in which the op is linear (affine)
     channel_dim: int = -1         # dim of the output that indexes channels (for r="channel")
+    # (position or None for keyword-only, name) of arguments that, given and not None, make the
+    # op linear in nothing: div's rounding_mode, embedding's max_norm (it renormalises rows)
+    spoilers: tuple[tuple[int | None, str], ...] = ()
+
+    def spoiled_by(self, args: tuple, kwargs: dict) -> str | None:
+        """The argument of this call that makes the op non-linear, if one is given."""
+        for position, name in self.spoilers:
+            value = kwargs.get(name)
+            if value is None and position is not None and position < len(args):
+                value = args[position]
+            if value is not None:
+                return name
+        return None
 
 
 def op_key(node: Node) -> Any:
@@ -73,7 +86,8 @@ for _dims in (1, 2, 3):
               OpRule(f"conv{_dims}d", _CONV, frozenset({"weight", "bias"}), channel_dim=1))
     _register([getattr(torch, f"conv_transpose{_dims}d"), getattr(F, f"conv_transpose{_dims}d")],
               OpRule(f"conv_transpose{_dims}d", _CONV_T, frozenset({"weight", "bias"}), channel_dim=1))
-_register([F.embedding], OpRule("embedding", ("input", "weight"), frozenset({"weight"})))
+_register([F.embedding], OpRule("embedding", ("input", "weight"), frozenset({"weight"}),
+                                spoilers=((3, "max_norm"),)))
 _register([torch.embedding], OpRule("embedding", ("weight", "input"), frozenset({"weight"})))
 _register([F.layer_norm, torch.layer_norm],
           OpRule("layer_norm", ("input", "normalized_shape", "weight", "bias"), frozenset({"weight", "bias"})))
@@ -82,17 +96,27 @@ _register([F.rms_norm, torch.rms_norm],
 _register([F.group_norm, torch.group_norm],
           OpRule("group_norm", ("input", "num_groups", "weight", "bias"), frozenset({"weight", "bias"}),
                  channel_dim=1))
-_register([F.batch_norm, torch.batch_norm],
+# F.batch_norm / F.instance_norm take the running statistics before weight and bias; the
+# torch.* functions take weight and bias first
+_register([F.batch_norm],
           OpRule("batch_norm", ("input", "running_mean", "running_var", "weight", "bias"),
                  frozenset({"weight", "bias"}), channel_dim=1))
-_register([F.instance_norm, torch.instance_norm],
+_register([torch.batch_norm],
+          OpRule("batch_norm", ("input", "weight", "bias", "running_mean", "running_var"),
+                 frozenset({"weight", "bias"}), channel_dim=1))
+_register([F.instance_norm],
           OpRule("instance_norm", ("input", "running_mean", "running_var", "weight", "bias"),
+                 frozenset({"weight", "bias"}), channel_dim=1))
+_register([torch.instance_norm],
+          OpRule("instance_norm", ("input", "weight", "bias", "running_mean", "running_var"),
                  frozenset({"weight", "bias"}), channel_dim=1))
 _register([F.prelu, torch.prelu], OpRule("prelu", ("input", "weight"), frozenset({"weight"}), channel_dim=1))
 # torch.cat([cls_token.expand(B, 1, C), x], dim=1): linear in every parameter-derived member
 _register([torch.cat, torch.concat, torch.concatenate], OpRule("cat", ("tensors", "dim"), frozenset({"tensors"})))
 _register([torch.stack], OpRule("stack", ("tensors", "dim"), frozenset({"tensors"})))
-_register([torch.where, "method:where"], OpRule("where", ("condition", "input", "other"), frozenset({"input", "other"})))
+_register([torch.where], OpRule("where", ("condition", "input", "other"), frozenset({"input", "other"})))
+# x.where(condition, y): the receiver is where(condition, x, y)'s `input`
+_register(["method:where"], OpRule("where", ("input", "condition", "other"), frozenset({"input", "other"})))
 _register([operator.mul, operator.imul, torch.mul, "method:mul", "method:mul_", "method:__mul__",
            "method:__rmul__"], OpRule("mul", _BINARY, frozenset(_BINARY)))
 _register([operator.add, operator.iadd, torch.add, "method:add", "method:add_", "method:__add__",
@@ -100,7 +124,7 @@ _register([operator.add, operator.iadd, torch.add, "method:add", "method:add_", 
 _register([operator.sub, operator.isub, torch.sub, "method:sub", "method:sub_", "method:__sub__"],
           OpRule("sub", _BINARY, frozenset(_BINARY)))
 _register([operator.truediv, operator.itruediv, torch.div, "method:div", "method:div_", "method:__truediv__"],
-          OpRule("div", _BINARY, frozenset({"input"})))
+          OpRule("div", _BINARY, frozenset({"input"}), spoilers=((None, "rounding_mode"),)))
 
 
 def bind_args(node: Node, names: tuple[str, ...]) -> dict[str, Any]:
@@ -161,6 +185,8 @@ def chain_linearity(node: Node, param_map: Callable[[Node], dict[str, bool]]) ->
     """
     name = _callable_name(node)
     slots = _CHAIN_SLOTS.get(node.target)
+    rule = sigma_rule(node)
+    spoiler = rule.spoiled_by(node.args, node.kwargs) if rule is not None else None
     occurrences = [(position, n) for position, arg in enumerate(node.args) for n in nodes_in(arg)]
     occurrences += [(key, n) for key, arg in node.kwargs.items() for n in nodes_in(arg)]
     maps = [(position, param_map(n)) for position, n in occurrences]
@@ -172,6 +198,8 @@ def chain_linearity(node: Node, param_map: Callable[[Node], dict[str, bool]]) ->
             return slots[0][position] if position < len(slots[0]) else None
         return position
 
+    if spoiler is not None:
+        return {p: False for p in params}, {p: f"`{name}` with `{spoiler}=` is not linear" for p in params if below[p]}
     if slots is None and (name in _STRUCTURAL_NAMES or name in _ADDITIVE_NAMES):
         return dict(below), {}
     if name in _SELECT_NAMES:

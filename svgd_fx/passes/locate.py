@@ -259,6 +259,7 @@ class _Walk:
         param_inputs: list[ParamInput] = []
         if rule is not None:
             bound = bind_args(node, rule.args)
+            spoiler = rule.spoiled_by(node.args, node.kwargs)
             covered: set[Node] = set()
             for arg, value in bound.items():
                 nodes = [n for n in nodes_in(value) if kind.get(n) is Kind.PARAM]
@@ -266,9 +267,10 @@ class _Walk:
                     continue
                 covered.update(nodes)
                 params = sorted({p for n in nodes for p in chain[n]})
-                if arg not in rule.linear_in:
-                    param_inputs.append(ParamInput(arg, tuple(params), False,
-                                                   f"`{rule.name}` is not linear in its `{arg}` argument"))
+                if arg not in rule.linear_in or spoiler is not None:
+                    param_inputs.append(ParamInput(arg, tuple(params), False, (
+                        f"`{rule.name}` with `{spoiler}=` is not linear" if spoiler is not None and
+                        arg in rule.linear_in else f"`{rule.name}` is not linear in its `{arg}` argument")))
                     continue
                 # per parameter: a chain can be linear in one parameter and not in another
                 # (weight norm w = g·v/‖v‖): the reroute then splits the chain's backward too
