@@ -24,7 +24,7 @@ from .errors import (CoverageError, FactorError, GradientAccumulationWarning, No
 from ._transform import ExcludeSpec, SVGDConfig, SVGDModule, _check_model, _resolve_exclude
 
 __all__ = ["transform", "accumulate", "switch_to_sgd", "switched", "SwitchOnPlateau", "FactorError", "backend", "state_of", "explain", "Report", "SVGDModule", "SVGDConfig", "SVGDError", "StateShapeError",
-           "RerouteError", "CoverageError", "NonFiniteGradientError"]
+           "RerouteError", "CoverageError", "NonFiniteGradientError", "GradientAccumulationWarning"]
 __version__ = "0.1.0"
 
 
