@@ -8,7 +8,7 @@ paper's MLP shape (Linear→BN→ReLU) at this input size, 64-128-64-10; batch 3
 data order per seed; a 3-point learning-rate grid around each method's usual value, chosen
 by mean final *validation* error over the seeds; test error reported for that choice
 (final and best-seen), mean ± std over 3 seeds, and wall time. SVGD's s is held at the
-paper's 0.1 (its lr grid is SGD's, as SPEC says α_SVGD ≈ α_SGD).
+paper's 0.1 (its lr grid is SGD's, as docs/contract.md says α_SVGD ≈ α_SGD).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Models the benchmarks train and time (architectures from the authors' code, SPEC's last section)."""
+"""Models the benchmarks train and time (architectures from the authors' code, docs/contract.md)."""
 
 from __future__ import annotations
 

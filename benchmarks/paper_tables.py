@@ -32,8 +32,8 @@ Protocol (the same for every optimizer; the code below is the definition):
   RMSProp (Tables 1-3); SGD's centre × (1 − 0.9) for SGD+momentum (the same effective step);
   AdaHessian's own paper's 0.15 (with its paper's ε = 1e-4; ``pytorch_optimizer.AdaHessian``,
   Rademacher Hutchinson estimate every step, no spatial averaging of conv Hessians); for
-  SVGD, SGD's centre (SPEC: with s fixed, α_SVGD ≈ α_SGD), as in ``benchmarks/digits.py``.
-  The paper's own SVGD α, translated to this library's units (α_paper × B, SPEC's last
+  SVGD, SGD's centre (docs/contract.md: with s fixed, α_SVGD ≈ α_SGD), as in ``benchmarks/digits.py``.
+  The paper's own SVGD α, translated to this library's units (α_paper × B, docs/contract.md's last
   section), is 3 to 640 times larger; the paper-α rows below show what it does here.
   SVGD's ``s`` is **held at the paper's value** for the model (0.1 MLP, 0.001 VGG, 0.01
   ResNet), not tuned. A chosen lr still at the edge after the extensions is flagged.
@@ -48,7 +48,7 @@ Protocol (the same for every optimizer; the code below is the definition):
   the median time per step.
 * **Objective**: plain cross-entropy. The paper added an L1 penalty; it is left out here for
   every optimizer: SVGD's virtual gradient is B times smaller in this library's units than in
-  the authors' code (SPEC), so one penalty rate would weigh B times more on SVGD than it did
+  the authors' code (docs/contract.md), so one penalty rate would weigh B times more on SVGD than it did
   in the paper. The rerun of the paper's own hyperparameters keeps it, translated.
 * **The paper's own hyperparameters** for each model (Tables 1-3: per-phase α of SGD, Adam,
   RMSProp and SVGD, its L1 rate; translated: SVGD's α × B and its L1 rate / B, the rest as

@@ -47,7 +47,7 @@ def transform(
     switch_at_step: int | None = None,
 ) -> SVGDModule:
     """Return ``model`` with SVGD's backward: after ``loss.backward()`` every ``p.grad`` holds
-    the virtual gradient (SPEC), to be used by plain SGD (``torch.optim.SGD``).
+    the virtual gradient (docs/contract.md), to be used by plain SGD (``torch.optim.SGD``).
 
     model:     any ``nn.Module`` (or ``torch.fx.GraphModule``); it is not modified, and the
                result shares its parameters and buffers.
@@ -59,7 +59,7 @@ def transform(
                gradient is B·g) or "sum" (it is g).
     exclude:   parameter names, or a predicate ``(name, param) -> bool``, to keep on plain
                gradients.
-    r_shape:   "full" (r has the σ' output's per-sample shape, SPEC's default) or "channel"
+    r_shape:   "full" (r has the σ' output's per-sample shape, the default) or "channel"
                (r over the channel dimension only, for σ' nodes whose per-sample shape varies,
                e.g. a sequence length that changes between batches).
     nonfinite: "raise" (default without a scaler): an inf/NaN in ∇σ'J raises

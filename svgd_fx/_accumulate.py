@@ -22,7 +22,7 @@ parameter gradient. So there are two ways, both here:
 * **one pass** (``phase="single"``, the default) — T of every micro-batch uses r_{t-1} (r as
   the previous step left it) and r is updated once, at the end, from the pooled statistics of
   all micro-batches. Equal to one big batch with T reading r *before* the step's update: the
-  ordering of the authors' TensorFlow code (SPEC, "The authors' TensorFlow code differs").
+  ordering of the authors' TensorFlow code (docs/contract.md, the authors' TensorFlow code).
 
 Mechanism: graphs built for accumulation have a 0-dim "collect" input and an r-sized
 accumulator per σ'; inside ``accumulate`` "collect" is 1, and T then adds Σ_b (g/S)² and the

@@ -381,7 +381,7 @@ class backend:
 
         if s is None and method == "svgd":
             raise ValueError(
-                "svgd_fx: the svgd backend needs T's scale s (SPEC: s is the user's choice; the paper "
+                "svgd_fx: the svgd backend needs T's scale s (s is the user's choice; the paper "
                 "used 0.1, 0.01, 0.001): torch.compile(model, backend='svgd', options={'s': 0.1}) "
                 "or torch.compile(model, backend=svgd_fx.backend(s=0.1))."
             )

@@ -108,7 +108,7 @@ class SVGDConfig:
 
     def _check_svgd(self) -> None:
         if self.s is None:
-            raise ValueError("svgd_fx: SVGD needs T's scale s (SPEC: s is the user's choice; the paper used "
+            raise ValueError("svgd_fx: SVGD needs T's scale s (s is the user's choice; the paper used "
                              "0.1, 0.01, 0.001), e.g. svgd_fx.transform(model, s=0.1)")
         s, rho, eps = _real("s", self.s), _real("rho", self.rho), _real("eps", self.eps)
         if not (0 < s < float("inf")):
@@ -121,7 +121,7 @@ class SVGDConfig:
             raise ValueError(f"svgd_fx: eps must be a finite number > 0 (it keeps sqrt(r + eps) away "
                              f"from zero), got eps={self.eps!r}")
         if self.r_shape not in ("full", "channel"):
-            raise ValueError(f"svgd_fx: r_shape must be 'full' (r per output element, SPEC's default) "
+            raise ValueError(f"svgd_fx: r_shape must be 'full' (r per output element, the default) "
                              f"or 'channel' (r per channel), got {self.r_shape!r}")
         object.__setattr__(self, "s", s)
         object.__setattr__(self, "rho", rho)

@@ -1,4 +1,4 @@
-"""An independent reference for SPEC's virtual gradients: eager autograd, float64, no FX.
+"""An independent reference for the contract's virtual gradients: eager autograd, float64, no FX.
 
 It shares no code with ``svgd_fx``: it watches the model's torch calls with a
 ``TorchFunctionMode``, tracks which tensors are parameter-derived or batch-dependent, and at
@@ -8,8 +8,8 @@ every σ' call computes the op twice —
     y_par = f(inputs detached, linear params)   -> carries T(g) to the linear params
 
 — joined by an autograd function whose backward hands ``g`` to the first and ``T(g)`` to the
-second. T follows SPEC line by line in float64. Its own small linearity table covers the ops
-of the test models; anything else is treated as non-linear, like SPEC says.
+second. T follows docs/contract.md line by line in float64. Its own small linearity table covers the ops
+of the test models; anything else is treated as non-linear, as the contract (docs/contract.md) says.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class SVGDReference:
         return out
 
     def T(self, index: int, g: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
-        """SPEC's T for the ``index``-th σ' call. r keeps the dims of g that have not varied so
+        """the contract's T for the ``index``-th σ' call. r keeps the dims of g that have not varied so
         far (and, with r_shape="channel", only the channel); the statistic averages the batch
         and the others. When a dim first varies, r so far is averaged over it."""
         shape = tuple(g.shape)
@@ -332,7 +332,7 @@ _COMPOSITES = {F.multi_head_attention_forward: _mha, F.scaled_dot_product_attent
 
 
 def plain_reference_r(grads_per_step, rho, batch):
-    """SPEC's closed form: r after k steps = (1-ρ) Σ_j ρ^{k-j} mean_τ(B·g_j[τ])²."""
+    """the contract's closed form: r after k steps = (1-ρ) Σ_j ρ^{k-j} mean_τ(B·g_j[τ])²."""
     k = len(grads_per_step)
     return sum((1 - rho) * rho ** (k - 1 - j) * ((batch * g) ** 2).mean(0)
                for j, g in enumerate(grads_per_step))

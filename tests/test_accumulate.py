@@ -83,7 +83,7 @@ class _MLP(nn.Module):
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_pass_accumulation_scales_rows_with_the_previous_r(kind):
     """phase="single": grad_W = d[:, None]·(plain accumulated grad_W) with d = s/sqrt(r_{t-1}+ε)
-    (SPEC's row-scaling invariant, r as the previous step left it); r_t is the two-pass r_t."""
+    (the contract's row-scaling invariant, r as the previous step left it); r_t is the two-pass r_t."""
     torch.manual_seed(1)
     model = _MLP().double()
     twin = copy.deepcopy(model)

@@ -1,4 +1,4 @@
-"""SPEC's invariants, each checked directly (not through the reference)."""
+"""the contract's invariants, each checked directly (not through the reference)."""
 
 import copy
 

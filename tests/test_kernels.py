@@ -1,4 +1,4 @@
-"""The T op: torch implementation against SPEC's formula, the Triton kernel against torch."""
+"""The T op: torch implementation against the contract's formula, the Triton kernel against torch."""
 
 import os
 import subprocess

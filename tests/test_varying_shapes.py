@@ -66,7 +66,7 @@ def test_varying_sequence_length_matches_reference_with_defaults(kind):
 
 
 def test_fixed_shapes_keep_the_full_r():
-    """Where nothing varies, r has SPEC's full per-sample shape (only the batch size changes)."""
+    """Where nothing varies, r has the contract's full per-sample shape (only the batch size changes)."""
     torch.manual_seed(0)
     model = VaryingSeq().double()
     model_t = svgd_fx.transform(model, s=0.1)

@@ -107,7 +107,7 @@ def virtual_grad_reference(
         acc[:-2].add_(torch.where(finite, sums, 0).flatten())
         acc[-2:].add_(acc.new_tensor([count, float(batch)]))
     else:
-        # Per-sample gradient of the per-sample loss: B·g for a mean loss (SPEC, "One step").
+        # Per-sample gradient of the per-sample loss: B·g for a mean loss (docs/contract.md, "One step").
         sums, count = _batch_sums(u * batch if mean_reduction else u, reduce_dims, sync)
         stat = sums / count
         finite = torch.isfinite(stat)

@@ -1,6 +1,6 @@
 """Where an op is linear in a parameter input: one table for σ' ops, one rule for chains.
 
-SPEC: σ' = f(inputs) is *linear in θ* when, with every other input held fixed, the
+docs/contract.md: σ' = f(inputs) is *linear in θ* when, with every other input held fixed, the
 composite map θ → (parameter-derived chain) → f is linear. Affine counts as linear here
 (a bias is affine in b; what SVGD needs is that σ' = f(θ) holds exactly after the step,
 which an affine map keeps just as a linear one does).
