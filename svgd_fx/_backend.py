@@ -474,15 +474,24 @@ def _coverage_message(binding: Binding, names: list[str]) -> str:
             f"{torch._dynamo.config.recompile_limit}) in this process, and frames past it run uncompiled: "
             "TORCH_LOGS=recompiles shows what recompiles (an input shape under dynamic=False, a Python value that "
             "changes); torch._dynamo.reset() between models you are done with; or raise the limit.")
+    breaks = _graph_breaks_seen()
     return head + (
-        "Usually a graph break put their use outside the captured graphs (TORCH_LOGS=graph_breaks shows where). Fix "
-        "the graph break, or " + knowingly)
+        "Usually a graph break put their use outside the captured graphs ("
+        + (f"graph breaks TorchDynamo reported in this process: {breaks}; " if breaks else "")
+        + "TORCH_LOGS=graph_breaks shows where). Fix the graph break, or " + knowingly)
 
 
 def _recompile_limit_hit() -> bool:
     from torch._dynamo.utils import counters
 
     return any(key.startswith("Dynamo recompile limit exceeded") for key in counters.get("unimplemented", {}))
+
+
+def _graph_breaks_seen() -> list[str]:
+    """The first line of each graph-break reason Dynamo counted in this process (at most 5)."""
+    from torch._dynamo.utils import counters
+
+    return [key.strip().splitlines()[0] for key in counters.get("graph_break", {})][:5]
 
 
 # ----------------------------------------------------------------------------- before any graph

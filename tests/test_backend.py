@@ -210,7 +210,7 @@ def test_graph_break_hiding_parameters_is_loud():
     model = _Hidden()
     model_c = torch.compile(model, backend="svgd", options={"s": 0.1})
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    with pytest.raises(svgd_fx.CoverageError, match=r"\['mid.weight', 'mid.bias'\]"):
+    with pytest.raises(svgd_fx.CoverageError, match=r"\['mid.weight', 'mid.bias'\].*graph breaks TorchDynamo reported.*disable"):
         torch.nn.functional.cross_entropy(model_c(x), y).backward()
     torch._dynamo.reset()
     model = _Hidden()
