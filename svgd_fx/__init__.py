@@ -21,7 +21,7 @@ from ._explain import Report, explain
 from ._tso import SwitchOnPlateau, switch_to_sgd, switched
 from .errors import (CoverageError, FactorError, GradientAccumulationWarning, NonFiniteGradientError, RerouteError,
                      StateShapeError, SVGDError)
-from ._transform import ExcludeSpec, SVGDConfig, SVGDModule, _check_model, _resolve_exclude
+from ._transform import ExcludeSpec, SVGDConfig, SVGDModule, _check_model, _resolve_exclude, resolve_codegen
 
 __all__ = ["transform", "accumulate", "switch_to_sgd", "switched", "SwitchOnPlateau", "FactorError", "backend", "state_of", "explain", "Report", "SVGDModule", "SVGDConfig", "SVGDError", "StateShapeError",
            "RerouteError", "CoverageError", "NonFiniteGradientError", "GradientAccumulationWarning"]
@@ -45,6 +45,7 @@ def transform(
     t_int: int | None = None,
     damping: float | None = None,
     switch_at_step: int | None = None,
+    codegen: str | None = None,
 ) -> SVGDModule:
     """Return ``model`` with SVGD's backward: after ``loss.backward()`` every ``p.grad`` holds
     the virtual gradient (docs/contract.md), to be used by plain SGD (``torch.optim.SGD``).
@@ -78,6 +79,12 @@ def transform(
                new observation's weight in the factors' averages (0.05), steps between inverse
                roots (20), ε in U(Λ+εI)^-½Uᵀ (1e-6), and after how many steps to train on plain
                gradients (None: when ``svgd_fx.switch_to_sgd(model_t)`` is called).
+    codegen:   "inductor" (default): the rewritten graphs are compiled by inductor, T fused into its
+               kernels (as ``backend="svgd"`` does); a non-finite ∇σ'J is then counted in the
+               kernels and raised by the *next* forward. "fx": the rewritten FX graphs run as
+               they are, T as the ``svgd_fx::virtual_grad`` op (raises inside the backward):
+               for debugging and exact comparisons. The environment variable
+               ``SVGD_FX_CODEGEN`` sets the default.
     """
     config = make_config(s=s, method=method, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape,
                          nonfinite=nonfinite, grad_scaler=grad_scaler, distributed=distributed, gamma=gamma,
@@ -95,7 +102,7 @@ def transform(
         raise TypeError("svgd_fx.transform: this is what torch.compile returned; pass the model itself "
                         "(transform compiles it): svgd_fx.transform(model_c._orig_mod, ...).")
     excluded = _resolve_exclude(model, exclude)
-    return SVGDModule(model, config, excluded, _check_scaler(grad_scaler))
+    return SVGDModule(model, config, excluded, _check_scaler(grad_scaler), resolve_codegen(codegen))
 
 
 def make_config(*, s, method, rho, eps, reduction, r_shape, nonfinite, grad_scaler, distributed, gamma, t_int,

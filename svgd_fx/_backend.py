@@ -33,7 +33,8 @@ from torch import nn
 
 from ._guard import GradientGuard
 from ._state import SVGDState
-from ._transform import ExcludeSpec, PassLog, SVGDConfig, _check_model, _resolve_exclude, build_plan, refuse_sharded
+from ._transform import (ExcludeSpec, PassLog, SVGDConfig, _check_model, _resolve_exclude, build_plan,
+                         compile_inductor, refuse_sharded)
 from .errors import SVGDError
 
 _OPTION_NAMES = ("s", "method", "rho", "eps", "reduction", "exclude", "r_shape", "nonfinite", "grad_scaler",
@@ -403,7 +404,7 @@ class backend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]):
         params = _graph_params(example_inputs)
         if not params:   # nothing trainable in this piece: plain inductor
-            return _compile_inductor(gm, example_inputs, None)
+            return compile_inductor(gm, example_inputs, None)
         model = _find_model(params)
         if model is None:
             raise SVGDError(
@@ -418,7 +419,7 @@ class backend:
         plan = build_plan(binding, gm, example_inputs, inline_t=self.t_impl == "fused",
                           accumulating=self.config.accumulation)
         owner = _owner_of_call(plan, binding)
-        return plan.wrap(lambda g, xs: _compile_inductor(g, xs, plan), owner)
+        return plan.wrap(lambda g, xs: compile_inductor(g, xs, plan), owner)
 
 
 def svgd(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **kwargs):
@@ -430,30 +431,6 @@ def svgd(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | No
     if unknown:
         raise ValueError(f"svgd_fx: unknown svgd backend options {unknown}; known: {list(_OPTION_NAMES)}")
     return backend(**options)(gm, example_inputs)
-
-
-class _JointPass:
-    """Inductor's ``joint_custom_pre_pass``: the reroute on the joint graph, before partitioning."""
-
-    def __init__(self, plan) -> None:
-        self.plan = plan
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        self.plan.rewrite(graph.owning_module)
-
-    def uuid(self) -> None:  # no cache key: the caches that would need one are off (see module doc)
-        return None
-
-
-def _compile_inductor(gm, example_inputs, plan):
-    from torch._functorch import config as functorch_config
-    from torch._inductor.compile_fx import compile_fx
-
-    patches = {"fx_graph_cache": False}
-    if plan is not None:
-        patches["joint_custom_pre_pass"] = _JointPass(plan)
-    with functorch_config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def _coverage_message(binding: Binding, names: list[str]) -> str:

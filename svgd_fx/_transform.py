@@ -19,6 +19,7 @@ trainable parameter was seen by the pass and raises, naming them, when one was n
 from __future__ import annotations
 
 import copy
+import os
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -223,9 +224,11 @@ class SVGDModule(nn.Module):
     the original model) plus ``svgd_state.<σ' name>.r`` for every r.
     """
 
-    def __init__(self, model: nn.Module, config: SVGDConfig, exclude: set[str], grad_scaler=None) -> None:
+    def __init__(self, model: nn.Module, config: SVGDConfig, exclude: set[str], grad_scaler=None,
+                 codegen: str = "inductor") -> None:
         super().__init__()
         self.model = model
+        self.codegen = codegen
         self.grad_scaler = grad_scaler
         self.svgd_state = SVGDState()
         self.config = config
@@ -329,7 +332,7 @@ class SVGDModule(nn.Module):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def extra_repr(self) -> str:
-        return self.config.describe()
+        return self.config.describe() + (", codegen='fx'" if self.codegen == "fx" else "")
 
 
 _REBUILT = ("log", "_first_inputs", "guard", "_compiled", "_superseded")
@@ -404,7 +407,9 @@ def _nop_compiler(log_list: list):
 
 
 class _Backend:
-    """The Dynamo backend behind ``transform``: locate + state + joint-graph reroute, no codegen."""
+    """The Dynamo backend behind ``transform``: locate + state + joint-graph reroute, then
+    inductor (``codegen="inductor"``, the fused T, as the compile backend does) or the rewritten
+    FX graphs as they are (``codegen="fx"``: the T op, no code generation)."""
 
     def __init__(self, owner: SVGDModule, accumulating: bool = False) -> None:
         self.owner = owner
@@ -413,12 +418,57 @@ class _Backend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]):
         from torch._dynamo.backends.common import aot_autograd
 
+        if self.owner.codegen == "inductor":
+            plan = build_plan(self.owner, gm, example_inputs, inline_t=True, accumulating=self.accumulating)
+            return plan.wrap(lambda g, xs: compile_inductor(g, xs, plan))
         plan = build_plan(self.owner, gm, example_inputs, accumulating=self.accumulating)
         return plan.wrap(aot_autograd(
             fw_compiler=_nop_compiler(self.owner.log.forward_graphs),
             bw_compiler=_nop_compiler(self.owner.log.backward_graphs),
             partition_fn=plan.partition,
         ))
+
+
+class _JointPass:
+    """Inductor's ``joint_custom_pre_pass``: the reroute on the joint graph, before partitioning."""
+
+    def __init__(self, plan) -> None:
+        self.plan = plan
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.plan.rewrite(graph.owning_module)
+
+    def uuid(self) -> None:  # no cache key: the caches that would need one are off (see below)
+        return None
+
+
+def compile_inductor(gm, example_inputs, plan):
+    """inductor, with the plan's rewrite as its joint-graph pass. A custom joint pass has no cache
+    key, so inductor's FX-graph cache and the AOTAutograd cache are off for these graphs (only
+    these): no compiled graph can come back from a cache without the rewrite."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = {"fx_graph_cache": False}
+    if plan is not None:
+        patches["joint_custom_pre_pass"] = _JointPass(plan)
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+CODEGENS = ("inductor", "fx")
+# SVGD_FX_CODEGEN=fx runs every transform's graphs without code generation (debugging; the test
+# suite's float64 comparisons); a codegen= given to transform wins
+DEFAULT_CODEGEN = os.environ.get("SVGD_FX_CODEGEN", "inductor")
+
+
+def resolve_codegen(codegen: str | None) -> str:
+    codegen = DEFAULT_CODEGEN if codegen is None else codegen
+    if codegen not in CODEGENS:
+        raise ValueError(f"svgd_fx: codegen must be 'inductor' (generated code, T fused into inductor's kernels: "
+                         f"the default) or 'fx' (the rewritten FX graphs run as they are, the T op: for debugging "
+                         f"and exact comparisons), got {codegen!r}")
+    return codegen
 
 
 @dataclass

@@ -5,6 +5,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+# transform's graphs run as rewritten FX graphs in the tests of numbers (float64 comparisons see
+# the rewrite itself, and compile in milliseconds); test_transform_inductor.py and the backend
+# tests run them through inductor. Subprocesses spawned by tests inherit this.
+os.environ.setdefault("SVGD_FX_CODEGEN", "fx")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -46,7 +46,7 @@ def run_against_reference(case: Case, dtype, steps=3, s=0.1, lr=0.05, seed=0, **
     model = case.make().to(dtype)
     ref_model = reference_copy(model, case).double()
     model_t = svgd_fx.transform(model, s=s, **kw)
-    ref = SVGDReference(ref_model, s=s, **{k: v for k, v in kw.items() if k != "exclude"},
+    ref = SVGDReference(ref_model, s=s, **{k: v for k, v in kw.items() if k not in ("exclude", "codegen")},
                         exclude=kw.get("exclude") or ())
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     opt_ref = torch.optim.SGD(ref_model.parameters(), lr=lr)
@@ -111,6 +111,8 @@ def wrap(model, kind: str, **kw):
     """SVGD (s=0.1) through ``transform``, or the backend with the fused T or the T op."""
     if kind == "transform":
         return svgd_fx.transform(model, s=0.1, **kw)
+    if kind == "transform_inductor":
+        return svgd_fx.transform(model, s=0.1, codegen="inductor", **kw)
     t_impl = "fused" if kind == "backend_fused" else "op"
     return torch.compile(model, backend=svgd_fx.backend(s=0.1, t_impl=t_impl, **kw))
 

@@ -9,7 +9,7 @@ from helpers import assert_t_fired, state, wrap
 
 MLP_T = next(c for c in CASES if c.name == "paper_mlp").t_nodes
 
-KINDS = ["transform", "backend_fused", "backend_op"]
+KINDS = ["transform", "transform_inductor", "backend_fused", "backend_op"]
 
 
 _wrap, _state = wrap, state
@@ -33,7 +33,7 @@ def test_nonfinite_raises_naming_the_node_and_keeps_r(kind):
     state = _state(wrapped, model)
     assert_t_fired(wrapped, state, MLP_T)
     before = {k: v.clone() for k, v in state.tensors.items()}
-    if kind == "backend_fused":    # kernels cannot raise: counted, raised by the next forward
+    if kind in ("backend_fused", "transform_inductor"):   # kernels cannot raise: counted, raised next forward
         _backward(wrapped, x, y, blow_up=True)
         with pytest.raises(svgd_fx.NonFiniteGradientError, match="net.12.linear"):
             wrapped(x)
