@@ -6,10 +6,13 @@ tables (Li & Shu, Tables 1-3), rerun under one protocol that treats every optimi
     python -m benchmarks.paper_tables --tasks mnist-vgg --seeds 5 --epochs 8
     python -m benchmarks.paper_tables --tasks cifar10-vgg,cifar10-resnet20 --data-dir ~/data/cifar10
 
-Each run shows a tqdm bar; results go to ``--out`` (default ``benchmarks/results``):
-``<stem>.json`` (every run, every curve), ``<stem>.md`` (the tables) and ``<stem>_<task>.png``
-(test error and training loss against steps, one line per optimizer), where ``<stem>`` is
-``paper_tables`` (``paper_tables_quick`` with ``--quick``).
+Each run shows a tqdm bar, and each finished run a line with the overall progress (run k of ~N,
+elapsed, ETA); results go to ``--out`` (default ``benchmarks/results``; ``benchmarks/out`` with
+``--quick``, so a quick run never overwrites the committed reports): ``<stem>.json`` (every
+run, every curve), ``<stem>.md`` (the tables) and ``<stem>_<task>.png`` (test error and training
+loss against steps, one line per optimizer), where ``<stem>`` is ``paper_tables``
+(``paper_tables_quick`` with ``--quick``; the committed ``benchmarks/results/paper_tables_quick.*``
+is a reference quick run).
 
 Protocol (the same for every optimizer; the code below is the definition):
 
@@ -591,10 +594,12 @@ def run_task(task: Task, args, methods: list[str]) -> dict:
         label = f"{task.key} {method.name} {lr_label} seed {seed}"
         r = train_run(task, split, method, lr_at, seed, epochs, progress=not args.no_progress, label=label, **kw)
         r.update(kind=kind)
-        tqdm.write(f"{label}: val {100 * r['val_error']:.2f} %, test {100 * r['test_final']:.2f} % "
+        tqdm.write(f"{overall.tick()} {label}: val {100 * r['val_error']:.2f} %, test {100 * r['test_final']:.2f} % "
                    f"(best {100 * r['test_best']:.2f} %), loss {r['train_loss_final'] or math.nan:.4f}, "
                    f"{r['train_seconds']:.1f} s" + (" DIVERGED" if r["diverged"] else ""), file=sys.stderr)
         return r
+
+    overall = args.overall
 
     summary = {}
     for name in methods:
@@ -665,6 +670,35 @@ def run_task(task: Task, args, methods: list[str]) -> dict:
                            "source": task.schedule.source},
               "centres": {k: task.centres[k] for k in methods if k in task.centres}, "methods": methods}
     return {"config": config, "summary": summary, "paper_summary": paper_summary, "runs": runs}
+
+
+class Overall:
+    """Progress over the whole invocation: "run k of ~N, elapsed, ETA". N is the plan without the
+    grid's edge extensions (each adds a run per seed), hence the "~"."""
+
+    def __init__(self, planned: int) -> None:
+        self.planned, self.done, self.start = planned, 0, time.time()
+
+    def tick(self) -> str:
+        self.done += 1
+        elapsed = time.time() - self.start
+        left = max(self.planned - self.done, 0) * elapsed / self.done
+        return (f"[run {self.done} of ~{max(self.planned, self.done)}, {elapsed / 60:.1f} min, "
+                f"ETA {left / 60:.0f} min]")
+
+
+def planned_runs(keys: list[str], methods: list[str], seeds: int, paper_hparams: bool) -> int:
+    runs = 0
+    for key in keys:
+        task = TASKS[key]
+        for name in methods:
+            method = METHODS[name]
+            if method.make is None:
+                continue
+            runs += seeds * (len(GRID_FACTORS) + (len(TSO_DAMPINGS) - 1 if method.tso else 0))
+        if paper_hparams:
+            runs += seeds * sum(1 for pr in task.paper_runs if pr.method in methods)
+    return runs
 
 
 def machine() -> dict:
@@ -748,7 +782,9 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, help="override every task's epochs")
     parser.add_argument("--data-dir", help="directory with the CIFAR-10 python batches (data_batch_1..5, test_batch)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--out", default=None,
+                        help="where the report goes (default benchmarks/results, or benchmarks/out with --quick, "
+                             "so that a quick run never overwrites the committed reports)")
     parser.add_argument("--name", help="file stem (default paper_tables, or paper_tables_quick with --quick)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="write one report from these result files (no training)")
@@ -758,6 +794,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     stem = args.name or ("paper_tables_quick" if args.quick else "paper_tables")
+    if args.out is None:
+        args.out = os.path.join(os.path.dirname(__file__), "out" if args.quick else "results")
     if args.merge:
         report = merge(args.merge)
         report["meta"]["merged_by"] = " ".join(["python -m benchmarks.paper_tables", *(argv or sys.argv[1:])])
@@ -791,6 +829,7 @@ def main(argv=None):
     report = {"meta": {"invocations": [invocation], "machine": machine(), "quick": args.quick, "seeds": args.seeds,
                        "grid_factors": GRID_FACTORS, "max_extensions": MAX_EXTENSIONS}, "tasks": {}}
     text = ""
+    args.overall = Overall(planned_runs(keys, methods, args.seeds, not args.no_paper_hparams))
     for key in keys:
         report["tasks"][key] = run_task(TASKS[key], args, methods)
         invocation.update(finished=now(), wall_seconds=time.time() - start)

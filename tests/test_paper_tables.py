@@ -85,3 +85,17 @@ def test_t_kernel_benchmark_times_the_real_t():
               "rows": {"clone": {"us": 1.0, "gbs": 2.0, "of_clone": 1.0}, "op": {"us": 2.0, "gbs": 1.0, "of_clone": 0.5}}}
     text = t_kernel.markdown([result], {"device": "cpu", "threads": 1, "torch": "t", "kernel": "torch", "reps": 1}, 3.0)
     assert "| x | 6 × 20 | op | 2.0 | 1.0 | 50% | 33% |" in text
+
+
+def test_overall_progress_counts_the_planned_runs():
+    """The main job prints "run k of ~N, elapsed, ETA" per finished run; N is the plan before the
+    grid's edge extensions: every optimizer's 3-point lr grid (TSO-ALRA: + 2 more damping probes)
+    per seed, plus the paper's own hyperparameters."""
+    from benchmarks import paper_tables as pt
+
+    methods = [m for m, spec in pt.METHODS.items() if spec.make is not None]
+    paper = sum(1 for pr in pt.TASKS["mnist-mlp"].paper_runs if pr.method in methods)
+    tso = sum(1 for m in methods if pt.METHODS[m].tso)
+    assert pt.planned_runs(["mnist-mlp"], methods, 2, True) == 2 * (3 * len(methods) + 2 * tso + paper)
+    overall = pt.Overall(4)
+    assert overall.tick().startswith("[run 1 of ~4, ") and "ETA" in overall.tick()
