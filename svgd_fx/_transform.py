@@ -8,12 +8,14 @@ Capture route (and why):
   (``locate`` runs there: σ' nodes are torch calls as written in the model's source), and
   AOTAutograd traces the joint forward/backward graph of it (``reroute`` runs there, inside
   the partitioner hook, before the joint graph is split into forward and backward).
-* Here both halves run as FX graphs without a code generator (like ``aot_eager``); the
-  ``svgd`` compile backend hands the same rewritten graphs to inductor.
+* By default (``codegen="inductor"``) the rewrite runs as inductor's joint-graph pass and
+  inductor generates the code, as under the ``svgd`` compile backend; with ``codegen="fx"``
+  the rewrite runs in AOTAutograd's partitioner hook and both halves run as FX graphs without
+  a code generator (like ``aot_eager``).
 
-Limits: what Dynamo cannot trace runs outside the graphs (a graph break). Parameters used
-only there would silently train on plain gradients, so the first forward checks that every
-trainable parameter was seen by the pass and raises, naming them, when one was not.
+Limits: what Dynamo cannot trace runs outside the graphs (a graph break). A parameter that
+receives a gradient there would train on its plain gradient, so that backward raises
+``CoverageError`` naming it (see :mod:`svgd_fx._guard`).
 """
 
 from __future__ import annotations
