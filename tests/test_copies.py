@@ -128,3 +128,24 @@ def test_a_deepcopy_shares_the_users_grad_scaler():
     model_c = torch.compile(PaperMLP(), backend=svgd_fx.backend(s=0.1, grad_scaler=scaler))
     assert svgd_fx.state_of(model_c) is not None
     assert svgd_fx._backend.binding_of(copy.deepcopy(model_c)).grad_scaler is scaler
+
+
+def test_averaged_model_of_a_transformed_model():
+    """torch.optim.swa_utils.AveragedModel deep-copies the model it averages: it takes model_t
+    (a copy with its own state), averages its parameters and runs forwards."""
+    torch.manual_seed(0)
+    model = PaperMLP()
+    model_t = svgd_fx.transform(model, s=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(8, 784), torch.randint(0, 10, (8,))
+    averaged = torch.optim.swa_utils.AveragedModel(model_t)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model_t(x), y).backward()
+        opt.step()
+        averaged.update_parameters(model_t)
+    assert isinstance(averaged.module, svgd_fx.SVGDModule) and averaged.module.model is not model
+    for p, q in zip(averaged.module.parameters(), model_t.parameters()):
+        assert not torch.equal(p, q)           # the mean of two steps, not the last one
+    with torch.no_grad():
+        assert averaged(x).shape == (8, 10)

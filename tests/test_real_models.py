@@ -5,7 +5,8 @@ ones it keeps plain do not. Inductor's compiles cost most of the time, so the co
 runs by default on a subset that covers each mechanism (flattened Conv1D rows, identity-backward
 adds, SDPA with a learned bias, class-token concatenation); ``-m slow`` adds Llama, ConvNeXt,
 Swin, DeiT, BLOOM and CLIP (RMSNorm, channel LayerNorm and layer scale, shifted windows, ALiBi,
-two towers)."""
+two towers) and GPT-2 with changing lengths under the backend (the case table's changing lengths run
+on the backend by default, in test_varying_shapes.py)."""
 
 import pytest
 import torch
@@ -90,7 +91,7 @@ def test_backend_matches_reference(name):
     check_t_placement(real, wrapped, ref)
 
 
-@pytest.mark.parametrize("kind", ["transform", "backend"])
+@pytest.mark.parametrize("kind", ["transform", pytest.param("backend", marks=_SLOW)])
 def test_changing_sequence_lengths(kind):
     """Dynamic padding with the default options: lengths and batch sizes change every step."""
     real = MODELS["gpt2"]
