@@ -43,7 +43,7 @@ class GradientGuard:
         self.checks = 0
         self.handles: dict[int, object] = {}
         self.quiet: Callable[[], bool] = lambda: False     # the owner's: inside svgd_fx.accumulate
-        self.probe: tuple | None = None    # (id, weakref) of the parameter watched for accumulation
+        self.probe: tuple | None = None    # (id, weakref, AccumulateGrad node) of the parameter watched
         self.last_grad: tuple | None = None  # (weakref, version) of its .grad after the previous backward
         self.accumulated = False             # this backward added into that .grad, untouched since
         self.warned = False
@@ -94,7 +94,6 @@ class GradientGuard:
             self._watch_accumulation()
         while self.on_first_check:
             self.on_first_check.pop()()
-
 
     def _watch(self, pid: int, param: torch.Tensor) -> None:
         """Watch one parameter for gradient accumulation: a pre-hook on its AccumulateGrad node
