@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import StateShapeError
+from .errors import StateShapeError, SVGDError
 
 
 # versions are unique across states: a graph shared by several models (Dynamo serves instances
@@ -90,7 +90,7 @@ class SVGDState(nn.Module):
         else:
             tensor = _averaged(current, self.layouts.get(key), reduce, len(shape)).to(device=device, dtype=dtype)
         if existing is not None and tensor is not existing:
-            self.version = next(_VERSIONS)                     # graphs compiled for the old r are stale
+            self.version = next(_VERSIONS)        # graphs compiled for the old r are stale
         self.tensors[key] = tensor
         self.layouts[key] = reduce
         return self.tensors[key]
@@ -134,8 +134,6 @@ class SVGDState(nn.Module):
         """After the first forward: a strictly loaded state key that no σ' node claimed would
         silently start that node's r at zero (a checkpoint of another model or other options)."""
         if self._pending_strict and self._pending:
-            from .errors import SVGDError
-
             raise SVGDError(
                 f"svgd_fx: the loaded state has keys that no σ' node of this model uses: {sorted(self._pending)[:6]} "
                 f"(σ' nodes found: {sorted(nodes)[:6]}{' ...' if len(nodes) > 6 else ''}). The checkpoint comes from "
@@ -213,7 +211,7 @@ class SVGDState(nn.Module):
             current = self.tensors.get(key)
             if current is None:
                 self._pending[key] = value.detach().clone()
-                # torch passes strict=True here whatever the caller said: the caller's is in _strict
+                # torch passes strict=True here whatever the caller said: the caller's is strict_load
                 self._pending_strict = self._pending_strict or self.strict_load
             elif tuple(current.shape) != tuple(value.shape):
                 error_msgs.append(

@@ -267,10 +267,14 @@ class _Walk:
                     continue
                 covered.update(nodes)
                 params = sorted({p for n in nodes for p in chain[n]})
-                if arg not in rule.linear_in or spoiler is not None:
-                    param_inputs.append(ParamInput(arg, tuple(params), False, (
-                        f"`{rule.name}` with `{spoiler}=` is not linear" if spoiler is not None and
-                        arg in rule.linear_in else f"`{rule.name}` is not linear in its `{arg}` argument")))
+                if arg not in rule.linear_in:
+                    why_not = f"`{rule.name}` is not linear in its `{arg}` argument"
+                elif spoiler is not None:
+                    why_not = f"`{rule.name}` with `{spoiler}=` is not linear"
+                else:
+                    why_not = None
+                if why_not is not None:
+                    param_inputs.append(ParamInput(arg, tuple(params), False, why_not))
                     continue
                 # per parameter: a chain can be linear in one parameter and not in another
                 # (weight norm w = g·v/‖v‖): the reroute then splits the chain's backward too
