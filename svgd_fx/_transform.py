@@ -533,7 +533,7 @@ class Plan:
         param_idx = sorted(self.param_inputs)
         plan_key = object()
 
-        def state_tensors(owner, args) -> list[torch.Tensor]:
+        def state_tensors(owner) -> list[torch.Tensor]:
             state = owner.svgd_state
             if owner.grad_scaler is None and autocast_device is not None and torch.is_grad_enabled() \
                     and torch.is_autocast_enabled(autocast_device) \
@@ -570,11 +570,11 @@ class Plan:
             owner = self.owner
 
             def run(*args):
-                return watched(owner, args, compiled(*args, *state_tensors(owner, args)))
+                return watched(owner, args, compiled(*args, *state_tensors(owner)))
         else:
             def run(*args):
                 owner = owner_of_call(args)
-                return watched(owner, args, compiled(*args, *state_tensors(owner, args)))
+                return watched(owner, args, compiled(*args, *state_tensors(owner)))
 
         return run
 
