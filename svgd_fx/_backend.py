@@ -133,8 +133,8 @@ def state_of(model: nn.Module) -> SVGDState:
 def owner_of(model: Any, caller: str, create: bool = True):
     """What holds a model's SVGD state, pass log and config: ``transform``'s ``SVGDModule``
     (also inside DDP), or the compile backend's :class:`Binding` of the model (given itself or
-    as ``torch.compile`` returned it). ``create=False``: only a binding that exists already
-    (a model not compiled yet is a TypeError); otherwise one is made."""
+    as ``torch.compile`` returned it). ``create=False``: only a binding that has compiled graphs
+    (a model none of whose graphs reached the backend is a TypeError); otherwise one is made."""
     from ._transform import SVGDModule
 
     inner = model.module if type(model).__name__ == "DistributedDataParallel" else model
@@ -147,6 +147,8 @@ def owner_of(model: Any, caller: str, create: bool = True):
                         "svgd_fx.transform(model, ...); svgd_fx." + caller + "(model_t)).")
     if isinstance(inner, nn.Module):
         binding = _binding_for(inner) if create else _bound(inner)
+        if not create and binding is not None and binding.log.graphs == 0:
+            binding = None           # bound at its first call, but no graph of it reached the backend
         if binding is not None:
             if binding.config is None and inner is not model and (b := _svgd_backend_of(model)) is not None:
                 binding.configure(b.config, b.exclude, b.grad_scaler)   # the options torch.compile was given
@@ -264,9 +266,23 @@ def _load_state_hook(module, state_dict, prefix, local_metadata, strict, missing
 def _on_module_registered(module, name, submodule) -> None:
     """``torch.compile(model)`` wraps ``model`` in an ``OptimizedModule`` whose first act is to
     register it as ``_orig_mod``: give that wrapper a load hook, so that a checkpoint with SVGD
-    state loads into a freshly compiled model before its first forward (no ``state_of`` needed)."""
+    state loads into a freshly compiled model before its first forward (no ``state_of`` needed),
+    and a one-time forward pre-hook that binds the model at its first call."""
     if name == "_orig_mod" and type(module).__name__ == "OptimizedModule":
         module.register_load_state_dict_pre_hook(_load_into_compiled)
+        module.register_forward_pre_hook(_bind_at_first_call)
+
+
+def _bind_at_first_call(module, args) -> None:
+    """The first call of a ``torch.compile``\ d module: if it was compiled with backend 'svgd',
+    bind the model and arm its gradient guard before anything runs, so that a forward TorchDynamo
+    never compiles (disabled, or given up on before any compile starts) raises at its backward
+    instead of training on plain gradients. Removes itself."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if hook is _bind_at_first_call:
+            del module._forward_pre_hooks[key]
+    if _svgd_backend_of(module) is not None and module._orig_mod not in _TRANSFORMED:
+        owner_of(module, "torch.compile")
 
 
 def _load_into_compiled(module, state_dict, prefix, *rest) -> None:
@@ -503,19 +519,19 @@ def _svgd_backend_of(compiled: Any) -> backend | None:
 
 
 def _svgd_models_on_stack() -> list[tuple[nn.Module, backend]]:
-    """(model, its svgd backend) for every module compiled with backend 'svgd' that is running,
-    also inside another ``torch.compile`` (whose ``_orig_mod`` is the svgd-compiled one)."""
+    """(model, its svgd backend) for every module compiled with backend 'svgd' that is running.
+    (A ``torch.compile`` around an svgd-compiled module returns a plain function that the outer
+    backend compiles: no graph reaches this backend, and the gradient guard says so.)"""
     from torch._dynamo.eval_frame import OptimizedModule
 
     found, frame = [], sys._getframe(1)
     while frame is not None:
         for value in frame.f_locals.values():
-            while isinstance(value, OptimizedModule):
+            if isinstance(value, OptimizedModule):
                 b = _svgd_backend_of(value)
                 inner = value._orig_mod
                 if b is not None and isinstance(inner, nn.Module) and not any(inner is m for m, _ in found):
                     found.append((inner, b))
-                value = inner
         frame = frame.f_back
     return found
 
@@ -528,27 +544,13 @@ def _refuse_transformed(model: nn.Module) -> None:
             "parameters. Use one entry point per model (what transform returned, or a fresh model for the backend).")
 
 
-def _outer_compile_of(model: nn.Module) -> str | None:
-    """The backend of a ``torch.compile`` around the svgd-compiled ``model``, if one is running."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    frame = sys._getframe(1)
-    while frame is not None:
-        for value in frame.f_locals.values():
-            if isinstance(value, OptimizedModule) and isinstance(value._orig_mod, OptimizedModule) \
-                    and getattr(value._orig_mod, "_orig_mod", None) is model and _svgd_backend_of(value) is None:
-                return type(value.dynamo_ctx.callback).__name__
-        frame = frame.f_back
-    return None
-
-
 _ALLOW_RNN_BEFORE: list[bool] = []
 
 
 def _on_compile_start(args) -> None:
     """Dynamo starts compiling a frame: for an svgd-compiled model on the stack, bind it and arm its
     gradient guard now (Dynamo may give up on the frame and never call the backend), refuse what
-    cannot work (FSDP, a second torch.compile around it), and let Dynamo trace nn.LSTM/GRU for
+    cannot work (FSDP, a model given to transform), and let Dynamo trace nn.LSTM/GRU for
     this compile (``allow_rnn``), as ``transform`` does."""
     models = _svgd_models_on_stack()
     if not models:
@@ -556,11 +558,6 @@ def _on_compile_start(args) -> None:
     for model, b in models:
         refuse_sharded(model)
         _refuse_transformed(model)
-        if _outer_compile_of(model) is not None:
-            raise SVGDError(
-                f"svgd_fx: {type(model).__name__} was compiled with backend 'svgd' and then compiled again around "
-                "that (torch.compile(torch.compile(model, backend='svgd'))): the outer compile inlines it with its own "
-                "backend and SVGD never runs. Compile the model once, with backend='svgd'.")
         binding = _binding_for(model)
         if binding.config is None:      # a conflict of options is the backend's to report
             binding.configure(b.config, b.exclude, b.grad_scaler)

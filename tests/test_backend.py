@@ -241,7 +241,9 @@ def test_explain_when_the_backend_compiled_nothing_says_what_happened():
     model = PaperMLP((6, 5, 3))
     model.forward = torch._dynamo.disable(model.forward)
     model_c = torch.compile(model, backend="svgd", options={"s": 0.1})
-    torch.nn.functional.cross_entropy(model_c(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])).backward()
+    loss = torch.nn.functional.cross_entropy(model_c(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(svgd_fx.CoverageError, match="No graph of PaperMLP has been compiled by backend 'svgd'"):
+        loss.backward()            # the model was bound at its first call: plain gradients are an error
     with pytest.raises(TypeError, match="no graph of this PaperMLP has been compiled by backend 'svgd'"):
         svgd_fx.explain(model_c)
 
