@@ -19,12 +19,13 @@ from ._accumulate import accumulate
 from ._backend import backend, state_of
 from ._explain import Report, explain
 from ._tso import SwitchOnPlateau, switch_to_sgd, switched
-from .errors import (CoverageError, FactorError, GradientAccumulationWarning, NonFiniteGradientError, RerouteError,
-                     StateShapeError, SVGDError)
+from .errors import (CoverageError, EagerLayerWarning, FactorError, GradientAccumulationWarning, NonFiniteGradientError,
+                     RerouteError, StateShapeError, SVGDError)
 from ._transform import ExcludeSpec, SVGDConfig, SVGDModule, _check_model, _resolve_exclude, resolve_codegen
 
 __all__ = ["transform", "accumulate", "switch_to_sgd", "switched", "SwitchOnPlateau", "FactorError", "backend", "state_of", "explain", "Report", "SVGDModule", "SVGDConfig", "SVGDError", "StateShapeError",
-           "RerouteError", "CoverageError", "NonFiniteGradientError", "GradientAccumulationWarning"]
+           "RerouteError", "CoverageError", "NonFiniteGradientError", "GradientAccumulationWarning",
+           "EagerLayerWarning"]
 __version__ = "0.1.0"
 
 

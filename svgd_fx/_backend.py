@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _eager_layers
 from ._guard import GradientGuard
 from ._state import SVGDState
 from ._transform import (ExcludeSpec, PassLog, SVGDConfig, _check_model, _resolve_exclude, build_plan,
@@ -58,6 +60,7 @@ class Binding:
     grad_scaler: Any = None
     _guard: GradientGuard | None = None
     plans: set[int] = field(default_factory=set)   # ids of the compiled graphs whose σ' nodes are in log
+    layers: dict = field(default_factory=dict, repr=False)  # torch.nn layer -> its own graph (_eager_layers)
 
     @property
     def model(self) -> nn.Module:
@@ -87,6 +90,10 @@ class Binding:
                 "carries them along): for other options, build a fresh model and load the weights into it "
                 "(fresh.load_state_dict(model.state_dict()))."
             )
+
+    def layer_graph(self, layer: nn.Module, compiled_with: "backend"):
+        """A torch.nn layer the model's call ran outside its graphs, compiled on its own."""
+        return _eager_layers.graph_of(self.layers, layer, self.model, layer, compiled_with, self.excluded)
 
     def __deepcopy__(self, memo: dict) -> "Binding":
         """Copied with its model (found in ``memo``): options and state; the GradScaler is the
@@ -192,6 +199,7 @@ def _binding_for(model: nn.Module) -> Binding:
     if _save_state_hook not in model._state_dict_hooks.values():      # a copy has them already
         model.register_state_dict_post_hook(_save_state_hook)
         model.register_load_state_dict_pre_hook(_load_state_hook)
+    _eager_layers.install(model)
     for p in model.parameters():
         _PARAM_OWNER[id(p)] = (weakref.ref(p, lambda _, key=id(p): _PARAM_OWNER.pop(key, None)),
                                weakref.ref(binding))
@@ -270,11 +278,13 @@ def _on_module_registered(module, name, submodule) -> None:
     and a one-time forward pre-hook that binds the model at its first call."""
     if name == "_orig_mod" and type(module).__name__ == "OptimizedModule":
         module.register_load_state_dict_pre_hook(_load_into_compiled)
+        module.register_forward_pre_hook(_enter_call)
+        module.register_forward_hook(_leave_call, always_call=True)
         module.register_forward_pre_hook(_bind_at_first_call)
 
 
 def _bind_at_first_call(module, args) -> None:
-    """The first call of a ``torch.compile``\ d module: if it was compiled with backend 'svgd',
+    """The first call of a ``torch.compile``\\ d module: if it was compiled with backend 'svgd',
     bind the model and arm its gradient guard before anything runs, so that a forward TorchDynamo
     never compiles (disabled, or given up on before any compile starts) raises at its backward
     instead of training on plain gradients. Removes itself."""
@@ -283,6 +293,22 @@ def _bind_at_first_call(module, args) -> None:
             del module._forward_pre_hooks[key]
     if _svgd_backend_of(module) is not None and module._orig_mod not in _TRANSFORMED:
         owner_of(module, "torch.compile")
+
+
+def _enter_call(module, args) -> None:
+    """An svgd-compiled model's call starts: torch.nn layers that the call runs outside its graphs
+    get graphs of their own (see :mod:`svgd_fx._eager_layers`)."""
+    if _svgd_backend_of(module) is not None:
+        _eager_layers.enter(functools.partial(_layer_graph, module))
+
+
+def _leave_call(module, args, output) -> None:
+    if _svgd_backend_of(module) is not None:
+        _eager_layers.leave()
+
+
+def _layer_graph(compiled, layer: nn.Module):
+    return owner_of(compiled, "torch.compile").layer_graph(layer, _svgd_backend_of(compiled))
 
 
 def _load_into_compiled(module, state_dict, prefix, *rest) -> None:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from . import _eager_layers
 from ._guard import GradientGuard
 from ._state import SVGDState
 from .errors import StateShapeError, SVGDError
@@ -251,6 +252,8 @@ class SVGDModule(nn.Module):
         self.guard.on_first_check.append(self._first_check_passed)
         self.guard.quiet = lambda: self.svgd_state.accumulating
         self._compiled = [torch.compile(self.model, backend=_Backend(self), dynamic=None)]
+        self._layers: dict = {}     # (torch.nn layer, accumulating) -> its own graph (see _eager_layers)
+        _eager_layers.install(self.model)
         self._superseded = False
         earlier = _TRANSFORMED.get(self.model)
         if earlier is not None and earlier() is not None and earlier() is not self:
@@ -291,7 +294,7 @@ class SVGDModule(nn.Module):
         try:
             # a frame Dynamo gives up on would run uncompiled, training on plain gradients: make
             # the recompile limit and suppressed errors fail loudly instead (see _DYNAMO_STRICT)
-            with _STRICT_PATCH:
+            with _STRICT_PATCH, _eager_layers.running(self._layer_graph):
                 out = self._compiled_for(self.svgd_state.accumulating)(*args, **kwargs)
         except _RecompileLimit as failure:
             raise _recompile_limit_error(self.model) from failure
@@ -313,6 +316,12 @@ class SVGDModule(nn.Module):
         if len(self._compiled) == 1:
             self._compiled.append(torch.compile(self.model, backend=_Backend(self, accumulating=True), dynamic=None))
         return self._compiled[1]
+
+    def _layer_graph(self, layer: nn.Module):
+        """A torch.nn layer the model's call ran outside its graphs, compiled on its own."""
+        accumulating = self.svgd_state.accumulating
+        return _eager_layers.graph_of(self._layers, (layer, accumulating), self.model, layer,
+                                      _Backend(self, accumulating=accumulating), self.excluded)
 
     def _coverage_message(self, names: list[str]) -> str:
         inputs, self._first_inputs = self._first_inputs, None
@@ -337,7 +346,7 @@ class SVGDModule(nn.Module):
         return self.config.describe() + (", codegen='fx'" if self.codegen == "fx" else "")
 
 
-_REBUILT = ("log", "_first_inputs", "guard", "_compiled", "_superseded")
+_REBUILT = ("log", "_first_inputs", "guard", "_compiled", "_layers", "_superseded")
 
 _DYNAMO_STRICT = {"allow_rnn": True, "suppress_errors": False}
 if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):

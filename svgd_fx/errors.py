@@ -28,3 +28,8 @@ class FactorError(SVGDError, FloatingPointError):
 class GradientAccumulationWarning(UserWarning):
     """Several backward passes accumulated into ``.grad`` outside ``svgd_fx.accumulate``: r was
     updated per micro-batch, not from the accumulated batch."""
+
+
+class EagerLayerWarning(UserWarning):
+    """A torch.nn layer ran outside the model's compiled graphs (TorchDynamo ran the code calling
+    it uncompiled) and runs through a graph of its own: exact, but its forward runs twice."""

@@ -190,7 +190,7 @@ def test_state_dict_round_trip_and_load_before_first_forward():
 
 
 class _Hidden(torch.nn.Module):
-    """A layer Dynamo does not trace: its parameters live outside every captured graph."""
+    """Parameters used outside every captured graph: ``mid``'s, in code Dynamo does not trace."""
 
     def __init__(self):
         super().__init__()
@@ -198,7 +198,7 @@ class _Hidden(torch.nn.Module):
 
     @torch._dynamo.disable
     def _eager(self, h):
-        return self.mid(h)
+        return torch.nn.functional.linear(h, self.mid.weight, self.mid.bias)
 
     def forward(self, x):
         return self.fc2(torch.relu(self._eager(torch.relu(self.fc1(x)))))
@@ -235,16 +235,27 @@ def test_lstm_with_allow_rnn():
     assert {n for n, t in rows.items() if t} == case.t_nodes and rows["lstm.lstm"] is False
 
 
+class _Functional(torch.nn.Module):
+    """Its parameters are used by functional calls in its own forward (no torch.nn layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = torch.nn.Parameter(torch.randn(5, 6)), torch.nn.Parameter(torch.randn(3, 5))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(x, self.w1)), self.w2)
+
+
 def test_explain_when_the_backend_compiled_nothing_says_what_happened():
     """A forward TorchDynamo never compiles (here: disabled outright) runs uncompiled: explain()
     says so, and why that happens."""
-    model = PaperMLP((6, 5, 3))
+    model = _Functional()
     model.forward = torch._dynamo.disable(model.forward)
     model_c = torch.compile(model, backend="svgd", options={"s": 0.1})
     loss = torch.nn.functional.cross_entropy(model_c(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0]))
-    with pytest.raises(svgd_fx.CoverageError, match="No graph of PaperMLP has been compiled by backend 'svgd'"):
+    with pytest.raises(svgd_fx.CoverageError, match="No graph of _Functional has been compiled by backend 'svgd'"):
         loss.backward()            # the model was bound at its first call: plain gradients are an error
-    with pytest.raises(TypeError, match="no graph of this PaperMLP has been compiled by backend 'svgd'"):
+    with pytest.raises(TypeError, match="no graph of this _Functional has been compiled by backend 'svgd'"):
         svgd_fx.explain(model_c)
 
 

@@ -47,7 +47,8 @@ def test_not_a_module():
 
 
 class HiddenParams(nn.Module):
-    """A submodule Dynamo is told not to trace: its parameters are never seen by the pass."""
+    """Code Dynamo is told not to trace uses b's parameters: they are never seen by the pass (a
+    torch.nn layer called there would get a graph of its own: tests/test_eager_layers.py)."""
 
     def __init__(self):
         super().__init__()
@@ -56,7 +57,7 @@ class HiddenParams(nn.Module):
 
     @torch._dynamo.disable
     def _untraceable(self, h):
-        return self.b(h)
+        return F.linear(h, self.b.weight, self.b.bias)
 
     def forward(self, x):
         return self._untraceable(torch.relu(self.a(x)))
@@ -143,6 +144,18 @@ def _small():
     return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
 
 
+class _Functional(nn.Module):
+    """Parameters used by functional calls (a frame run uncompiled leaves them outside the graphs;
+    torch.nn layers would get graphs of their own there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(5, 6)), nn.Parameter(torch.randn(3, 5))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(x, self.w1)), self.w2)
+
+
 def test_recompile_limit_is_loud_not_plain_gradients():
     """A frame Dynamo stops compiling (its recompile limit) would run uncompiled: plain gradients.
     transform raises instead — on a later recompile of a model already trained, and for the
@@ -166,14 +179,14 @@ def test_backend_past_the_recompile_limit_is_loud_not_plain_gradients():
     earlier ones ran through SVGD graphs: its backward raises, naming the limit (it used to count
     as covered by the graphs of the step before)."""
     torch._dynamo.reset()
-    model = _small()
+    model = _Functional()
     model_c = torch.compile(model, backend="svgd", options={"s": 0.1}, dynamic=False)
     with torch._dynamo.config.patch(recompile_limit=2):
         for batch in (8, 5):
             model_c(torch.randn(batch, 6)).sum().backward()
         assert all(row["t_in_graph"] for row in svgd_fx.explain(model_c).rows)
         out = model_c(torch.randn(3, 6))          # a third shape: Dynamo runs it uncompiled
-        with pytest.raises(svgd_fx.CoverageError, match=r"'0.weight'.*recompile limit \(.*= 2\)"):
+        with pytest.raises(svgd_fx.CoverageError, match=r"'w1'.*recompile limit \(.*= 2\)"):
             out.sum().backward()
 
 

@@ -114,13 +114,14 @@ ZOO = [
         vocab_size=V, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=3,
         time_step_rank=4, use_mambapy=False)), _lm, routed=19,
         plain=("backbone.layers.0.mixer.mul", "backbone.layers.1.mixer.mul"), rtol=1e-5),
+    # Its feature encoder sets requires_grad on a tensor and its encoder reads a ContextVar that
+    # Hugging Face's output capturing set in a frame TorchDynamo ran eagerly: the encoder's own
+    # forward runs uncompiled, and its LayerNorm gets a graph of its own (svgd_fx._eager_layers).
+    RealModel("wav2vec2", lambda: tf.Wav2Vec2ForSequenceClassification(tf.Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+        conv_stride=(4, 2), conv_kernel=(8, 4), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+        hidden_dropout=0, attention_dropout=0, activation_dropout=0, feat_proj_dropout=0, layerdrop=0,
+        mask_time_prob=0, num_labels=3, classifier_proj_size=8)), _audio, routed=17),
 ]
 MODELS = {m.name: m for m in ZOO}
 
-# Its forward sets requires_grad on a tensor and reads a ContextVar that Hugging Face's output
-# capturing set in a frame Dynamo ran eagerly: the encoder's own forward runs uncompiled.
-WAV2VEC2 = RealModel("wav2vec2", lambda: tf.Wav2Vec2ForSequenceClassification(tf.Wav2Vec2Config(
-    hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
-    conv_stride=(4, 2), conv_kernel=(8, 4), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
-    hidden_dropout=0, attention_dropout=0, activation_dropout=0, feat_proj_dropout=0, layerdrop=0,
-    mask_time_prob=0, num_labels=3, classifier_proj_size=8)), _audio, routed=0)

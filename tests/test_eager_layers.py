@@ -1,0 +1,110 @@
+"""torch.nn layers called outside the captured graphs (a frame TorchDynamo runs uncompiled) get
+graphs of their own inside an SVGD model's call: exact against the reference, BatchNorm's running
+statistics updated once, and nothing redirected outside the model's call or inside its graphs."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import svgd_fx
+from helpers import t_fired
+from reference import SVGDReference
+
+
+class _BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        self.norm = nn.LayerNorm(3)
+
+    def forward(self, x):
+        return self.norm(self.net(x))
+
+
+class _Disabled(_BNNet):
+    """Its whole forward runs uncompiled: every layer is called from eager code."""
+
+    @torch._dynamo.disable
+    def forward(self, x):
+        return super().forward(x)
+
+
+def _wrap(model, entry):
+    if entry == "transform":
+        return svgd_fx.transform(model, s=0.1)
+    return torch.compile(model, backend="svgd", options={"s": 0.1})
+
+
+@pytest.mark.parametrize("entry", ["transform", "backend"])
+def test_layers_of_an_uncompiled_forward_are_exact(entry):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Disabled().double().train()
+    ref_model = copy.deepcopy(model)
+    ref = SVGDReference(ref_model, s=0.1)
+    wrapped = _wrap(model, entry)
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for step in range(3):
+            x = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+            y = torch.randint(0, 3, (5,), generator=gen)
+            model.zero_grad()
+            ref_model.zero_grad()
+            F.cross_entropy(wrapped(x), y).backward()
+            F.cross_entropy(ref(x), y).backward()
+            for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13, msg=lambda m: f"{step} {name}: {m}")
+            for (name, b), c in zip(model.named_buffers(), ref_model.buffers()):   # updated once per step
+                torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-13, msg=lambda m: f"{step} {name}: {m}")
+            with torch.no_grad():
+                for p, q in zip(model.parameters(), ref_model.parameters()):
+                    p -= 0.1 * p.grad
+                    q.copy_(p)
+    assert t_fired(wrapped) == {"net.0.linear", "net.1.batch_norm", "net.3.linear", "norm.layer_norm"}
+    layer_warnings = [w for w in seen if issubclass(w.category, svgd_fx.EagerLayerWarning)]
+    assert len(layer_warnings) == 1 and "'net.0' (Linear)" in str(layer_warnings[0].message)
+
+
+def test_nothing_is_redirected_outside_the_models_call():
+    """The bare model called directly is not sent through layer graphs: its plain gradients stay
+    plain, which the gradient check reports as ever (and r does not move)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Disabled().double()
+    model_c = _wrap(model, "backend")
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    F.cross_entropy(model_c(x), y).backward()
+    before = {k: r.clone() for k, r in svgd_fx.state_of(model_c).tensors.items()}
+    graphs = svgd_fx._backend.binding_of(model).log.graphs
+    with pytest.raises(svgd_fx.CoverageError, match="net.0.weight"):
+        F.cross_entropy(model(x), y).backward()
+    assert all(torch.equal(r, before[k]) for k, r in svgd_fx.state_of(model_c).tensors.items())
+    assert svgd_fx._backend.binding_of(model).log.graphs == graphs     # no layer graph compiled
+
+
+@pytest.mark.parametrize("entry", ["transform", "backend"])
+def test_a_compiled_layer_is_not_routed_twice(entry):
+    """A torch.nn layer that is the compiled model itself runs in its graph only (its hooks are
+    traced there and do nothing): one T, one r update, no layer graph of its own."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3).double()
+    ref_layer = copy.deepcopy(layer)
+    ref = SVGDReference(ref_layer, s=0.1)
+    wrapped = _wrap(layer, entry)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", svgd_fx.EagerLayerWarning)
+        for _ in range(2):
+            x = torch.randn(5, 4, dtype=torch.float64)
+            layer.zero_grad()
+            ref_layer.zero_grad()
+            wrapped(x).pow(2).sum().backward()
+            ref(x).pow(2).sum().backward()
+            for p, q in zip(layer.parameters(), ref_layer.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13)
+    assert t_fired(wrapped) == {"weight.linear"}
