@@ -93,7 +93,7 @@ class Binding:
 
     def layer_graph(self, layer: nn.Module, compiled_with: "backend"):
         """A torch.nn layer the model's call ran outside its graphs, compiled on its own."""
-        return _eager_layers.graph_of(self.layers, layer, self.model, layer, compiled_with, self.excluded)
+        return _eager_layers.graph_of(self.layers, layer, self.model, layer, lambda: compiled_with, self.excluded)
 
     def __deepcopy__(self, memo: dict) -> "Binding":
         """Copied with its model (found in ``memo``): options and state; the GradScaler is the
@@ -308,7 +308,9 @@ def _leave_call(module, args, output) -> None:
 
 
 def _layer_graph(compiled, layer: nn.Module):
-    return owner_of(compiled, "torch.compile").layer_graph(layer, _svgd_backend_of(compiled))
+    # bound by _bind_at_first_call; owner_of (which re-registers every parameter) only if not
+    binding = _bound(compiled._orig_mod) or owner_of(compiled, "torch.compile")
+    return binding.layer_graph(layer, _svgd_backend_of(compiled))
 
 
 def _load_into_compiled(module, state_dict, prefix, *rest) -> None:

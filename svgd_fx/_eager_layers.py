@@ -68,9 +68,9 @@ def leave() -> None:
     _stack().pop()
 
 
-def graph_of(graphs: dict, key, model: nn.Module, layer: nn.Module, backend: Callable,
+def graph_of(graphs: dict, key, model: nn.Module, layer: nn.Module, make_backend: Callable[[], Callable],
              excluded: frozenset[str]) -> Callable | None:
-    """``layer``'s own graph, compiled with ``backend`` at first use and kept in ``graphs[key]``
+    """``layer``'s own graph, compiled with ``make_backend()`` at first use and kept in ``graphs[key]``
     (None for a layer whose parameters are all excluded: it runs as it is); the first one of a
     model warns that some of its layers run this way."""
     if key not in graphs:
@@ -86,7 +86,7 @@ def graph_of(graphs: dict, key, model: nn.Module, layer: nn.Module, backend: Cal
                 "from, torch._dynamo.disable, its recompile limit). It and any other torch.nn layer there run through "
                 "graphs of their own, with T as everywhere else: exact, but each such layer's forward runs twice. "
                 "TORCH_LOGS=graph_breaks shows why.", EagerLayerWarning, stacklevel=2)
-        graphs[key] = torch.compile(layer_call(layer), backend=backend)
+        graphs[key] = torch.compile(layer_call(layer), backend=make_backend())
     return graphs[key]
 
 

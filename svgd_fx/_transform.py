@@ -321,7 +321,7 @@ class SVGDModule(nn.Module):
         """A torch.nn layer the model's call ran outside its graphs, compiled on its own."""
         accumulating = self.svgd_state.accumulating
         return _eager_layers.graph_of(self._layers, (layer, accumulating), self.model, layer,
-                                      _Backend(self, accumulating=accumulating), self.excluded)
+                                      lambda: _Backend(self, accumulating=accumulating), self.excluded)
 
     def _coverage_message(self, names: list[str]) -> str:
         inputs, self._first_inputs = self._first_inputs, None
