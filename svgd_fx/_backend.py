@@ -35,12 +35,10 @@ from torch import nn
 from . import _eager_layers
 from ._guard import GradientGuard
 from ._state import SVGDState
-from ._transform import (ExcludeSpec, PassLog, SVGDConfig, _check_model, _resolve_exclude, build_plan,
-                         compile_inductor, refuse_sharded)
+from ._transform import PassLog, _check_model, build_plan, compile_inductor, refuse_sharded
+from .config import BACKEND, ExcludeSpec, SVGDConfig, check_scaler, describe, make_config, names, options_doc, \
+    resolve_exclude
 from .errors import SVGDError
-
-_OPTION_NAMES = ("s", "method", "rho", "eps", "reduction", "exclude", "r_shape", "nonfinite", "grad_scaler",
-                 "distributed", "t_impl", "gamma", "t_int", "damping", "switch_at_step", "accumulation")
 
 
 @dataclass(eq=False)
@@ -78,14 +76,14 @@ class Binding:
         return self._guard
 
     def configure(self, config: SVGDConfig, exclude: ExcludeSpec, grad_scaler=None) -> None:
-        excluded = frozenset(_resolve_exclude(self.model, exclude))
+        excluded = resolve_exclude(self.model, exclude)
         if self.config is None:
             self.config, self.excluded, self.grad_scaler = config, excluded, grad_scaler
             self.guard.arm(self.model)
         elif (self.config, self.excluded) != (config, excluded):
             raise SVGDError(
                 f"svgd_fx: {type(self.model).__name__} is already compiled with SVGD options "
-                f"{_describe(self.config, self.excluded)}; now asked for {_describe(config, excluded)}. "
+                f"{describe(self.config, self.excluded)}; now asked for {describe(config, excluded)}. "
                 "One model keeps one r per σ' node, built with one set of options (a deepcopy of the model "
                 "carries them along): for other options, build a fresh model and load the weights into it "
                 "(fresh.load_state_dict(model.state_dict()))."
@@ -112,10 +110,6 @@ def _rebuilt_binding(model, config, excluded, grad_scaler, svgd_state) -> Bindin
     model.__dict__[_ATTR] = binding
     _BOUND.add(model)
     return binding
-
-
-def _describe(config: SVGDConfig, excluded: frozenset[str]) -> str:
-    return config.describe() + (f", exclude={sorted(excluded)}" if excluded else "")
 
 
 # the binding of a model is its __dict__[_ATTR]; _BOUND lists the bound models (for the owner search)
@@ -405,45 +399,28 @@ def _count(module: nn.Module) -> int:
 class backend:
     """A configured SVGD compile backend: ``torch.compile(model, backend=svgd_fx.backend(s=0.1))``.
 
-    The same options as :func:`svgd_fx.transform`, plus ``t_impl``: ``"fused"`` (default) writes
-    T as aten ops into the joint graph, so inductor fuses the r update and the scaling into its
-    own kernels; ``"op"`` calls the ``svgd_fx::virtual_grad`` custom op (the Triton kernel on
-    CUDA, the torch implementation elsewhere; also what a ``grad_scaler`` uses); and
-    ``accumulation``: ``True`` gives every graph the inputs :func:`svgd_fx.accumulate` needs
-    (an r-sized accumulator per σ' and a mode flag: a few per cent of a small model's step,
-    so off by default). ``torch.compile(model, backend="svgd",
-    options={"s": 0.1, ...})`` builds one of these. After ``loss.backward()`` every ``p.grad``
-    holds the virtual gradient; step with ``torch.optim.SGD``.
-    """
+    ``torch.compile(model, backend="svgd", options={"s": 0.1, ...})`` builds one of these. After
+    ``loss.backward()`` every ``p.grad`` holds the virtual gradient; step with ``torch.optim.SGD``.
+    The options (``svgd_fx.config.OPTIONS``; the same as :func:`svgd_fx.transform`'s but
+    ``codegen``, plus ``accumulation``):
+
+"""
 
     def __init__(self, s: float | None = None, *, method: str = "svgd", rho: float | None = None,
-                 eps: float | None = None, reduction: str = "mean", exclude: ExcludeSpec = None,
-                 r_shape: str | None = None, nonfinite: str | None = None, grad_scaler=None,
+                 eps: float | None = None, r_shape: str | None = None, reduction: str = "mean",
+                 nonfinite: str | None = None, exclude: ExcludeSpec = None, grad_scaler=None,
                  distributed: bool | None = None, t_impl: str = "fused", gamma: float | None = None,
-                 t_int: int | None = None, damping: float | None = None,
-                 switch_at_step: int | None = None, accumulation: bool = False) -> None:
-        from . import _check_scaler, make_config
-
-        if s is None and method == "svgd":
-            raise ValueError(
-                "svgd_fx: the svgd backend needs T's scale s (s is the user's choice; the paper "
-                "used 0.1, 0.01, 0.001): torch.compile(model, backend='svgd', options={'s': 0.1}) "
-                "or torch.compile(model, backend=svgd_fx.backend(s=0.1))."
-            )
-        self.grad_scaler = _check_scaler(grad_scaler)
-        self.config = make_config(s=s, method=method, rho=rho, eps=eps, reduction=reduction, r_shape=r_shape,
+                 t_int: int | None = None, damping: float | None = None, switch_at_step: int | None = None,
+                 accumulation: bool = False) -> None:
+        self.grad_scaler = check_scaler(grad_scaler)
+        self.config = make_config(s=s, method=method, rho=rho, eps=eps, r_shape=r_shape, reduction=reduction,
                                   nonfinite=nonfinite, grad_scaler=self.grad_scaler, distributed=distributed,
-                                  gamma=gamma, t_int=t_int, damping=damping, switch_at_step=switch_at_step,
-                                  accumulation=accumulation)
-        if t_impl not in ("fused", "op"):
-            raise ValueError(f"svgd_fx: t_impl must be 'fused' (T as aten ops that inductor fuses with its "
-                             f"neighbours, the default) or 'op' (the svgd_fx::virtual_grad custom op: the "
-                             f"Triton kernel on CUDA), got {t_impl!r}")
+                                  t_impl=t_impl, gamma=gamma, t_int=t_int, damping=damping,
+                                  switch_at_step=switch_at_step, accumulation=accumulation)
         self.exclude = exclude
-        self.t_impl = t_impl
 
     def __repr__(self) -> str:
-        return f"svgd_fx.backend({_describe(self.config, frozenset())})"
+        return f"svgd_fx.backend({describe(self.config, frozenset())})"
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]):
         params = _graph_params(example_inputs)
@@ -460,8 +437,7 @@ class backend:
         binding = _binding_for(model)
         _check_model(model)
         binding.configure(self.config, self.exclude, self.grad_scaler)
-        plan = build_plan(binding, gm, example_inputs, inline_t=self.t_impl == "fused",
-                          accumulating=self.config.accumulation)
+        plan = build_plan(binding, gm, example_inputs, accumulating=self.config.accumulation)
         owner = _owner_of_call(plan, binding)
         return plan.wrap(lambda g, xs: compile_inductor(g, xs, plan), owner)
 
@@ -471,10 +447,13 @@ def svgd(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | No
     if kwargs.get("mode") is not None:
         raise ValueError("svgd_fx: the svgd backend takes no mode=; pass options={'s': ...}")
     options = dict(options or {})
-    unknown = sorted(set(options) - set(_OPTION_NAMES))
+    unknown = sorted(set(options) - set(names(BACKEND)))
     if unknown:
-        raise ValueError(f"svgd_fx: unknown svgd backend options {unknown}; known: {list(_OPTION_NAMES)}")
+        raise ValueError(f"svgd_fx: unknown svgd backend options {unknown}; known: {list(names(BACKEND))}")
     return backend(**options)(gm, example_inputs)
+
+
+backend.__doc__ += options_doc(BACKEND)
 
 
 def _coverage_message(binding: Binding, names: list[str]) -> str:

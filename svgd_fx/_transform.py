@@ -21,11 +21,10 @@ receives a gradient there would train on its plain gradient, so that backward ra
 from __future__ import annotations
 
 import copy
-import os
 import re
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -33,128 +32,12 @@ from torch import nn
 from . import _eager_layers
 from ._guard import GradientGuard
 from ._state import SVGDState
+from .config import SVGDConfig
 from .errors import StateShapeError, SVGDError
 from .passes.composites import expand_composites
 from .passes.linearity import nodes_in
 from .passes.locate import Kind, SigmaNode, locate, node_id, tag_nodes
 from .passes.reroute import RerouteSpec, reroute
-
-ExcludeSpec = None | str | Iterable[str] | Callable[[str, nn.Parameter], bool]
-
-
-METHODS = ("svgd", "tso-alra")
-_SVGD_ONLY = {"s": None, "rho": 0.9, "eps": 1e-6, "r_shape": "full"}
-_TSO_ONLY = {"gamma": 0.05, "t_int": 20, "damping": 1e-6, "switch_at_step": None}
-
-
-def _real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ValueError(f"svgd_fx: {name} must be a real number, got {value!r}")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class SVGDConfig:
-    """The options of one transform (SVGD's, or TSO-ALRA's with ``method="tso-alra"``)."""
-    s: float | None = None
-    rho: float = 0.9
-    eps: float = 1e-6
-    reduction: str = "mean"
-    r_shape: str = "full"
-    nonfinite: str = "raise"
-    distributed: bool | None = None    # None: not given (an error where a process group has several ranks)
-    method: str = "svgd"
-    accumulation: bool = False      # the compile backend: graphs take svgd_fx.accumulate's inputs
-    gamma: float = 0.05
-    t_int: int = 20
-    damping: float = 1e-6
-    switch_at_step: int | None = None
-
-    @classmethod
-    def from_options(cls, method: str = "svgd", **options) -> "SVGDConfig":
-        """Options as the user gave them (None: not given): defaults filled in per method, and
-        an option of the other method is an error rather than silently ignored."""
-        if method not in METHODS:
-            raise ValueError(f"svgd_fx: method must be one of {METHODS}, got {method!r}")
-        other = _TSO_ONLY if method == "svgd" else _SVGD_ONLY
-        given = sorted(k for k in other if options.get(k) is not None)
-        if given:
-            raise ValueError(f"svgd_fx: {given} {'is' if len(given) == 1 else 'are'} not an option of "
-                             f"method={method!r} (SVGD takes s, rho, eps, r_shape; TSO-ALRA takes gamma, "
-                             "t_int, damping, switch_at_step)")
-        own = _SVGD_ONLY if method == "svgd" else _TSO_ONLY
-        filled = {k: (options[k] if options.get(k) is not None else default) for k, default in own.items()}
-        rest = {k: v for k, v in options.items() if k not in _SVGD_ONLY and k not in _TSO_ONLY and v is not None}
-        return cls(method=method, **filled, **rest)
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"svgd_fx: method must be one of {METHODS}, got {self.method!r}")
-        if self.method == "svgd":
-            self._check_svgd()
-        else:
-            self._check_tso()
-        if self.reduction not in ("mean", "sum"):
-            raise ValueError(f"svgd_fx: reduction must be 'mean' or 'sum' (how the loss combines the "
-                             f"batch: it sets the per-sample gradient B·g or g), got {self.reduction!r}")
-        if self.nonfinite not in ("raise", "skip"):
-            raise ValueError(f"svgd_fx: nonfinite must be 'raise' (an inf/NaN in ∇σ'J raises, naming the "
-                             f"σ' node) or 'skip' (r keeps its old values there; training goes on), "
-                             f"got {self.nonfinite!r}")
-
-    def describe(self) -> str:
-        """The options that make this config what it is, as ``name=value`` pairs."""
-        if self.method == "tso-alra":
-            return (f"method='tso-alra', gamma={self.gamma}, t_int={self.t_int}, damping={self.damping}, "
-                    f"switch_at_step={self.switch_at_step}, reduction={self.reduction!r}")
-        return (f"s={self.s}, rho={self.rho}, eps={self.eps}, reduction={self.reduction!r}, "
-                f"r_shape={self.r_shape!r}" + (", accumulation=True" if self.accumulation else ""))
-
-    def _check_svgd(self) -> None:
-        if self.s is None:
-            raise ValueError("svgd_fx: SVGD needs T's scale s (s is the user's choice; the paper used "
-                             "0.1, 0.01, 0.001), e.g. svgd_fx.transform(model, s=0.1)")
-        s, rho, eps = _real("s", self.s), _real("rho", self.rho), _real("eps", self.eps)
-        if not (0 < s < float("inf")):
-            raise ValueError(f"svgd_fx: s must be a finite number > 0 (the scale of T; the paper used "
-                             f"0.1, 0.01, 0.001), got s={self.s!r}")
-        if not (0 <= rho < 1):
-            raise ValueError(f"svgd_fx: rho must lie in [0, 1) (the decay of r's moving average), "
-                             f"got rho={self.rho!r}")
-        if not (0 < eps < float("inf")):
-            raise ValueError(f"svgd_fx: eps must be a finite number > 0 (it keeps sqrt(r + eps) away "
-                             f"from zero), got eps={self.eps!r}")
-        if self.r_shape not in ("full", "channel"):
-            raise ValueError(f"svgd_fx: r_shape must be 'full' (r per output element, the default) "
-                             f"or 'channel' (r per channel), got {self.r_shape!r}")
-        object.__setattr__(self, "s", s)
-        object.__setattr__(self, "rho", rho)
-        object.__setattr__(self, "eps", eps)
-
-    def _check_tso(self) -> None:
-        gamma, damping = _real("gamma", self.gamma), _real("damping", self.damping)
-        if not (0 <= gamma < 1):
-            raise ValueError(f"svgd_fx: gamma must lie in [0, 1) (the weight of the new observation in the "
-                             f"factors' moving averages, Eqs. 17-18), got gamma={self.gamma!r}")
-        if not (0 < damping < float("inf")):
-            raise ValueError(f"svgd_fx: damping must be a finite number > 0 (ε in U(Λ+εI)^-½Uᵀ), "
-                             f"got damping={self.damping!r}")
-        if isinstance(self.t_int, bool) or not isinstance(self.t_int, int) or self.t_int < 1:
-            raise ValueError(f"svgd_fx: t_int must be an int ≥ 1 (steps between inverse-root refreshes), "
-                             f"got t_int={self.t_int!r}")
-        k = self.switch_at_step
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
-            raise ValueError(f"svgd_fx: switch_at_step must be None or an int ≥ 0 (the number of TSO-ALRA "
-                             f"steps before plain SGD), got switch_at_step={k!r}")
-        if self.distributed:
-            raise ValueError("svgd_fx: distributed=True is not supported with method='tso-alra' yet (the "
-                             "Kronecker factors would be per rank)")
-        if self.accumulation:
-            raise ValueError("svgd_fx: accumulation=True is not supported with method='tso-alra' yet "
-                             "(svgd_fx.accumulate supports SVGD only)")
-        object.__setattr__(self, "gamma", gamma)
-        object.__setattr__(self, "damping", damping)
-
 
 @dataclass
 class SigmaRecord:
@@ -174,20 +57,6 @@ class PassLog:
     backward_graphs: list[torch.fx.GraphModule] = field(default_factory=list)
     forward_graphs: list[torch.fx.GraphModule] = field(default_factory=list)
     key_locations: dict[str, str] = field(default_factory=dict)
-
-
-def _resolve_exclude(model: nn.Module, exclude: ExcludeSpec) -> set[str]:
-    named = dict(model.named_parameters())
-    if exclude is None:
-        return set()
-    if callable(exclude):
-        return {name for name, p in named.items() if exclude(name, p)}
-    names = {exclude} if isinstance(exclude, str) else set(exclude)
-    unknown = sorted(names - set(named))
-    if unknown:
-        raise ValueError(f"svgd_fx: exclude names parameters the model does not have: {unknown}. "
-                         f"Known parameters: {sorted(named)[:12]}{' ...' if len(named) > 12 else ''}")
-    return names
 
 
 def refuse_sharded(model: nn.Module) -> None:
@@ -430,7 +299,7 @@ class _Backend:
         from torch._dynamo.backends.common import aot_autograd
 
         if self.owner.codegen == "inductor":
-            plan = build_plan(self.owner, gm, example_inputs, inline_t=True, accumulating=self.accumulating)
+            plan = build_plan(self.owner, gm, example_inputs, accumulating=self.accumulating)
             return plan.wrap(lambda g, xs: compile_inductor(g, xs, plan))
         plan = build_plan(self.owner, gm, example_inputs, accumulating=self.accumulating)
         return plan.wrap(aot_autograd(
@@ -465,21 +334,6 @@ def compile_inductor(gm, example_inputs, plan):
         patches["joint_custom_pre_pass"] = _JointPass(plan)
     with functorch_config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, config_patches=patches)
-
-
-CODEGENS = ("inductor", "fx")
-# SVGD_FX_CODEGEN=fx runs every transform's graphs without code generation (debugging; the test
-# suite's float64 comparisons); a codegen= given to transform wins
-DEFAULT_CODEGEN = os.environ.get("SVGD_FX_CODEGEN", "inductor")
-
-
-def resolve_codegen(codegen: str | None) -> str:
-    codegen = DEFAULT_CODEGEN if codegen is None else codegen
-    if codegen not in CODEGENS:
-        raise ValueError(f"svgd_fx: codegen must be 'inductor' (generated code, T fused into inductor's kernels: "
-                         f"the default) or 'fx' (the rewritten FX graphs run as they are, the T op: for debugging "
-                         f"and exact comparisons), got {codegen!r}")
-    return codegen
 
 
 @dataclass
@@ -665,8 +519,7 @@ def _raise_if_flagged(state, flag_keys: list[str], flags: list[torch.Tensor]) ->
     raise _nonfinite(", ".join(names), deferred=True)
 
 
-def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], inline_t: bool = False,
-               accumulating: bool = False) -> Plan:
+def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], accumulating: bool = False) -> Plan:
     """Locate the σ' nodes of Dynamo's graph, create their state, and plan the joint-graph pass.
 
     The graph gains inputs, in this order: one r per routed σ'; with the fused T and
@@ -720,7 +573,8 @@ def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], 
 
     raising = config.nonfinite == "raise"
     scaled = isinstance(getattr(owner, "grad_scaler", None), torch.amp.GradScaler)
-    inline_t = inline_t and not scaled and not config.distributed   # these use the T op
+    # the fused T has no GradScaler 1/S and no all-reduce: those use the T op
+    inline_t = config.t_impl == "fused" and not scaled and not config.distributed
     flag_keys = [f"{sigma.name}.nonfinite" for sigma, _ in routed] if inline_t and raising else []
     flags = [owner.svgd_state.flag(k, sigma.device) for k, (sigma, _) in zip(flag_keys, routed)]
     accs = [owner.svgd_state.acc(k, r.numel(), r.dtype, r.device) for k, r in zip(keys, r_values)] \
