@@ -11,17 +11,17 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from . import _backend, kernels  # noqa: F401  (kernels registers torch.ops.svgd_fx.virtual_grad)
 from ._accumulate import accumulate
-from ._backend import backend, state_of
+from ._backend import backend
+from .owners import state_of
 from ._explain import Report, explain
-from ._tso import SwitchOnPlateau, switch_to_sgd, switched
 from .errors import (CoverageError, EagerLayerWarning, FactorError, GradientAccumulationWarning, NonFiniteGradientError,
                      RerouteError, StateShapeError, SVGDError)
-from ._transform import SVGDModule, _check_model
+from ._transform import SVGDModule, check_model
+from .switch import SwitchOnPlateau, switch_to_sgd, switched
 from .config import (ExcludeSpec, SVGDConfig, check_scaler, make_config, options_doc, resolve_codegen,
                      resolve_exclude)
 
@@ -67,7 +67,7 @@ def transform(
         raise TypeError("svgd_fx.transform: this is already what svgd_fx.transform returned (for "
                         f"{type(model.model).__name__}); train it as it is. For other options, transform a fresh "
                         "model (fresh.load_state_dict(model_t.model.state_dict())).")
-    _check_model(model)
+    check_model(model)
     if _backend.binding_of(model) is not None and _backend.binding_of(model).config is not None:
         raise TypeError("svgd_fx.transform: this model is compiled with backend 'svgd', which gives it SVGD "
                         "already (one model, one SVGD state): use one entry point per model.")

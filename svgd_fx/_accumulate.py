@@ -40,7 +40,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import SVGDError
+from .config import BACKEND
+from .errors import SVGDError, without_accumulation
+from .methods import method_for
+from .owners import owner_of
 
 _PHASES = ("single", "statistics", "gradients")
 
@@ -69,9 +72,6 @@ def accumulate(model, phase: str = "single") -> Iterator[None]:
     """
     if phase not in _PHASES:
         raise ValueError(f"svgd_fx.accumulate: phase must be one of {_PHASES}, got {phase!r}")
-    from ._backend import owner_of
-    from ._transform import SVGDModule, _without_accumulation
-
     owner = owner_of(model, "accumulate")
     config = getattr(owner, "config", None)
     if config is None and not hasattr(model, "_orig_mod"):
@@ -79,56 +79,27 @@ def accumulate(model, phase: str = "single") -> Iterator[None]:
                         "(nor returned by svgd_fx.transform), so no SVGD state would collect anything. Pass what "
                         "svgd_fx.transform returned, or torch.compile(model, backend='svgd', options={..., "
                         "'accumulation': True}).")
-    if getattr(config, "method", "svgd") != "svgd":
+    if config is not None and "accumulate" not in method_for(config).supports:
         raise ValueError(f"svgd_fx.accumulate supports SVGD only; this model uses method={config.method!r}")
-    if config is not None and not isinstance(owner, SVGDModule) and not config.accumulation:
-        raise _without_accumulation(owner)   # (not compiled yet: the first graph call checks)
+    if config is not None and owner.entry == BACKEND and not config.accumulation:
+        raise without_accumulation()   # (not compiled yet: the first graph call checks)
     state = owner.svgd_state
     if state.accumulating:
         raise SVGDError("svgd_fx.accumulate: already inside an accumulate block for this model (they do not nest)")
     restore = _snapshot(owner.model) if phase == "statistics" else None
-    _reset(state)
-    _set_collecting(state, True)
+    state.clear_accumulators()
+    state.set_collecting(True)
     committed = False
     try:
         yield
         committed = phase != "gradients"
     finally:
-        _set_collecting(state, False)
-        if committed:
-            _commit(state, owner.config)
-        _reset(state)
+        state.set_collecting(False)
+        if committed and config is not None:
+            state.commit_accumulated(config.rho, config.reduction == "mean")
+        state.clear_accumulators()
         if restore is not None:
             restore()
-
-
-def _set_collecting(state, on: bool) -> None:
-    state.accumulating = on
-    state.collect_flag("cpu")
-    for flag in state.collecting.values():
-        flag.fill_(1.0 if on else 0.0)
-
-
-def _reset(state) -> None:
-    for acc in state.accs.values():
-        acc.zero_()
-
-
-@torch.no_grad()
-def _commit(state, config) -> None:
-    """r ← ρ·r + (1-ρ)·stat, stat = mean over the accumulated batch of the per-sample gradient²."""
-    if config is None:
-        return
-    for key, acc in state.accs.items():
-        r = state.tensors.get(key)
-        n_all, n_here = float(acc[-2]), float(acc[-1])
-        if r is None or n_all == 0:
-            continue    # this σ' saw no micro-batch (no backward reached it)
-        sums = acc[:-2].view_as(r)
-        # mean loss: the per-sample gradient is N_here·g (N_here = this rank's accumulated
-        # batch: its loss is the mean over it), averaged over the N_all samples of all ranks
-        stat = sums * (n_here * n_here / n_all) if config.reduction == "mean" else sums / n_all
-        r.mul_(config.rho).add_(stat, alpha=1.0 - config.rho)
 
 
 def _snapshot(model: nn.Module):

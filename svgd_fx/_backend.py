@@ -35,7 +35,9 @@ from torch import nn
 from . import _eager_layers
 from ._guard import GradientGuard
 from ._state import SVGDState
-from ._transform import PassLog, _check_model, build_plan, compile_inductor, refuse_sharded
+from ._transform import TRANSFORMED, check_model, compile_inductor, refuse_sharded
+from .plan import build_plan
+from .session import PassLog
 from .config import BACKEND, ExcludeSpec, SVGDConfig, check_scaler, describe, make_config, names, options_doc, \
     resolve_exclude
 from .errors import SVGDError
@@ -59,6 +61,7 @@ class Binding:
     _guard: GradientGuard | None = None
     plans: set[int] = field(default_factory=set)   # ids of the compiled graphs whose σ' nodes are in log
     layers: dict = field(default_factory=dict, repr=False)  # torch.nn layer -> its own graph (_eager_layers)
+    entry = BACKEND                                 # how messages spell an option
 
     @property
     def model(self) -> nn.Module:
@@ -115,34 +118,16 @@ def _rebuilt_binding(model, config, excluded, grad_scaler, svgd_state) -> Bindin
 # the binding of a model is its __dict__[_ATTR]; _BOUND lists the bound models (for the owner search)
 _ATTR = "_svgd_fx_binding"
 _BOUND: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-# models given to svgd_fx.transform -> (a weakref to) what it returned, where their SVGD state lives
-_TRANSFORMED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 # id(parameter) -> (weakref to it, weakref to its model's binding): the per-call owner lookup
 _PARAM_OWNER: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
-def state_of(model: nn.Module) -> SVGDState:
-    """The SVGD state (one r per σ' node) of a model compiled with ``backend="svgd"``.
-
-    Accepts the model or what ``torch.compile`` returned (or ``transform``'s result). Creates
-    the (empty) state if the model was not compiled yet, so ``model_c.load_state_dict(checkpoint)``
-    can be called before the first forward: the r tensors wait there and are checked when traced.
-    """
-    return owner_of(model, "state_of").svgd_state
-
-
-def owner_of(model: Any, caller: str, create: bool = True):
-    """What holds a model's SVGD state, pass log and config: ``transform``'s ``SVGDModule``
-    (also inside DDP), or the compile backend's :class:`Binding` of the model (given itself or
-    as ``torch.compile`` returned it). ``create=False``: only a binding that has compiled graphs
-    (a model none of whose graphs reached the backend is a TypeError); otherwise one is made."""
-    from ._transform import SVGDModule
-
-    inner = model.module if type(model).__name__ == "DistributedDataParallel" else model
-    if isinstance(inner, SVGDModule):
-        return inner
+def lookup_binding(model: Any, inner: Any, caller: str, create: bool = True) -> Binding:
+    """The :class:`Binding` of ``inner`` (``model`` unwrapped from DDP), given itself or as
+    ``torch.compile`` returned it. ``create=False``: only a binding that has compiled graphs (a
+    model none of whose graphs reached the backend is a TypeError); otherwise one is made."""
     inner = getattr(inner, "_orig_mod", inner)
-    if isinstance(inner, nn.Module) and inner in _TRANSFORMED:
+    if isinstance(inner, nn.Module) and inner in TRANSFORMED:
         raise TypeError(f"svgd_fx.{caller}: this {type(inner).__name__} is the model given to svgd_fx.transform, "
                         "whose SVGD state lives in what transform returned: pass that (model_t = "
                         "svgd_fx.transform(model, ...); svgd_fx." + caller + "(model_t)).")
@@ -285,8 +270,8 @@ def _bind_at_first_call(module, args) -> None:
     for key, hook in list(module._forward_pre_hooks.items()):
         if hook is _bind_at_first_call:
             del module._forward_pre_hooks[key]
-    if _svgd_backend_of(module) is not None and module._orig_mod not in _TRANSFORMED:
-        owner_of(module, "torch.compile")
+    if _svgd_backend_of(module) is not None and module._orig_mod not in TRANSFORMED:
+        lookup_binding(module, module, "torch.compile")
 
 
 def _enter_call(module, args) -> None:
@@ -302,15 +287,15 @@ def _leave_call(module, args, output) -> None:
 
 
 def _layer_graph(compiled, layer: nn.Module):
-    # bound by _bind_at_first_call; owner_of (which re-registers every parameter) only if not
-    binding = _bound(compiled._orig_mod) or owner_of(compiled, "torch.compile")
+    # bound by _bind_at_first_call; lookup_binding (which re-registers every parameter) only if not
+    binding = _bound(compiled._orig_mod) or lookup_binding(compiled, compiled, "torch.compile")
     return binding.layer_graph(layer, _svgd_backend_of(compiled))
 
 
 def _load_into_compiled(module, state_dict, prefix, *rest) -> None:
     own = prefix + "_orig_mod.svgd_state."
     if any(key.startswith(own) for key in state_dict) and _svgd_backend_of(module) is not None:
-        owner_of(module, "load_state_dict")   # binds the model (its hooks load the keys) with its options
+        lookup_binding(module, module, "load_state_dict")   # binds the model (its hooks load the keys) with its options
 
 
 torch.nn.modules.module.register_module_module_registration_hook(_on_module_registered)
@@ -435,7 +420,7 @@ class backend:
             )
         _refuse_transformed(model)
         binding = _binding_for(model)
-        _check_model(model)
+        check_model(model)
         binding.configure(self.config, self.exclude, self.grad_scaler)
         plan = build_plan(binding, gm, example_inputs, accumulating=self.config.accumulation)
         owner = _owner_of_call(plan, binding)
@@ -544,7 +529,7 @@ def _svgd_models_on_stack() -> list[tuple[nn.Module, backend]]:
 
 
 def _refuse_transformed(model: nn.Module) -> None:
-    if model in _TRANSFORMED:
+    if model in TRANSFORMED:
         raise SVGDError(
             f"svgd_fx: this {type(model).__name__} was given to svgd_fx.transform, whose SVGD state and gradient "
             "checks it carries; compiling it with backend 'svgd' as well would put two SVGD states on one set of "

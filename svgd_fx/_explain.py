@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .owners import owner_of
+
 
 @dataclass
 class Report:
@@ -49,8 +51,6 @@ class Report:
 
 def explain(model_t) -> Report:
     """What the pass found: for ``transform``'s result, or a model compiled with ``backend="svgd"``."""
-    from ._backend import owner_of
-
     model_t = owner_of(model_t, "explain", create=False)
     rows = []
     r_bytes = 0

@@ -159,6 +159,37 @@ class SVGDState(nn.Module):
             fitted.append(tensor)
         return fitted
 
+    @torch.no_grad()
+    def fill(self, key: str, value: float) -> None:
+        """Set every element of state tensor ``key``; before the first forward it waits, as a
+        loaded one would, for the graph that creates it."""
+        tensor = self.tensors.get(key)
+        if tensor is None:
+            self._pending[key] = torch.full((), float(value))
+        else:
+            tensor.fill_(value)
+
+    def peek(self, key: str) -> torch.Tensor | None:
+        """State tensor ``key``, or its pending (loaded or filled) value before the first forward."""
+        return self.tensors.get(key, self._pending.get(key))
+
+    @torch.no_grad()
+    def keep_for_roll_back(self) -> None:
+        """Copy every state tensor as the step starts (GradScaler: the step may be skipped)."""
+        for key, r in self.tensors.items():
+            kept = self.prev.get(key)
+            if kept is None or kept.shape != r.shape or kept.dtype != r.dtype or kept.device != r.device:
+                self.prev[key] = r.clone()
+            else:
+                kept.copy_(r)
+
+    @torch.no_grad()
+    def roll_back(self) -> None:
+        """Put back the copies of :meth:`keep_for_roll_back` (the scaler skipped that step)."""
+        for key, r in self.tensors.items():
+            if key in self.prev:
+                r.copy_(self.prev[key])
+
     def flag(self, key: str, device: torch.device) -> torch.Tensor:
         """A 0-dim counter the fused T increments when ∇σ'J is not finite (``nonfinite="raise"``)."""
         flag = self.flags.get(key)
@@ -182,6 +213,31 @@ class SVGDState(nn.Module):
             flag = self.collecting[key] = torch.full((), float(self.accumulating), dtype=torch.float32,
                                                          device=device)
         return flag
+
+    def set_collecting(self, on: bool) -> None:
+        """Enter (``True``) or leave ``svgd_fx.accumulate``: every graph's "collect" input follows."""
+        self.accumulating = on
+        self.collect_flag("cpu")
+        for flag in self.collecting.values():
+            flag.fill_(1.0 if on else 0.0)
+
+    def clear_accumulators(self) -> None:
+        for acc in self.accs.values():
+            acc.zero_()
+
+    @torch.no_grad()
+    def commit_accumulated(self, rho: float, mean_reduction: bool) -> None:
+        """r ← ρ·r + (1-ρ)·stat, stat = mean over the accumulated batch of the per-sample gradient²."""
+        for key, acc in self.accs.items():
+            r = self.tensors.get(key)
+            n_all, n_here = float(acc[-2]), float(acc[-1])
+            if r is None or n_all == 0:
+                continue    # this σ' saw no micro-batch (no backward reached it)
+            sums = acc[:-2].view_as(r)
+            # mean loss: the per-sample gradient is N_here·g (N_here = this rank's accumulated
+            # batch: its loss is the mean over it), averaged over the N_all samples of all ranks
+            stat = sums * (n_here * n_here / n_all) if mean_reduction else sums / n_all
+            r.mul_(rho).add_(stat, alpha=1.0 - rho)
 
     # -- nn.Module plumbing: dotted keys, device moves, state_dict ---------------------------
     def _apply(self, fn, recurse=True):

@@ -21,10 +21,8 @@ receives a gradient there would train on its plain gradient, so that backward ra
 from __future__ import annotations
 
 import copy
-import re
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,32 +30,10 @@ from torch import nn
 from . import _eager_layers
 from ._guard import GradientGuard
 from ._state import SVGDState
-from .config import SVGDConfig
-from .errors import StateShapeError, SVGDError
-from .passes.composites import expand_composites
-from .passes.linearity import nodes_in
-from .passes.locate import Kind, SigmaNode, locate, node_id, tag_nodes
-from .passes.reroute import RerouteSpec, reroute
-
-@dataclass
-class SigmaRecord:
-    """What the pass found for one σ' node (merged over all graphs that contain it)."""
-    sigma: SigmaNode
-    key: str | None                           # state key ("fc.linear.r"), or None if not routed
-    r_shape: tuple[int, ...] | None
-    t_graphs: int = 0                         # number of backward graphs with a T node for it
-    state_keys: tuple[str, ...] = ()          # TSO-ALRA: the layer's factor, root and step keys
-
-
-@dataclass
-class PassLog:
-    records: dict[str, SigmaRecord] = field(default_factory=dict)
-    params_seen: set[str] = field(default_factory=set)
-    graphs: int = 0
-    backward_graphs: list[torch.fx.GraphModule] = field(default_factory=list)
-    forward_graphs: list[torch.fx.GraphModule] = field(default_factory=list)
-    key_locations: dict[str, str] = field(default_factory=dict)
-
+from .config import TRANSFORM, SVGDConfig
+from .errors import SVGDError
+from .plan import build_plan
+from .session import PassLog
 
 def refuse_sharded(model: nn.Module) -> None:
     """FSDP (1 or 2) replaces the parameters by flat or sharded ones and gathers them inside its own
@@ -73,7 +49,7 @@ def refuse_sharded(model: nn.Module) -> None:
         )
 
 
-def _check_model(model: nn.Module) -> dict[str, nn.Parameter]:
+def check_model(model: nn.Module) -> dict[str, nn.Parameter]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"svgd_fx.transform takes an nn.Module (or a torch.fx.GraphModule), "
                         f"got {type(model).__name__}")
@@ -89,12 +65,18 @@ def _check_model(model: nn.Module) -> dict[str, nn.Parameter]:
     return trainable
 
 
+# models given to svgd_fx.transform -> (a weakref to) what it returned, where their SVGD state lives
+TRANSFORMED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
 class SVGDModule(nn.Module):
     """The model with SVGD's backward. Shares the model's parameters and buffers.
 
     ``state_dict()`` holds the model's own entries under their original keys (they load into
     the original model) plus ``svgd_state.<σ' name>.r`` for every r.
     """
+
+    entry = TRANSFORM
 
     def __init__(self, model: nn.Module, config: SVGDConfig, exclude: set[str], grad_scaler=None,
                  codegen: str = "inductor") -> None:
@@ -113,8 +95,6 @@ class SVGDModule(nn.Module):
         """What is rebuilt rather than copied or pickled: the pass log, the gradient guard and the
         compiled graphs (hidden from nn: [plain graphs] + [graphs with accumulate's inputs],
         compiled at first use)."""
-        from ._backend import _TRANSFORMED
-
         self.log = PassLog()
         self._first_inputs: tuple | None = None     # for the guard's message, until its first check passes
         self.guard = GradientGuard(self.model, self.excluded, self._coverage_message)
@@ -124,10 +104,10 @@ class SVGDModule(nn.Module):
         self._layers: dict = {}     # (torch.nn layer, accumulating) -> its own graph (see _eager_layers)
         _eager_layers.install(self.model)
         self._superseded = False
-        earlier = _TRANSFORMED.get(self.model)
+        earlier = TRANSFORMED.get(self.model)
         if earlier is not None and earlier() is not None and earlier() is not self:
             earlier()._supersede()
-        _TRANSFORMED[self.model] = weakref.ref(self)
+        TRANSFORMED[self.model] = weakref.ref(self)
 
     def _supersede(self) -> None:
         """A later ``transform`` of the same model takes over (re-running a notebook cell): this
@@ -334,388 +314,3 @@ def compile_inductor(gm, example_inputs, plan):
         patches["joint_custom_pre_pass"] = _JointPass(plan)
     with functorch_config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, config_patches=patches)
-
-
-@dataclass
-class Plan:
-    """Everything the joint-graph pass needs for one Dynamo graph, and how to call the result."""
-    owner: Any                          # SVGDModule, or the compile backend's Binding
-    gm: torch.fx.GraphModule            # Dynamo's graph + one placeholder per r
-    example_inputs: list[Any]
-    specs: list[RerouteSpec]
-    state_keys: list[str]
-    param_derived_sources: set[str]
-    param_inputs: set[int]
-    r_specs: list[tuple] = field(default_factory=list)   # get_or_create arguments, per state key
-    params_seen: set[str] = field(default_factory=set)  # parameter names this graph uses
-    flag_keys: list[str] = field(default_factory=list)  # non-finite counters (fused T, "raise")
-    scaled: bool = False                                # a GradScaler's 1/S follows the accumulators
-    accumulating: bool = False                          # accumulator inputs + "collect" (last)
-    collect_device: Any = None                          # where the "collect" mode input lives
-    method: str = "svgd"                                # "tso-alra": specs are KronSpecs
-    r_shapes: list[tuple] = field(default_factory=list)  # (shape, dtype, device) of each state tensor
-    sigma_names: frozenset[str] = frozenset()            # the σ' nodes of this graph (routed or not)
-    t_names: set[str] = field(default_factory=set)       # those its backward got a T for (rewrite)
-
-    def rewrite(self, joint: torch.fx.GraphModule) -> None:
-        """The reroute pass on AOTAutograd's joint graph (in place), logged per σ'."""
-        hint = option_spelling(self.owner, "exclude", "[...]")
-        if self.method == "tso-alra":
-            from .passes.kronecker import precondition
-
-            changed = precondition(joint, self.specs, self.param_derived_sources, self.param_inputs, hint)
-        else:
-            changed = reroute(joint, self.specs, self.param_derived_sources, self.param_inputs, hint)
-        for spec in self.specs:
-            if spec.name in changed:
-                self.owner.log.records[spec.name].t_graphs += 1
-                self.t_names.add(spec.name)
-
-    def partition(self, joint, joint_inputs, **kwargs):
-        from torch._functorch.partitioners import default_partition
-
-        self.rewrite(joint)
-        return default_partition(joint, joint_inputs, **kwargs)
-
-    def wrap(self, aot_backend, owner_of_call: Callable | None = None) -> Callable:
-        """Compile, and feed the current r tensors at every call.
-
-        ``owner_of_call(args)`` picks whose state to use per call: a compiled graph is shared by
-        every model whose code and guards match (Dynamo's cache), so the compile backend looks
-        the owner up from the parameters actually passed. ``transform`` owns its graphs alone.
-        """
-        compiled = aot_backend(self.gm, self.example_inputs)
-        keys, r_specs, flag_keys, scaled = self.state_keys, self.r_specs, self.flag_keys, self.scaled
-        compiled_for = list(self.r_shapes)
-        checked = [None]     # the state's version the tensors were last fitted at
-        device, collect_device, accumulating = (r_specs[0][3] if r_specs else None), self.collect_device, \
-            self.accumulating
-
-        autocast_device = torch.device(device).type if device is not None else None
-
-        param_idx = sorted(self.param_inputs)
-        plan_key = object()
-
-        def state_tensors(owner) -> list[torch.Tensor]:
-            state = owner.svgd_state
-            if owner.grad_scaler is None and autocast_device is not None and torch.is_grad_enabled() \
-                    and torch.is_autocast_enabled(autocast_device) \
-                    and torch.get_autocast_dtype(autocast_device) == torch.float16:
-                raise _fp16_without_scaler(owner)
-            if state.accumulating and not accumulating:
-                raise _without_accumulation(owner)
-            try:
-                rs = [state.tensors[k] for k in keys]
-            except KeyError:  # a model first seen through a graph compiled for another one
-                rs = [state.get_or_create(*spec) for spec in r_specs]
-            if state.version != checked[0]:
-                rs = state.fit(keys, rs, compiled_for)
-                checked[0] = state.version
-            tensors = [_own_version(r) for r in rs]
-            if flag_keys:
-                flags = [state.flag(k, device) for k in flag_keys]
-                _raise_if_flagged(state, flag_keys, flags)
-                tensors += flags
-            if accumulating:
-                tensors += [_own_version(state.acc(k, r.numel(), r.dtype, r.device)) for k, r in zip(keys, rs)]
-            if scaled:
-                tensors.append(_scaler_step_boundary(owner, device))
-            if accumulating and keys:
-                tensors.append(state.collect_flag(collect_device))
-            return tensors
-
-        def watched(owner, args, outputs):
-            if torch.is_grad_enabled():     # a backward through this graph covers its parameters
-                owner.guard.watch(plan_key, lambda: frozenset(id(args[i]) for i in param_idx), outputs)
-            return outputs
-
-        if owner_of_call is None:
-            owner = self.owner
-
-            def run(*args):
-                return watched(owner, args, compiled(*args, *state_tensors(owner)))
-        else:
-            def run(*args):
-                owner = owner_of_call(args)
-                return watched(owner, args, compiled(*args, *state_tensors(owner)))
-
-        return run
-
-
-def option_spelling(owner, name: str, value: str) -> str:
-    """How the user passes option ``name`` on the entry point ``owner`` belongs to."""
-    if isinstance(owner, SVGDModule):
-        return f"svgd_fx.transform(model, ..., {name}={value})"
-    return f"torch.compile(model, backend='svgd', options={{..., {name!r}: {value}}})"
-
-
-def _fp16_without_scaler(owner) -> SVGDError:
-    return SVGDError(
-        "svgd_fx: a forward under fp16 autocast with grad enabled, and no grad_scaler given. With "
-        "torch.amp.GradScaler the loss is S times larger, so r would be built from S·g and the virtual gradients "
-        f"would come out S times too small. Pass the scaler ({option_spelling(owner, 'grad_scaler', 'scaler')}), "
-        f"or {option_spelling(owner, 'grad_scaler', 'False')} if this fp16 training uses no scaler.")
-
-
-def _without_accumulation(owner) -> SVGDError:
-    return SVGDError(
-        "svgd_fx.accumulate: this model was compiled without accumulation, so its graphs have no "
-        "accumulator inputs (a plain step would pay for them). Compile it with "
-        "torch.compile(model, backend='svgd', options={..., 'accumulation': True}) or "
-        "svgd_fx.backend(..., accumulation=True) to use svgd_fx.accumulate.")
-
-
-def _own_version(r: torch.Tensor) -> torch.Tensor:
-    """r as this call's graph sees it: the same storage, its own autograd version counter.
-
-    Autograd saves r for the backward, where T updates it in place (bumping the version of the
-    tensor it was given). With one alias per call, two forwards before one backward (a model
-    called twice, e.g. a siamese loss) each find their saved r unchanged, and update r in turn.
-    """
-    return r.data    # shares r's storage; a fresh version counter (0.2 µs, against 2 µs for set_())
-
-
-def _scaler_step_boundary(owner, device) -> torch.Tensor:
-    """With a GradScaler: 1/S for T's statistic, and r rolled back after a skipped step.
-
-    Called at every forward. GradScaler lowers its scale exactly when it found inf/NaN and
-    skipped ``optimizer.step()`` (its backoff factor is < 1), so a scale below the one of the
-    previous forward means that step's r update must be discarded: r goes back to its copy
-    from the start of that step. (Call ``scaler.update()`` once per step, as torch documents.)
-    """
-    scaler, state = owner.grad_scaler, owner.svgd_state
-    if scaler._scale is None:
-        scaler._lazy_init_scale_growth_tracker(torch.device(device))
-    now = float(scaler._scale.item())
-    if state.scale_used is not None and now < state.scale_used and state.prev:
-        with torch.no_grad():
-            for key, r in state.tensors.items():
-                if key in state.prev:
-                    r.copy_(state.prev[key])
-    state.scale_used = now
-    if torch.is_grad_enabled():
-        with torch.no_grad():
-            for key, r in state.tensors.items():
-                kept = state.prev.get(key)
-                if kept is None or kept.shape != r.shape or kept.dtype != r.dtype or kept.device != r.device:
-                    state.prev[key] = r.clone()
-                else:
-                    kept.copy_(r)
-    return torch.reciprocal(scaler._scale.to(device)).reshape(())
-
-
-def _raise_if_flagged(state, flag_keys: list[str], flags: list[torch.Tensor]) -> None:
-    """The fused T cannot raise inside inductor's kernels: it counts, and the next call raises."""
-    if flags[0].device.type == "cpu":
-        if not any(f.item() for f in flags):   # a few µs per flag
-            return
-    elif not bool(torch.stack(flags).any()):   # one device sync per forward, not one per flag
-        return
-    from .kernels.t_op import _nonfinite
-
-    names = [k.rsplit(".", 1)[0] for k, f in zip(flag_keys, flags) if bool(f)]
-    for f in flags:
-        f.zero_()
-    raise _nonfinite(", ".join(names), deferred=True)
-
-
-def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], accumulating: bool = False) -> Plan:
-    """Locate the σ' nodes of Dynamo's graph, create their state, and plan the joint-graph pass.
-
-    The graph gains inputs, in this order: one r per routed σ'; with the fused T and
-    ``nonfinite="raise"``, one non-finite counter per σ'; when ``accumulating``, one
-    accumulator per σ'; with a GradScaler, 1/S; when ``accumulating``, the 0-dim "collect".
-    """
-    model, config, log = owner.model, owner.config, owner.log
-    owner.guard.arm(model)
-    if config.distributed is None and _world_size() > 1:
-        raise SVGDError(
-            f"svgd_fx: torch.distributed runs {_world_size()} processes, and distributed was not given. With DDP each "
-            "rank sees part of the batch: pass " + option_spelling(owner, "distributed", "True") + " so that r is "
-            "built from the joined batch (what one process would build), or distributed=False to keep each rank's r "
-            "from its own samples knowingly.")
-    gm = _own_copy(gm)
-    params = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-    consts = {id(t) for t in model.buffers()} | {id(p) for p in model.parameters() if not p.requires_grad}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    param_nodes, const_nodes, param_inputs = {}, [], set()
-    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
-        if isinstance(value, torch.Tensor) and id(value) in params:
-            param_nodes[node] = params[id(value)]
-            param_inputs.add(i)
-        elif isinstance(value, torch.Tensor) and id(value) in consts:
-            const_nodes.append(node)
-
-    analysis = locate(gm, param_nodes, const_nodes, set(owner.excluded))
-    if expand_composites(gm, analysis.sigmas, lambda n: analysis.node_kinds.get(n) is Kind.PARAM):
-        analysis = locate(gm, param_nodes, const_nodes, set(owner.excluded))   # σ' nodes they hid
-    log.graphs += 1
-    log.params_seen |= analysis.params_seen
-    name_to_input = {param_nodes[n]: i for i, n in enumerate(placeholders) if n in param_nodes}
-    if config.method == "tso-alra":
-        return _tso_plan(owner, gm, example_inputs, analysis, param_nodes, name_to_input, param_inputs)
-
-    routed, keys, r_values, r_specs = [], [], [], []
-    for sigma in analysis.sigmas:
-        _disambiguate(log, sigma)
-        key = f"{sigma.name}.r" if sigma.routed else None
-        record = log.records.setdefault(sigma.name, SigmaRecord(sigma, key, None))
-        if not sigma.routed:
-            continue
-        r_dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
-        r_specs.append((key, _sample_shape(sigma), r_dtype, sigma.device, f"{sigma.name!r} ({sigma.location})",
-                        _reduce_dims(sigma, config)))
-        r_values.append(owner.svgd_state.get_or_create(*r_specs[-1]))
-        reduce = owner.svgd_state.layouts[key]
-        record.r_shape = tuple(r_values[-1].shape)
-        routed.append((sigma, reduce))
-        keys.append(key)
-
-    raising = config.nonfinite == "raise"
-    scaled = isinstance(getattr(owner, "grad_scaler", None), torch.amp.GradScaler)
-    # the fused T has no GradScaler 1/S and no all-reduce: those use the T op
-    inline_t = config.t_impl == "fused" and not scaled and not config.distributed
-    flag_keys = [f"{sigma.name}.nonfinite" for sigma, _ in routed] if inline_t and raising else []
-    flags = [owner.svgd_state.flag(k, sigma.device) for k, (sigma, _) in zip(flag_keys, routed)]
-    accs = [owner.svgd_state.acc(k, r.numel(), r.dtype, r.device) for k, r in zip(keys, r_values)] \
-        if accumulating else []
-    # the op reads "collect" on the host (a CPU scalar: no device sync); the fused T on the device
-    collect_device = torch.device(r_specs[0][3] if r_specs and inline_t else "cpu")
-    first_acc = len(placeholders) + len(keys) + len(flag_keys)
-    after_accs = first_acc + len(accs)
-    specs = [
-        RerouteSpec(
-            source=sigma.source, name=sigma.name, r_input=len(placeholders) + i,
-            routed_inputs=frozenset(name_to_input[p] for p in sigma.routed_params),
-            s=config.s, rho=config.rho, eps=config.eps,
-            mean_reduction=config.reduction == "mean", reduce_dims=reduce, inline=inline_t,
-            raise_nonfinite=raising,
-            flag_input=len(placeholders) + len(keys) + i if flag_keys else None,
-            scale_input=after_accs if scaled else None,
-            sync=bool(config.distributed),
-            acc_input=first_acc + i if accumulating else None,
-            collect_input=after_accs + int(scaled) if accumulating else None,
-            identity_operands=_identity_operands(sigma, placeholders, analysis.node_kinds),
-        )
-        for i, (sigma, reduce) in enumerate(routed)
-    ]
-    collecting = accumulating and bool(keys)
-    acc_names = [k + ".acc" for k in keys] if accumulating else []
-    names = keys + flag_keys + acc_names + (["grad_scaler.inv_scale"] if scaled else []) + \
-        (["collect"] if collecting else [])
-    new_gm = _with_state_inputs(gm, names)
-    scale = [torch.ones((), device=r_specs[0][3] if r_specs else "cpu")] if scaled else []
-    collect = [owner.svgd_state.collect_flag(collect_device)] if collecting else []
-    return Plan(owner, new_gm, _with_state_examples(example_inputs, r_values + flags + accs + scale + collect),
-                specs, keys, _param_sources(analysis), param_inputs, r_specs, analysis.params_seen, flag_keys,
-                scaled, accumulating, collect_device, r_shapes=[_signature(r) for r in r_values],
-                sigma_names=frozenset(sigma.name for sigma in analysis.sigmas))
-
-
-def _tso_plan(owner, gm, example_inputs, analysis, param_nodes, name_to_input, param_inputs) -> Plan:
-    from ._tso import plan_layers
-
-    for sigma in analysis.sigmas:
-        _disambiguate(owner.log, sigma)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    specs, r_specs = plan_layers(owner, analysis, param_nodes, name_to_input, len(placeholders))
-    keys = [spec[0] for spec in r_specs]
-    values = [owner.svgd_state.get_or_create(*spec) for spec in r_specs]
-    return Plan(owner, _with_state_inputs(gm, keys), _with_state_examples(example_inputs, values), specs, keys,
-                _param_sources(analysis), param_inputs, r_specs, analysis.params_seen, method="tso-alra",
-                r_shapes=[_signature(v) for v in values], sigma_names=frozenset(s.name for s in analysis.sigmas))
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _signature(t: torch.Tensor) -> tuple:
-    return tuple(t.shape), t.dtype, t.device
-
-
-def _identity_operands(sigma: SigmaNode, placeholders: list[torch.fx.Node], kinds: dict):
-    """Where the joint graph carries the gradient of each routed operand of ``sigma`` (see
-    ``RerouteSpec.identity_operands``): per operand, its chain down to the parameter, each
-    step used once, as ("node", id) or ("input", index); None when one also feeds another node."""
-    operands = []
-    for p in sigma.param_inputs:
-        for n in p.nodes if p.linear else ():
-            user, path = sigma.node, []
-            while True:
-                uses = [a for a in nodes_in((user.args, user.kwargs)) if a is n]
-                if len(n.users) != 1 or len(uses) != 1:
-                    return None
-                if n.op == "placeholder":
-                    if n in placeholders:          # else a checkpointed body's input: stop here
-                        path.append(("input", placeholders.index(n)))
-                    break
-                path.append(("node", node_id(n)))
-                below = [a for a in n.all_input_nodes if kinds.get(a) is Kind.PARAM]
-                if len(below) != 1:
-                    break
-                user, n = n, below[0]
-            operands.append(tuple(path))
-    return tuple(operands)
-
-
-def _with_state_examples(example_inputs: list[Any], state: list[torch.Tensor]) -> list[Any]:
-    """Dynamo's example inputs + the state tensors, fake (static shapes) where Dynamo's are."""
-    fake_mode = torch._guards.detect_fake_mode(example_inputs)
-    return list(example_inputs) + [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t for t in state]
-
-
-def _param_sources(analysis) -> set[str]:
-    """Source names of the parameter-derived torch-level nodes (a parameter edge may pass them)."""
-    return {src for src, kind in analysis.kinds.items() if kind is Kind.PARAM}
-
-
-def _disambiguate(log: PassLog, sigma: SigmaNode) -> None:
-    """Keep one name per σ' across graphs: the same name from another source line gets a suffix."""
-    where = sigma.location.split("  ", 1)[0]
-    known = log.key_locations.setdefault(sigma.name, where)
-    if known != where:
-        sigma.name = f"{sigma.name}@{where}"
-        log.key_locations.setdefault(sigma.name, where)
-
-
-def _sample_shape(sigma: SigmaNode) -> tuple:
-    if sigma.sample_shape is None:
-        raise StateShapeError(f"svgd_fx: σ' node {sigma.name!r} ({sigma.location}) does not return a "
-                              "tensor with a batch dimension; exclude its parameters.")
-    return sigma.sample_shape
-
-
-def _reduce_dims(sigma: SigmaNode, config: SVGDConfig) -> tuple[int, ...]:
-    """Dims of the σ' output averaged into r's statistic besides the batch: those whose size
-    varies between calls (symbolic in this graph; the state adds those it saw vary), and with
-    ``r_shape="channel"`` all but the channel dim."""
-    shape = _sample_shape(sigma)
-    reduce = {d for d, size in enumerate(shape, 1) if not isinstance(size, int)}
-    if config.r_shape == "channel" and len(shape) >= 2:
-        channel = sigma.channel_dim if sigma.channel_dim >= 1 else len(shape)  # dim of the output
-        if channel in reduce:
-            raise StateShapeError(f"svgd_fx: σ' node {sigma.name!r} ({sigma.location}): its channel dimension "
-                                  f"varies between calls ({tuple(str(d) for d in shape)}), so r cannot keep it.")
-        reduce |= {d for d in range(1, len(shape) + 1) if d != channel}
-    return tuple(sorted(reduce))
-
-
-def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of Dynamo's graph (its own module stays untouched) whose nodes carry ids."""
-    own = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    tag_nodes(own)
-    return own
-
-
-def _with_state_inputs(gm: torch.fx.GraphModule, keys: list[str]) -> torch.fx.GraphModule:
-    """``gm`` (our copy) with one placeholder per state tensor after its own placeholders."""
-    last = list(gm.graph.find_nodes(op="placeholder"))[-1]
-    with gm.graph.inserting_after(last):
-        for key in reversed(keys):
-            ph = gm.graph.placeholder(re.sub(r"\W", "_", f"svgd_{key}"))
-            ph._dynamo_source = None
-    gm.recompile()
-    return gm

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import svgd_fx
-import svgd_fx._transform as transform_module
+import svgd_fx.methods.svgd as svgd_method
 
 
 def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
@@ -25,7 +25,7 @@ def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
 
 def _captured_joint(monkeypatch, model, x):
     joints = []
-    real = transform_module.reroute
+    real = svgd_method.reroute
 
     def spy(joint, specs, *args, **kwargs):
         untouched = [n for n in joint.graph.nodes if n.target is torch.ops.svgd_fx.virtual_grad.default]
@@ -34,7 +34,7 @@ def _captured_joint(monkeypatch, model, x):
         joints.append((joint, changed, {spec.r_input for spec in specs}))
         return changed
 
-    monkeypatch.setattr(transform_module, "reroute", spy)
+    monkeypatch.setattr(svgd_method, "reroute", spy)
     svgd_fx.transform(model, s=0.1, codegen="fx")(x).sum().backward()
     assert len(joints) == 1
     return joints[0]
@@ -80,8 +80,8 @@ def test_a_parameter_that_enters_nonlinearly_gets_no_t(monkeypatch):
 
     x = torch.randn(3, 4, requires_grad=True)
     joints = []
-    real = transform_module.reroute
-    monkeypatch.setattr(transform_module, "reroute", lambda joint, specs, *a, **k: joints.append(specs)
+    real = svgd_method.reroute
+    monkeypatch.setattr(svgd_method, "reroute", lambda joint, specs, *a, **k: joints.append(specs)
                         or real(joint, specs, *a, **k))
     model_t = svgd_fx.transform(Gate(), s=0.1, codegen="fx")
     model_t(x).sum().backward()

@@ -1,0 +1,41 @@
+"""The method interface (see :mod:`svgd_fx.methods`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ..passes.locate import Analysis
+from ..runtime import StateLayout
+
+
+@dataclass
+class PlanContext:
+    """What a method plans from, for one Dynamo graph."""
+    owner: Any                             # what holds the state, log and config (see svgd_fx.plan)
+    analysis: Analysis                     # locate's σ' nodes and node kinds
+    param_nodes: dict                      # placeholder node -> parameter name
+    name_to_input: dict[str, int]          # parameter name -> graph-input index
+    placeholders: list[torch.fx.Node]
+    layout: StateLayout
+    accumulating: bool                     # graphs with svgd_fx.accumulate's inputs
+
+
+@dataclass
+class MethodPlan:
+    specs: list                            # the rewrite's per-σ' specs
+    state_specs: list[tuple]               # SVGDState.get_or_create arguments, per "state" entry
+    examples: list[torch.Tensor]           # one tensor per extra input, in layout order
+    collect_device: Any = None
+    t_names: set[str] = field(default_factory=set)
+
+
+class Method(Protocol):
+    supports: frozenset[str]
+
+    def plan(self, ctx: PlanContext) -> MethodPlan: ...
+
+    def rewrite(self, joint: torch.fx.GraphModule, plan: MethodPlan, param_sources: set[str],
+                param_inputs: set[int], entry: str) -> set[str]: ...

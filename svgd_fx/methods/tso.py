@@ -1,0 +1,88 @@
+"""TSO-ALRA (Ida & Fujiwara): two-sided Kronecker T on Linear and Conv2d layers.
+
+The numbers are in ``docs/tso-alra.md``; the joint-graph rewrite in
+:mod:`svgd_fx.passes.kronecker`; the T node (``svgd_fx::kron_t``) in
+:mod:`svgd_fx.kernels.kron_op`; the switch to SGD in :mod:`svgd_fx.switch`. The state per
+Kronecker layer ``<σ'>`` is ``<σ'>.A``, ``.A_root``, ``.B``, ``.B_root``, ``.steps``, and one
+``tso.switched`` flag per model, all in ``state_dict()`` (all "state" extra inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import SVGDConfig
+from ..errors import option_spelling
+from ..passes.kronecker import STATE_PARTS, KronSpec, kronecker_layer, precondition
+from ..passes.locate import ParamInput
+from ..session import SigmaRecord
+from .base import MethodPlan, PlanContext
+
+SWITCHED_KEY = "tso.switched"
+
+
+class TSOMethod:
+    supports = frozenset()
+
+    def __init__(self, config: SVGDConfig) -> None:
+        self.config = config
+
+    def plan(self, ctx: PlanContext) -> MethodPlan:
+        """Kronecker specs and their state for the σ' nodes of one graph.
+
+        Marks every σ' node's parameter inputs for ``explain()``: preconditioned (weight and
+        bias of a Kronecker layer) or plain, with the reason. The state inputs are each layer's
+        factors, roots and step counter, then the model's ``tso.switched`` flag.
+        """
+        config, owner, layout = self.config, ctx.owner, ctx.layout
+        log = owner.log
+        trainable = set(ctx.name_to_input) - set(owner.excluded)
+        layers, state_specs = [], []
+        for sigma in ctx.analysis.sigmas:
+            log.name(sigma)
+            layer, why = kronecker_layer(sigma, ctx.param_nodes, trainable)
+            own = {layer.weight, layer.bias} - {None} if layer else set()
+            sigma.param_inputs = [_marked(p, layer, own, why, owner.excluded) for p in sigma.param_inputs]
+            record = log.records.setdefault(sigma.name, SigmaRecord(sigma, sigma.name if layer else None,
+                                                                    layer.sizes if layer else None))
+            if layer is None:
+                continue
+            record.state_keys = tuple(f"{sigma.name}.{part}" for part in STATE_PARTS)
+            n, m = layer.sizes
+            dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
+            where = f"{sigma.name!r} ({sigma.location})"
+            for key, shape in zip(record.state_keys, ((n, n), (n, n), (m, m), (m, m))):
+                state_specs.append((key, shape, dtype, sigma.device, where))
+            state_specs.append((record.state_keys[-1], (), torch.int64, torch.device("cpu"), where))
+            layers.append((sigma, layer, record.state_keys))
+        state_specs.append((SWITCHED_KEY, (), torch.float32, torch.device("cpu"), "TSO-ALRA's switch to SGD"))
+        for spec in state_specs:
+            layout.add("state", spec[0])
+        specs = [
+            KronSpec(
+                source=sigma.source, name=sigma.name, layer=layer,
+                weight_input=ctx.name_to_input[layer.weight],
+                bias_input=ctx.name_to_input[layer.bias] if layer.bias is not None else None,
+                state_inputs=tuple(layout.index("state", key) for key in keys),
+                switched_input=layout.index("state", SWITCHED_KEY), gamma=config.gamma, t_int=config.t_int,
+                damping=config.damping, mean_reduction=config.reduction == "mean",
+                switch_at_step=-1 if config.switch_at_step is None else config.switch_at_step,
+            )
+            for sigma, layer, keys in layers
+        ]
+        examples = [owner.svgd_state.get_or_create(*spec) for spec in state_specs]
+        return MethodPlan(specs, state_specs, examples)
+
+    def rewrite(self, joint, plan: MethodPlan, param_sources, param_inputs, entry: str) -> set[str]:
+        return precondition(joint, plan.specs, param_sources, param_inputs, option_spelling(entry, "exclude", "[...]"))
+
+
+def _marked(p: ParamInput, layer, own: set[str], why: str, excluded) -> ParamInput:
+    """``p`` as explain() should show it: preconditioned when all its parameters are the
+    layer's weight/bias, otherwise plain with the reason."""
+    if own.intersection(p.params):
+        n, m = layer.sizes
+        folded = " (bias folded into A as a constant-1 input)" if layer.bias is not None else ""
+        return ParamInput(p.arg, p.params, set(p.params) <= own,
+                          f"TSO-ALRA: Kronecker factors A {n}x{n}, B {m}x{m} of this {layer.kind}{folded}")
+    return ParamInput(p.arg, p.params, False, "excluded by the user" if set(p.params) & set(excluded) else why)

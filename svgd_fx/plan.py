@@ -1,0 +1,167 @@
+"""One Dynamo graph, planned: σ' nodes located, their state created, the rewrite specified.
+
+Both entry points call :func:`build_plan` from their Dynamo backend and compile
+:meth:`Plan.wrap`'s result; the plan's :meth:`Plan.rewrite` is the joint-graph pass (inductor's
+``joint_custom_pre_pass``, or AOTAutograd's partitioner hook with ``codegen="fx"``). The steps:
+
+1. placeholders: which of Dynamo's inputs are trainable parameters (by name) or constants;
+2. :func:`~svgd_fx.passes.locate.locate` (and the composites it expands) finds the σ' nodes;
+3. the method (:mod:`svgd_fx.methods`) names them in the pass log, creates their state, lays out
+   the graph's extra inputs (:class:`~svgd_fx.runtime.StateLayout`) and writes the rewrite's specs;
+4. the graph gets one placeholder per extra input, fed at every call (:func:`~svgd_fx.runtime.feeder`).
+
+The ``owner`` is what holds a model's state, pass log, config, excluded parameters, GradScaler
+and gradient guard: ``transform``'s :class:`~svgd_fx.SVGDModule` or the backend's binding; its
+``entry`` ("transform" / "backend") says how the user spells an option in messages.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from .errors import SVGDError, option_spelling
+from .methods import Method, MethodPlan, PlanContext, method_for
+from .passes.composites import expand_composites
+from .passes.locate import Kind, locate, tag_nodes
+from .runtime import Feed, StateLayout, feeder
+
+
+@dataclass
+class Plan:
+    """Everything the joint-graph pass needs for one Dynamo graph, and how to call the result."""
+    owner: Any                          # SVGDModule, or the compile backend's Binding
+    method: Method
+    gm: torch.fx.GraphModule            # Dynamo's graph + one placeholder per extra input
+    example_inputs: list[Any]
+    planned: MethodPlan
+    feed: Feed
+    param_derived_sources: set[str]
+    param_inputs: set[int]
+    params_seen: set[str] = field(default_factory=set)  # parameter names this graph uses
+    sigma_names: frozenset[str] = frozenset()            # the σ' nodes of this graph (routed or not)
+    t_names: set[str] = field(default_factory=set)       # those its backward got a T for (rewrite)
+
+    def rewrite(self, joint: torch.fx.GraphModule) -> None:
+        """The method's pass on AOTAutograd's joint graph (in place), logged per σ'."""
+        changed = self.method.rewrite(joint, self.planned, self.param_derived_sources, self.param_inputs,
+                                      self.owner.entry)
+        for spec in self.planned.specs:
+            if spec.name in changed:
+                self.owner.log.records[spec.name].t_graphs += 1
+                self.t_names.add(spec.name)
+
+    def partition(self, joint, joint_inputs, **kwargs):
+        from torch._functorch.partitioners import default_partition
+
+        self.rewrite(joint)
+        return default_partition(joint, joint_inputs, **kwargs)
+
+    def wrap(self, aot_backend, owner_of_call: Callable | None = None) -> Callable:
+        """Compile, and feed the current state tensors at every call.
+
+        ``owner_of_call(args)`` picks whose state to use per call: a compiled graph is shared by
+        every model whose code and guards match (Dynamo's cache), so the compile backend looks
+        the owner up from the parameters actually passed. ``transform`` owns its graphs alone.
+        """
+        compiled = aot_backend(self.gm, self.example_inputs)
+        state_tensors = feeder(self.feed)
+        param_idx = sorted(self.param_inputs)
+        plan_key = object()
+
+        def watched(owner, args, outputs):
+            if torch.is_grad_enabled():     # a backward through this graph covers its parameters
+                owner.guard.watch(plan_key, lambda: frozenset(id(args[i]) for i in param_idx), outputs)
+            return outputs
+
+        if owner_of_call is None:
+            owner = self.owner
+
+            def run(*args):
+                return watched(owner, args, compiled(*args, *state_tensors(owner)))
+        else:
+            def run(*args):
+                owner = owner_of_call(args)
+                return watched(owner, args, compiled(*args, *state_tensors(owner)))
+
+        return run
+
+
+def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], accumulating: bool = False) -> Plan:
+    """Locate the σ' nodes of Dynamo's graph, let the owner's method plan them, add the extra inputs."""
+    model, config, log = owner.model, owner.config, owner.log
+    owner.guard.arm(model)
+    if config.distributed is None and _world_size() > 1:
+        raise SVGDError(
+            f"svgd_fx: torch.distributed runs {_world_size()} processes, and distributed was not given. With DDP each "
+            "rank sees part of the batch: pass " + option_spelling(owner.entry, "distributed", "True") + " so that r "
+            "is built from the joined batch (what one process would build), or distributed=False to keep each rank's "
+            "r from its own samples knowingly.")
+    gm = _own_copy(gm)
+    params = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    consts = {id(t) for t in model.buffers()} | {id(p) for p in model.parameters() if not p.requires_grad}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    param_nodes, const_nodes, param_inputs = {}, [], set()
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if isinstance(value, torch.Tensor) and id(value) in params:
+            param_nodes[node] = params[id(value)]
+            param_inputs.add(i)
+        elif isinstance(value, torch.Tensor) and id(value) in consts:
+            const_nodes.append(node)
+
+    analysis = locate(gm, param_nodes, const_nodes, set(owner.excluded))
+    if expand_composites(gm, analysis.sigmas, lambda n: analysis.node_kinds.get(n) is Kind.PARAM):
+        analysis = locate(gm, param_nodes, const_nodes, set(owner.excluded))   # σ' nodes they hid
+    log.graphs += 1
+    log.params_seen |= analysis.params_seen
+    name_to_input = {param_nodes[n]: i for i, n in enumerate(placeholders) if n in param_nodes}
+
+    method = method_for(config)
+    layout = StateLayout(first=len(placeholders))
+    planned = method.plan(PlanContext(owner, analysis, param_nodes, name_to_input, placeholders, layout,
+                                      accumulating))
+    state = planned.examples[:len(layout.keys("state"))]
+    feed = Feed(layout, planned.state_specs, [(tuple(t.shape), t.dtype, t.device) for t in state],
+                device=planned.state_specs[0][3] if planned.state_specs else None,
+                collect_device=planned.collect_device)
+    return Plan(owner, method, _with_state_inputs(gm, layout), _with_state_examples(example_inputs, planned.examples),
+                planned, feed, _param_sources(analysis), param_inputs, analysis.params_seen,
+                sigma_names=frozenset(sigma.name for sigma in analysis.sigmas))
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _with_state_examples(example_inputs: list[Any], state: list[torch.Tensor]) -> list[Any]:
+    """Dynamo's example inputs + the state tensors, fake (static shapes) where Dynamo's are."""
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    return list(example_inputs) + [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t for t in state]
+
+
+def _param_sources(analysis) -> set[str]:
+    """Source names of the parameter-derived torch-level nodes (a parameter edge may pass them)."""
+    return {src for src, kind in analysis.kinds.items() if kind is Kind.PARAM}
+
+
+def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of Dynamo's graph (its own module stays untouched) whose nodes carry ids."""
+    own = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    tag_nodes(own)
+    return own
+
+
+def _with_state_inputs(gm: torch.fx.GraphModule, layout: StateLayout) -> torch.fx.GraphModule:
+    """``gm`` (our copy) with one placeholder per extra input after its own placeholders."""
+    last = list(gm.graph.find_nodes(op="placeholder"))[-1]
+    with gm.graph.inserting_after(last):
+        for name in reversed(layout.placeholder_names()):
+            ph = gm.graph.placeholder(name)
+            ph._dynamo_source = None
+    gm.recompile()
+    return gm
+
