@@ -1,4 +1,5 @@
-"""The T op: torch implementation against the contract's formula, the Triton kernel against torch."""
+"""The T op: torch implementation against the contract's formula, the Triton kernel and the aten
+spelling (the fused path's) against torch."""
 
 import os
 import subprocess
@@ -7,8 +8,11 @@ import textwrap
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from svgd_fx.kernels import triton_available
+from svgd_fx.kernels.t_aten import inline_t
+from svgd_fx.passes.joint import emitter
 
 
 @pytest.mark.parametrize("mean", [True, False])
@@ -93,3 +97,26 @@ def test_package_works_without_triton():
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "NO-TRITON-OK" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("mean", [True, False])
+@pytest.mark.parametrize("shape, reduce", [((5, 3), []), ((4, 2, 3, 3), []), ((4, 2, 3, 3), [2, 3])])
+def test_aten_spelling_matches_the_op(shape, reduce, mean):
+    """T emitted as aten nodes (the fused path's spelling of t_formula) updates r and scales g as
+    the custom op does: the same formula, its own rounding."""
+    torch.manual_seed(0)
+    g = torch.randn(shape, dtype=torch.float64)
+    r = torch.rand([shape[d] for d in range(1, len(shape)) if d not in reduce], dtype=torch.float64)
+    graph = torch.fx.Graph()
+    g_node, r_node = graph.placeholder("g"), graph.placeholder("r")
+    with FakeTensorMode() as mode:
+        g_node.meta["val"], r_node.meta["val"] = mode.from_tensor(g), mode.from_tensor(r)
+    out = inline_t(emitter(graph, "svgd_T_x", {}, g_node.meta["val"]), g_node, r_node, s=0.3, rho=0.7, eps=1e-4,
+                   mean_reduction=mean, reduce_dims=reduce)
+    graph.output(out)
+    r_fused, r_op = r.clone(), r.clone()
+    got = torch.fx.GraphModule(torch.nn.Module(), graph)(g, r_fused)
+    want = torch.ops.svgd_fx.virtual_grad(g, r_op, 0.3, 0.7, 1e-4, mean, reduce)
+    torch.testing.assert_close(r_fused, r_op, rtol=1e-13, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+    assert all(n.name.startswith("svgd_T_x") for n in graph.nodes if n.op == "call_function")

@@ -12,29 +12,22 @@ from __future__ import annotations
 
 import torch
 
-
-def _factor_error(name: str, side: str, detail: str) -> Exception:
-    from ..errors import FactorError
-
-    return FactorError(
-        f"svgd_fx: TSO-ALRA's factor {side} of layer {name!r} {detail}. The factor's damped inverse root "
-        "U(Λ+εI)^-½Uᵀ is undefined, and a NaN would spread through every later step. Raise the damping "
-        "(transform(..., damping=...)), lower the learning rate, or look for an overflow in the loss.")
+from ..errors import factor_error
 
 
 def inverse_root(factor: torch.Tensor, damping: float, name: str = "", side: str = "") -> torch.Tensor:
     """``U (Λ + ε I)^{-1/2} Uᵀ`` by ``torch.linalg.eigh`` in float64, in the factor's dtype."""
     f64 = factor.double()
     if not bool(torch.isfinite(f64).all()):
-        raise _factor_error(name, side, "holds inf/NaN")
+        raise factor_error(name, side, "holds inf/NaN")
     f64 = (f64 + f64.mT) / 2        # symmetric by construction; keep eigh's input exactly so
     try:
         lam, u = torch.linalg.eigh(f64)
     except RuntimeError as failure:   # torch.linalg.LinAlgError: eigh did not converge
-        raise _factor_error(name, side, f"could not be decomposed ({failure})") from None
+        raise factor_error(name, side, f"could not be decomposed ({failure})") from None
     damped = lam + damping
     if not bool(torch.isfinite(damped).all()) or float(damped.min()) <= 0:
-        raise _factor_error(name, side, f"is not positive definite after damping (smallest eigenvalue "
+        raise factor_error(name, side, f"is not positive definite after damping (smallest eigenvalue "
                                         f"{float(lam.min()):.3e}, damping {damping:g})")
     return ((u * damped.rsqrt()) @ u.mT).to(factor.dtype)
 
@@ -66,7 +59,7 @@ def kron_t(
     stat_b = (gf.mT @ gf) * (batch if mean_reduction else 1.0 / batch)
     for side, stat in (("A", stat_a), ("B", stat_b)):
         if not bool(torch.isfinite(stat).all()):
-            raise _factor_error(name, side, "would be updated from a non-finite statistic (inf/NaN in "
+            raise factor_error(name, side, "would be updated from a non-finite statistic (inf/NaN in "
                                             + ("the layer's input)" if side == "A" else "∇σ'J)"))
     if t == 1:
         A.copy_(stat_a)

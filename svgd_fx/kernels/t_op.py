@@ -6,7 +6,10 @@ import os
 
 import torch
 
+from ..errors import nonfinite_error
 from . import _triton_impl
+from .t_formula import (broadcast_shape, denominator, eager, finite, per_sample, scaled, square_sums, statistic,
+                        update_r_in_place, updated_r)
 
 triton_available = _triton_impl.available
 
@@ -24,29 +27,8 @@ def _kernel_choice(g: torch.Tensor, reduce_dims: list[int]) -> str:
     return "torch"
 
 
-def _nonfinite(name: str, deferred: bool = False) -> Exception:
-    """The error for inf/NaN in ∇σ'J; ``deferred``: found by the fused T, raised at the next forward."""
-    from ..errors import NonFiniteGradientError
-
-    which = "the previous backward's gradient" if deferred else "the gradient"
-    late = (" (Under the compile backend's fused T the error comes at the next forward: the optimizer "
-            "may already have stepped on those gradients; t_impl='op' raises inside the backward instead.)"
-            if deferred else "")
-    return NonFiniteGradientError(
-        f"svgd_fx: inf/NaN in {which} arriving at σ' node {name!r} (∇σ'J); its r was left as it "
-        "was. The loss or an activation overflowed (in fp16, use torch.amp.GradScaler). Pass "
-        "nonfinite='skip' to carry on: r then keeps its old values wherever the batch statistic is "
-        "not finite, and the (non-finite) gradient is left for you to skip." + late
-    )
-
-
-def broadcast_shape(shape, reduce_dims) -> list:
-    """r's shape as a view broadcast against g: 1 at the batch dim and at ``reduce_dims``."""
-    return [1] + [1 if d in reduce_dims else shape[d] for d in range(1, len(shape))]
-
-
 def _all_reduce(buffer: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
+    import torch.distributed as dist   # imported lazily: only ``sync`` needs torch.distributed
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("svgd_fx: distributed=True, but torch.distributed is not initialized "
@@ -58,9 +40,7 @@ def _all_reduce(buffer: torch.Tensor) -> torch.Tensor:
 def _batch_sums(u: torch.Tensor, reduce_dims: list[int], sync: bool) -> tuple[torch.Tensor, float]:
     """Σ_b u[b]² (per-sample shape; averaged over ``reduce_dims`` of u) and the number of
     samples; with ``sync``, summed over torch.distributed's default group."""
-    summed = u.square().sum(dim=0)
-    if reduce_dims:
-        summed = summed.mean(dim=[d - 1 for d in reduce_dims])
+    summed = square_sums(eager, u, reduce_dims)
     if not sync:
         return summed, float(u.shape[0])
     buffer = _all_reduce(torch.cat([summed.flatten(), summed.new_tensor([float(u.shape[0])])]))
@@ -101,26 +81,26 @@ def virtual_grad_reference(
     u = gr if inv_scale is None else gr * inv_scale.to(r.dtype)
     if collect:
         sums, count = _batch_sums(u, reduce_dims, sync)
-        finite = torch.isfinite(sums)
-        if raise_nonfinite and not bool(finite.all()):
-            raise _nonfinite(name)
-        acc[:-2].add_(torch.where(finite, sums, 0).flatten())
+        ok = finite(eager, sums)
+        if raise_nonfinite and not bool(ok.all()):
+            raise nonfinite_error(name)
+        acc[:-2].add_(torch.where(ok, sums, 0).flatten())
         acc[-2:].add_(acc.new_tensor([count, float(batch)]))
     else:
-        # Per-sample gradient of the per-sample loss: B·g for a mean loss (docs/contract.md, "One step").
-        sums, count = _batch_sums(u * batch if mean_reduction else u, reduce_dims, sync)
-        stat = sums / count
-        finite = torch.isfinite(stat)
-        if bool(finite.all()):
-            r.mul_(rho).add_(stat, alpha=1.0 - rho)
+        # sums of the per-sample gradient's squares (scaled before squaring: with ``sync`` the count is
+        # every rank's), so stat = sums / count
+        sums, count = _batch_sums(per_sample(eager, u, batch, mean_reduction), reduce_dims, sync)
+        stat = statistic(eager, sums, count, False)
+        ok = finite(eager, stat)
+        if bool(ok.all()):
+            update_r_in_place(eager, r, stat, rho)
         elif raise_nonfinite:
-            raise _nonfinite(name)
+            raise nonfinite_error(name)
         else:
-            r.copy_(torch.where(finite, r * rho + stat * (1.0 - rho), r))
-    denom = torch.sqrt(r + eps)
-    if g.dim() > 1:                     # r over the kept dims, broadcast over the batch and the rest
-        denom = denom.view(broadcast_shape(g.shape, reduce_dims))
-    return (gr * s / denom).to(g.dtype).contiguous()
+            r.copy_(updated_r(eager, r, stat, rho, ok))
+    # r over the kept dims, broadcast over the batch and the rest
+    denom = denominator(eager, r, eps, broadcast_shape(g.shape, reduce_dims) if g.dim() > 1 else None)
+    return scaled(eager, gr, s, denom).to(g.dtype).contiguous()
 
 
 @torch.library.custom_op("svgd_fx::virtual_grad", mutates_args=("r", "acc"))
@@ -149,7 +129,7 @@ def virtual_grad(
                                       inv_scale, sync, acc, True)
     if inv_scale is None and not sync and _kernel_choice(g, reduce_dims) == "triton":
         if raise_nonfinite and not bool(torch.isfinite(g).all()):
-            raise _nonfinite(name)
+            raise nonfinite_error(name)
         return _triton_impl.virtual_grad_triton(g, r, s, rho, eps, mean_reduction)
     return virtual_grad_reference(g, r, s, rho, eps, mean_reduction, reduce_dims, raise_nonfinite, name,
                                   inv_scale, sync)

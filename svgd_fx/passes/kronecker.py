@@ -5,7 +5,7 @@ Which σ' nodes qualify (``kronecker_layer``, on Dynamo's torch-level graph): ``
 itself. Everything else keeps the plain gradient (``docs/tso-alra.md`` says why).
 
 The rewrite (``precondition``, on AOTAutograd's joint graph), for layer S with incoming
-gradient g = ∇σ'J (found as in :mod:`.reroute`) and forward input x::
+gradient g = ∇σ'J (found as in :mod:`.reroute`, with :mod:`.joint`) and forward input x::
 
     rows:  G = g as [N, m]        X = x as [N, n]  (linear: leading dims flattened;
                                                     conv2d: unfolded patches; bias: a column of 1s)
@@ -28,8 +28,9 @@ from torch.fx import GraphModule, Node
 
 from ..errors import RerouteError
 from ..kernels import kron_t  # noqa: F401  (registers torch.ops.svgd_fx.kron_t)
+from .joint import emitter, finish, incoming_gradient, joint_view, node_tag, parameter_edge
 from .linearity import bind_args, sigma_rule
-from .reroute import _emitter, _incoming_gradient, _parameter_edge, finish, joint_view
+from .locate import example_value
 
 STATE_PARTS = ("A", "A_root", "B", "B_root", "steps")
 
@@ -60,8 +61,6 @@ def _pair(value) -> tuple[int, int]:
 
 def kronecker_layer(sigma, param_names: dict[Node, str], trainable: set[str]) -> tuple[KronLayer | None, str]:
     """The Kronecker layer σ' is, or None and why its parameters keep the plain gradient."""
-    from .locate import _example_value
-
     plain = ("TSO-ALRA preconditions Linear and Conv2d weights only (Kronecker factors of s = Wᵀa); "
              f"`{sigma.op}` keeps the plain gradient")
     if sigma.op not in ("linear", "conv2d"):
@@ -73,7 +72,7 @@ def kronecker_layer(sigma, param_names: dict[Node, str], trainable: set[str]) ->
     bias_name = param_names.get(bias) if isinstance(bias, Node) else None
     if isinstance(bias, Node) and bias_name is None and bias.op != "placeholder":
         return None, "its bias is a parameter-derived value: A's bias column needs the parameter itself"
-    shape = tuple(int(d) for d in _example_value(weight).shape)
+    shape = tuple(int(d) for d in example_value(weight).shape)
     if sigma.op == "linear":
         return KronLayer("linear", param_names[weight], bias_name if bias_name in trainable else None, shape), ""
     if int(bound.get("groups", 1)) != 1:
@@ -118,12 +117,12 @@ def precondition(gm: GraphModule, specs: list[KronSpec], param_derived_sources: 
         if not group:
             continue
         members = set(group)
-        g = _incoming_gradient(spec, group, members, view.tangent_fed, exclude_hint)
+        g = incoming_gradient(spec, group, members, view.tangent_fed, exclude_hint)
         targets = {spec.weight_input: "weight"} | ({spec.bias_input: "bias"} if spec.bias_input is not None else {})
         edges = {}
         for o in (n for n in group if any(u not in members for u in n.users)):
-            reached = _parameter_edge(o, members, view.out_values, view.out_descs, param_derived_sources,
-                                      param_inputs)
+            reached = parameter_edge(o, members, view.out_values, view.out_descs, param_derived_sources,
+                                     param_inputs)
             if reached and len(reached) == 1 and (idx := next(iter(reached))) in targets:
                 edges[o] = targets[idx]
         if not edges:
@@ -167,9 +166,9 @@ def _emit(graph, spec: KronSpec, g: Node, x: Node, placeholders: dict, meta: dic
     """The rows, the T node, and the weight/bias gradients (see the module docstring)."""
     aten = torch.ops.aten
     layer = spec.layer
-    tag = "tso_T_" + "".join(c if c.isalnum() else "_" for c in spec.name)
+    tag = node_tag("tso_T_", spec.name)
     g_val = g.meta["val"]
-    emit = _emitter(graph, tag, meta, g_val)
+    emit = emitter(graph, tag, meta, g_val)
     n, m = layer.sizes
     batch = g_val.shape[0] if isinstance(g_val.shape[0], int) else emit(aten.sym_size.int, g, 0)
     def as_rows(node, width):

@@ -144,13 +144,13 @@ def _module_prefix(param: str) -> str:
     return param.rsplit(".", 1)[0] if "." in param else param
 
 
-def _example_value(node: Node) -> Any:
+def example_value(node: Node) -> Any:
     return node.meta.get("example_value", node.meta.get("val"))
 
 
 def _is_shape_value(node: Node) -> bool:
     """A SymInt/SymFloat/number node (``x.size(0)``): shape arithmetic, not a gradient path."""
-    value = _example_value(node)
+    value = example_value(node)
     return isinstance(value, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
@@ -310,7 +310,7 @@ class _Walk:
         self.used_names[base] = count + 1
         name = base if count == 0 else f"{base}#{count}"
 
-        value = _example_value(node)
+        value = example_value(node)
         sample_shape = tuple(value.shape[1:]) if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
         return SigmaNode(
             node=node,

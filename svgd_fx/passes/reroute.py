@@ -23,9 +23,11 @@ shared. Fused multi-output backward ops (``convolution_backward``,
 ``output_mask`` is narrowed to the outputs still used, so the original computes the input
 gradient from g and the copy the weight/bias gradients from T(g).
 
-``T`` is ``torch.ops.svgd_fx.virtual_grad`` (mutates r, an extra graph input). It is placed
-right before the first use of g inside ``B_S`` and tagged as backward, so the default
-partitioner puts it in the backward graph.
+``T`` is ``torch.ops.svgd_fx.virtual_grad`` (mutates r, an extra graph input), or with
+``inline`` the same formula as aten nodes (:func:`svgd_fx.kernels.t_aten.inline_t`) for inductor
+to fuse. It is placed right before the first use of g inside ``B_S`` and tagged as backward, so
+the default partitioner puts it in the backward graph. Its nodes are named ``svgd_T_<σ' name>``
+on either path (they show in inductor's generated code).
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ from torch.fx import GraphModule, Node
 
 from ..errors import RerouteError
 from ..kernels import virtual_grad  # noqa: F401  (registers torch.ops.svgd_fx.virtual_grad)
-from ..kernels.t_op import broadcast_shape
+from ..kernels.t_aten import inline_t
+from ..kernels.t_formula import scaled
+from .joint import (JointView, emitter, fake_mode_of, finish, incoming_gradient, is_tangent, joint_view, node_tag,
+                    parameter_edge, plain_index)
 from .locate import node_id
 
 
@@ -64,35 +69,6 @@ class RerouteSpec:
     # chain down to the parameter, ("node", id) per chain node and ("input", plain index) for the
     # parameter; None if a step is also used elsewhere
     identity_operands: tuple[tuple[tuple[str, Any], ...], ...] | None = ()
-
-
-def _is_tangent(node: Node) -> bool:
-    return node.op == "placeholder" and "Tangent" in type(node.meta.get("desc")).__name__
-
-
-def _tangent_fed(nodes: list[Node]) -> set[Node]:
-    """The nodes computed from a tangent: the backward values (AOTAutograd tags most of them
-    ``is_backward``, but not the backward of a custom ``autograd.Function``)."""
-    fed: set[Node] = set()
-    for n in nodes:
-        if _is_tangent(n) or any(a in fed for a in n.all_input_nodes):
-            fed.add(n)
-    return fed
-
-
-def _is_tensor(node: Node) -> bool:
-    return isinstance(node.meta.get("val"), torch.Tensor)
-
-
-def _plain_index(desc) -> int | None:
-    """Index of a PlainAOTInput (or a grad of one); None for anything else."""
-    from torch._functorch._aot_autograd.descriptors import GradAOTOutput, PlainAOTInput
-
-    if isinstance(desc, GradAOTOutput):
-        desc = desc.grad_of
-    if isinstance(desc, PlainAOTInput):
-        return desc.idx
-    return None
 
 
 def reroute(
@@ -124,12 +100,12 @@ def reroute(
                 done[spec.name] = t_node.name
             continue
         members = set(group)
-        g = _incoming_gradient(spec, group, members, view.tangent_fed, exclude_hint)
+        g = incoming_gradient(spec, group, members, view.tangent_fed, exclude_hint)
         group, members = _with_own_chain_backward(group, members, chain_backward, view)
         outs = [n for n in group if any(u not in members for u in n.users)]
         edges = [(o, reached) for o in outs
-                 if (reached := _parameter_edge(o, members, out_values, out_descs, param_derived_sources,
-                                                param_inputs))]
+                 if (reached := parameter_edge(o, members, out_values, out_descs, param_derived_sources,
+                                               param_inputs))]
         reroute_outs = [o for o, reached in edges if reached <= spec.routed_inputs]
         mixed = sorted({i for _, reached in edges if reached & spec.routed_inputs and not reached <= spec.routed_inputs
                         for i in reached})
@@ -148,58 +124,11 @@ def reroute(
         t_node = _insert_t(graph, spec, g, members, placeholders, order)
         _copy_between(graph, g, t_node, group, members, reroute_outs)
         if spec.inline and not spec.reduce_dims:
-            _sum_batch_first(graph, t_node)
+            _sum_batch_first(graph, t_node, node_tag("svgd_T_", spec.name))
         done[spec.name] = t_node.name
     if done:
         finish(gm)
     return done
-
-
-@dataclass
-class JointView:
-    """What both joint-graph passes look up: node order, the outputs and their descriptors,
-    plain inputs by index, the values computed from tangents, and the backward (and forward)
-    nodes of each torch-level node, by its id."""
-    order: dict[Node, int]
-    out_values: list
-    out_descs: list
-    placeholders: dict[int | None, Node]
-    backward: dict[str, list[Node]]
-    forward: dict[str, list[Node]]
-    tangent_fed: set[Node]
-
-
-def joint_view(gm: GraphModule) -> JointView:
-    nodes = list(gm.graph.nodes)
-    output = next(n for n in reversed(nodes) if n.op == "output")
-    out_values = list(output.args[0])
-    backward: dict[str, list[Node]] = {}
-    forward: dict[str, list[Node]] = {}
-    tangent_fed = _tangent_fed(nodes)
-    for n in nodes:
-        if (key := node_id(n)) is None:
-            continue
-        if n in tangent_fed or n.meta.get("partitioner_tag") == "is_backward":
-            backward.setdefault(key, []).append(n)
-        else:
-            forward.setdefault(key, []).append(n)
-    return JointView(
-        order={n: i for i, n in enumerate(nodes)},
-        out_values=out_values,
-        out_descs=output.meta.get("desc") or [None] * len(out_values),
-        placeholders={_plain_index(n.meta.get("desc")): n for n in nodes if n.op == "placeholder"},
-        backward=backward,
-        forward=forward,
-        tangent_fed=tangent_fed,
-    )
-
-
-def finish(gm: GraphModule) -> None:
-    """After a rewrite: drop what no longer feeds an output, narrow fused backward nodes."""
-    gm.graph.eliminate_dead_code()
-    _narrow_output_masks(gm.graph)
-    gm.graph.lint()
-    gm.recompile()
 
 
 def _reroute_identity(graph, spec: RerouteSpec, view: JointView, exclude_hint: str) -> Node | None:
@@ -221,11 +150,11 @@ def _reroute_identity(graph, spec: RerouteSpec, view: JointView, exclude_hint: s
         for kind, ref in path:      # the first step down the chain that has a backward of its own
             if kind == "node" and (chain := view.backward.get(ref)):
                 own = set(chain)
-                g = _incoming_gradient(spec, chain, own, view.tangent_fed, exclude_hint)
+                g = incoming_gradient(spec, chain, own, view.tangent_fed, exclude_hint)
                 consumers = [u for u in g.users if u in own]
                 break
             if kind == "input":
-                slots = [i for i, d in enumerate(view.out_descs) if _plain_index(d) == ref]
+                slots = [i for i, d in enumerate(view.out_descs) if plain_index(d) == ref]
                 g = view.out_values[slots[0]] if slots else None
                 consumers = [n for n in g.users if n.op == "output"] if isinstance(g, Node) else []
                 break
@@ -237,7 +166,7 @@ def _reroute_identity(graph, spec: RerouteSpec, view: JointView, exclude_hint: s
         for c in consumers:
             c.replace_input_with(g, t_node)
         if spec.inline and not spec.reduce_dims:
-            _sum_batch_first(graph, t_node)
+            _sum_batch_first(graph, t_node, node_tag("svgd_T_", spec.name))
     return t_node
 
 
@@ -259,57 +188,13 @@ def _with_own_chain_backward(group, members, chain_backward, view):
         if n in members:
             continue
         fed = [a for a in n.all_input_nodes if a in view.tangent_fed]
-        if all(a in members or _is_tangent(a) for a in fed):
+        if all(a in members or is_tangent(a) for a in fed):
             members.add(n)
             extra.append(n)
             frontier += [u for u in n.users if u in chain_backward and u not in members]
     if not extra:
         return group, members
     return sorted(group + extra, key=view.order.__getitem__), members
-
-
-def _incoming_gradient(spec, group: list[Node], members: set[Node], tangent_fed: set[Node],
-                       exclude_hint: str = "exclude=[...]") -> Node:
-    incoming: list[Node] = []
-    for n in group:
-        for a in n.all_input_nodes:
-            if a in members or a in incoming:
-                continue
-            if a in tangent_fed and _is_tensor(a):
-                incoming.append(a)
-    if len(incoming) != 1:
-        raise RerouteError(
-            f"svgd_fx: cannot identify the gradient arriving at σ' node {spec.name!r} in the joint "
-            f"graph: expected one incoming backward value, found {[a.name for a in incoming]}. "
-            f"Please report this model; exclude its parameters meanwhile ({exclude_hint})."
-        )
-    return incoming[0]
-
-
-def _parameter_edge(start, members, out_values, out_descs, param_derived_sources, param_inputs):
-    """The parameters a backward value of ``B_S`` flows to, or None if it is an activation edge."""
-    reached: set[int] = set()
-    seen = {start}
-    frontier = [start]
-    while frontier:
-        value = frontier.pop()
-        for user in value.users:
-            if user.op == "output":
-                for slot, v in enumerate(out_values):
-                    if v is value:
-                        idx = _plain_index(out_descs[slot])
-                        if idx is None or idx not in param_inputs:
-                            return None
-                        reached.add(idx)
-                continue
-            if user in members or user in seen:
-                continue
-            src = node_id(user)
-            if src is not None and src not in param_derived_sources:
-                return None  # enters the backward of a batch-dependent node: an activation edge
-            seen.add(user)
-            frontier.append(user)
-    return reached
 
 
 def _insert_t(graph, spec, g, members, placeholders, order) -> Node:
@@ -319,91 +204,30 @@ def _insert_t(graph, spec, g, members, placeholders, order) -> Node:
     first_use = min((u for u in g.users if u in members), key=order.__getitem__)
     meta = {k: v for k, v in (first_use if first_use.op != "output" else g).meta.items() if k not in ("val", "desc")}
     meta.update(partitioner_tag="is_backward", svgd_sigma=spec.name)
+    tag = node_tag("svgd_T_", spec.name)
     with graph.inserting_before(first_use):
         optional = [placeholders.get(i) if i is not None else None
                     for i in (spec.flag_input, spec.scale_input, spec.acc_input, spec.collect_input)]
         flag, inv_scale, acc, collect = optional
         if spec.inline:
-            return _inline_t(graph, spec, g, r, meta, flag, acc, collect)
-        t_node = graph.call_function(
-            torch.ops.svgd_fx.virtual_grad.default,
+            return inline_t(emitter(graph, tag, meta, g.meta["val"]), g, r, s=spec.s, rho=spec.rho, eps=spec.eps,
+                            mean_reduction=spec.mean_reduction, reduce_dims=list(spec.reduce_dims), flag=flag,
+                            acc=acc, collect=collect)
+        t_node = graph.create_node(
+            "call_function", torch.ops.svgd_fx.virtual_grad.default,
             (g, r, spec.s, spec.rho, spec.eps, spec.mean_reduction, list(spec.reduce_dims),
              spec.raise_nonfinite, spec.name, inv_scale, spec.sync, acc, collect),
+            name=tag,
         )
     t_node.meta.update(meta)
     g_val = g.meta.get("val")
     if isinstance(g_val, torch.Tensor):
-        with _fake_mode_of(g_val):
+        with fake_mode_of(g_val):
             t_node.meta["val"] = torch.empty_like(g_val, memory_format=torch.contiguous_format)
     return t_node
 
 
-def _inline_t(graph, spec, g, r, meta, flag=None, acc=None, collect=None) -> Node:
-    """T spelled in aten ops, for inductor to fuse (the formula of ``virtual_grad_reference``):
-
-    ``r ← ρ·r + (1-ρ)·mean_b (B·g)²`` written back into r with ``copy_``, then
-    ``T(g) = s·g / sqrt(r + ε)``. T reads the functional ``r_new``, never r's buffer, so no
-    kernel fusion can order a read before the write-back. B is read from g at run time.
-    Elements whose statistic is not finite keep their old r; with a ``flag`` input, such a
-    step also adds 1 to it (the caller raises at the next call: kernels cannot raise).
-    With ``acc`` and ``collect`` inputs (gradient accumulation): where ``collect`` is 1, r is
-    kept and Σ_b g² and B are added to ``acc`` instead (kernels cannot branch: both are
-    computed, ``where`` picks; the extra work is r-sized).
-    Node names start with ``svgd_T_`` (they show in inductor's generated code).
-    """
-    aten = torch.ops.aten
-    g_val, r_val = g.meta["val"], r.meta["val"]
-    tag = "svgd_T_" + "".join(c if c.isalnum() else "_" for c in spec.name)
-
-    emit = _emitter(graph, tag, meta, g_val)
-    batch = g_val.shape[0] if isinstance(g_val.shape[0], int) else emit(aten.sym_size.int, g, 0)
-    gr = g if g_val.dtype == r_val.dtype else emit(torch.ops.prims.convert_element_type.default, g, r_val.dtype)
-    sq = emit(aten.mul.Tensor, gr, gr)
-    if spec.reduce_dims:         # r over the kept dims: mean over the reduced ones first
-        sq = emit(aten.mean.dim, sq, list(spec.reduce_dims))
-    sums = emit(aten.sum.dim_IntList, sq, [0])
-    # mean_b (B·g)² = B·Σ_b g² for a mean loss; mean_b g² = Σ_b g² / B for a sum loss
-    stat = emit(aten.mul.Tensor if spec.mean_reduction else aten.div.Tensor, sums, batch)
-    r_new = emit(aten.add.Tensor, emit(aten.mul.Tensor, r, spec.rho), emit(aten.mul.Tensor, stat, 1.0 - spec.rho))
-    finite = emit(aten.lt.Scalar, stat, float("inf"))     # stat ≥ 0: false for inf and NaN
-    r_new = emit(aten.where.self, finite, r_new, r)
-    if acc is not None:
-        collecting = emit(aten.gt.Scalar, collect, 0.5)
-        r_new = emit(aten.where.self, collecting, r, r_new)
-        numel = r_val.numel()     # acc = [Σ_b g² (r's numel), N_all, N_here]
-        pooled_before = emit(aten.view.default, emit(aten.slice.Tensor, acc, 0, 0, numel), [-1])
-        keep = emit(aten.logical_and.default, finite, collecting)
-        added = emit(aten.view.default, emit(aten.where.ScalarOther, keep, sums, 0.0), [-1])
-        pooled = emit(aten.add.Tensor, pooled_before, added)
-        counts = emit(aten.add.Tensor, emit(aten.slice.Tensor, acc, 0, numel, numel + 2),
-                      emit(aten.mul.Tensor, collect, batch))
-        acc_now = emit(aten.copy_.default, acc, emit(aten.cat.default, [pooled, counts]))
-    writes = [emit(aten.copy_.default, r, r_new)]
-    if acc is not None:
-        writes.append(acc_now)
-    if flag is not None:   # count a non-finite step
-        bad = emit(aten.sum.default, emit(torch.ops.prims.convert_element_type.default,
-                                          emit(aten.logical_not.default, finite), torch.float32))
-        writes.append(emit(aten.copy_.default, flag, emit(aten.add.Tensor, flag, bad)))
-    # Every read of the new r is a read of the functional r_new, never of r's buffer after the
-    # copy_: inductor may fuse the write-back into the same loop as a read and load the buffer
-    # before its store. The write-backs still need a user (else the partitioner drops them):
-    # one element of each, times 0, added to r_new (finite, so the value is r_new's).
-    alive = [emit(aten.select.int, emit(aten.view.default, w, [-1]), 0, 0) for w in writes]
-    r_read = r_new
-    for a in alive:
-        r_read = emit(aten.add.Tensor, r_read, emit(aten.mul.Tensor, a, 0.0))
-    denom = emit(aten.sqrt.default, emit(aten.add.Tensor, r_read, spec.eps))
-    if spec.reduce_dims:
-        denom = emit(aten.view.default, denom, broadcast_shape(g_val.shape, spec.reduce_dims))
-    out = emit(aten.div.Tensor, emit(aten.mul.Tensor, gr, spec.s), denom)
-    out.meta["svgd_t_parts"] = (gr, denom, spec.s, tag)
-    if g_val.dtype != r_val.dtype:
-        out = emit(torch.ops.prims.convert_element_type.default, out, g_val.dtype)
-    return out
-
-
-def _sum_batch_first(graph, out: Node) -> None:
+def _sum_batch_first(graph, out: Node, tag: str) -> None:
     """Batch sums of T(g) taken before the scaling: ``Σ_b,... (g·X)·s/√(r+ε)`` becomes
     ``Σ_... (Σ_b g·X)·s/√(r+ε)`` (full-shape r has no batch dimension, so it factors out).
 
@@ -411,16 +235,17 @@ def _sum_batch_first(graph, out: Node) -> None:
     ``sum(T(g)·x̂)``); summed first over the batch they share one pass over g with r's own
     batch statistic instead of a second pass over T(g) — on the CPU ResNet-20 this is most of
     T's cost. Other users of T(g) (conv and matmul weight gradients) are left as they are.
+    The new nodes are named ``tag``, like T's own.
     """
     parts = out.meta.get("svgd_t_parts")
     if parts is None:
         return
-    gr, denom, s, tag = parts
+    gr, denom, s = parts
     aten = torch.ops.aten
     ndim = out.meta["val"].dim()
 
     meta = {k: v for k, v in out.meta.items() if k not in ("val", "svgd_t_parts")}
-    emit = _emitter(graph, tag, meta, out.meta["val"])
+    emit = emitter(graph, tag, meta, out.meta["val"])
 
     def batch_sum(node):
         """(dims without the batch) if node is a keepdim=False sum over the batch, else None."""
@@ -443,35 +268,12 @@ def _sum_batch_first(graph, out: Node) -> None:
             continue
         with graph.inserting_before(reduce):
             summed = emit(aten.sum.dim_IntList, gr if factor is None else emit(aten.mul.Tensor, gr, factor), [0])
-            scaled = emit(aten.div.Tensor, emit(aten.mul.Tensor, summed, s), denom)
-            new = emit(aten.sum.dim_IntList, scaled, rest) if rest else scaled
+            summed = scaled(emit, summed, s, denom)
+            new = emit(aten.sum.dim_IntList, summed, rest) if rest else summed
         reduce.replace_all_uses_with(new)
         graph.erase_node(reduce)
         if factor is not None and not user.users:
             graph.erase_node(user)
-
-
-def _emitter(graph, tag: str, meta: dict, like: torch.Tensor):
-    """``emit(target, *args, **kwargs)``: a call_function node named after ``tag``, with ``meta`` and its
-    fake value computed by running ``target`` on the arguments' fake values."""
-    def emit(target, *args, **kwargs):
-        node = graph.create_node("call_function", target, args, kwargs, name=tag)
-        node.meta.update(meta)
-        vals, kwvals = torch.fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
-        with _fake_mode_of(like):
-            node.meta["val"] = target(*vals, **kwvals)
-        return node
-
-    return emit
-
-
-def _fake_mode_of(value):
-    from contextlib import nullcontext
-
-    from torch._guards import detect_fake_mode
-
-    mode = detect_fake_mode([value])
-    return mode if mode is not None else nullcontext()
 
 
 def _copy_between(graph, g, t_node, group, members, reroute_outs) -> None:
@@ -495,26 +297,3 @@ def _copy_between(graph, g, t_node, group, members, reroute_outs) -> None:
     copied = set(copies.values())
     for o in reroute_outs:
         o.replace_all_uses_with(copies[o], delete_user_cb=lambda u: u not in members and u not in copied)
-
-
-def _narrow_output_masks(graph) -> None:
-    """After the split, let each fused backward node compute only the outputs still used."""
-    import operator
-
-    for n in graph.nodes:
-        target = n.target
-        schema = getattr(target, "_schema", None)
-        if schema is None:
-            continue
-        names = [a.name for a in schema.arguments]
-        if "output_mask" not in names:
-            continue
-        pos = names.index("output_mask")
-        mask = list(n.args[pos]) if pos < len(n.args) else list(n.kwargs["output_mask"])
-        used = {u.args[1] for u in n.users if u.target is operator.getitem}
-        new_mask = [bool(m) and i in used for i, m in enumerate(mask)]
-        if new_mask != mask and any(new_mask):
-            if pos < len(n.args):
-                n.args = n.args[:pos] + (new_mask,) + n.args[pos + 1:]
-            else:
-                n.kwargs = {**n.kwargs, "output_mask": new_mask}

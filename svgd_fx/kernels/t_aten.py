@@ -1,0 +1,76 @@
+"""SVGD's T spelled in aten ops on the joint graph, for inductor to fuse (``inline=True``).
+
+The formula is :mod:`.t_formula`'s, applied through a graph emitter (``emit(target, *args)``
+adds one FX node, see :func:`svgd_fx.passes.joint.emitter`) instead of run on tensors. What
+this spelling adds, because a fused kernel can neither raise nor branch nor be trusted with the
+order of a write and a read of one buffer, is explained at :func:`inline_t`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Node
+
+from .t_formula import broadcast_shape, denominator, finite, scaled, square_sums, statistic, updated_r
+
+aten = torch.ops.aten
+_convert = torch.ops.prims.convert_element_type.default
+
+
+def inline_t(emit, g: Node, r: Node, *, s: float, rho: float, eps: float, mean_reduction: bool,
+             reduce_dims=(), flag: Node | None = None, acc: Node | None = None,
+             collect: Node | None = None) -> Node:
+    """T(g) as aten nodes (the formula of ``virtual_grad_reference``):
+
+    ``r ← ρ·r + (1-ρ)·mean_b (B·g)²`` written back into r with ``copy_``, then
+    ``T(g) = s·g / sqrt(r + ε)``. T reads the functional ``r_new``, never r's buffer, so no
+    kernel fusion can order a read before the write-back. B is read from g at run time.
+    Elements whose statistic is not finite keep their old r; with a ``flag`` input, such a
+    step also adds 1 to it (the caller raises at the next call: kernels cannot raise).
+    With ``acc`` and ``collect`` inputs (gradient accumulation): where ``collect`` is 1, r is
+    kept and Σ_b g² and B are added to ``acc`` instead (kernels cannot branch: both are
+    computed, ``where`` picks; the extra work is r-sized).
+
+    The result's ``meta["svgd_t_parts"]`` is ``(g in r's dtype, sqrt(r + ε) as broadcast, s)``,
+    for rewrites of T's users that factor the scaling out of a batch sum.
+    """
+    g_val, r_val = g.meta["val"], r.meta["val"]
+    batch = g_val.shape[0] if isinstance(g_val.shape[0], int) else emit(aten.sym_size.int, g, 0)
+    gr = g if g_val.dtype == r_val.dtype else emit(_convert, g, r_val.dtype)
+    # r over the kept dims: the mean over the reduced ones comes first
+    sums = square_sums(emit, gr, reduce_dims, reduce_first=True)
+    # mean_b (B·g)² = B·Σ_b g² for a mean loss; mean_b g² = Σ_b g² / B for a sum loss
+    stat = statistic(emit, sums, batch, mean_reduction)
+    ok = finite(emit, stat)
+    r_new = updated_r(emit, r, stat, rho, ok)
+    if acc is not None:
+        collecting = emit(aten.gt.Scalar, collect, 0.5)
+        r_new = emit(aten.where.self, collecting, r, r_new)
+        numel = r_val.numel()     # acc = [Σ_b g² (r's numel), N_all, N_here]
+        pooled_before = emit(aten.view.default, emit(aten.slice.Tensor, acc, 0, 0, numel), [-1])
+        keep = emit(aten.logical_and.default, ok, collecting)
+        added = emit(aten.view.default, emit(aten.where.ScalarOther, keep, sums, 0.0), [-1])
+        pooled = emit(aten.add.Tensor, pooled_before, added)
+        counts = emit(aten.add.Tensor, emit(aten.slice.Tensor, acc, 0, numel, numel + 2),
+                      emit(aten.mul.Tensor, collect, batch))
+        acc_now = emit(aten.copy_.default, acc, emit(aten.cat.default, [pooled, counts]))
+    writes = [emit(aten.copy_.default, r, r_new)]
+    if acc is not None:
+        writes.append(acc_now)
+    if flag is not None:   # count a non-finite step
+        bad = emit(aten.sum.default, emit(_convert, emit(aten.logical_not.default, ok), torch.float32))
+        writes.append(emit(aten.copy_.default, flag, emit(aten.add.Tensor, flag, bad)))
+    # Every read of the new r is a read of the functional r_new, never of r's buffer after the
+    # copy_: inductor may fuse the write-back into the same loop as a read and load the buffer
+    # before its store. The write-backs still need a user (else the partitioner drops them):
+    # one element of each, times 0, added to r_new (finite, so the value is r_new's).
+    alive = [emit(aten.select.int, emit(aten.view.default, w, [-1]), 0, 0) for w in writes]
+    r_read = r_new
+    for a in alive:
+        r_read = emit(aten.add.Tensor, r_read, emit(aten.mul.Tensor, a, 0.0))
+    denom = denominator(emit, r_read, eps, broadcast_shape(g_val.shape, reduce_dims) if reduce_dims else None)
+    out = scaled(emit, gr, s, denom)
+    out.meta["svgd_t_parts"] = (gr, denom, s)
+    if g_val.dtype != r_val.dtype:
+        out = emit(_convert, out, g_val.dtype)
+    return out
