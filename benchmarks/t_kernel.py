@@ -44,7 +44,7 @@ S, RHO, EPS = 0.1, 0.9, 1e-6
 
 
 def fused_t(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """The fused T of ``reroute._inline_t`` (mean loss), in eager aten ops for inductor."""
+    """The fused T of ``kernels.t_aten.fused_t`` (mean loss), in eager aten ops for inductor."""
     sums = (g * g).sum(0)
     stat = sums * g.shape[0]
     r_new = torch.where(stat < float("inf"), r * RHO + stat * (1.0 - RHO), r)

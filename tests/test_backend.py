@@ -30,7 +30,7 @@ def _code_of(fn):
 
 
 def _t_tag(sigma: str) -> str:
-    """How the fused T of σ' node ``sigma`` is named in the graph (reroute._inline_t)."""
+    """How the fused T of σ' node ``sigma`` is named in the graph (kernels.t_aten.fused_t)."""
     return "svgd_T_" + "".join(c if c.isalnum() else "_" for c in sigma)
 
 

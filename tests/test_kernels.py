@@ -11,7 +11,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from svgd_fx.kernels import triton_available
-from svgd_fx.kernels.t_aten import inline_t
+from svgd_fx.kernels.t_aten import fused_t
 from svgd_fx.passes.joint import emitter
 
 
@@ -111,7 +111,7 @@ def test_aten_spelling_matches_the_op(shape, reduce, mean):
     g_node, r_node = graph.placeholder("g"), graph.placeholder("r")
     with FakeTensorMode() as mode:
         g_node.meta["val"], r_node.meta["val"] = mode.from_tensor(g), mode.from_tensor(r)
-    out = inline_t(emitter(graph, "svgd_T_x", {}, g_node.meta["val"]), g_node, r_node, s=0.3, rho=0.7, eps=1e-4,
+    out = fused_t(emitter(graph, "svgd_T_x", {}, g_node.meta["val"]), g_node, r_node, s=0.3, rho=0.7, eps=1e-4,
                    mean_reduction=mean, reduce_dims=reduce)
     graph.output(out)
     r_fused, r_op = r.clone(), r.clone()

@@ -1,9 +1,9 @@
-"""SVGD's T spelled in aten ops on the joint graph, for inductor to fuse (``inline=True``).
+"""SVGD's T spelled in aten ops on the joint graph, for inductor to fuse (``RerouteSpec.fused``).
 
 The formula is :mod:`.t_formula`'s, applied through a graph emitter (``emit(target, *args)``
 adds one FX node, see :func:`svgd_fx.passes.joint.emitter`) instead of run on tensors. What
 this spelling adds, because a fused kernel can neither raise nor branch nor be trusted with the
-order of a write and a read of one buffer, is explained at :func:`inline_t`.
+order of a write and a read of one buffer, is explained at :func:`fused_t`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ aten = torch.ops.aten
 _convert = torch.ops.prims.convert_element_type.default
 
 
-def inline_t(emit, g: Node, r: Node, *, s: float, rho: float, eps: float, mean_reduction: bool,
+def fused_t(emit, g: Node, r: Node, *, s: float, rho: float, eps: float, mean_reduction: bool,
              reduce_dims=(), flag: Node | None = None, acc: Node | None = None,
              collect: Node | None = None) -> Node:
     """T(g) as aten nodes (the formula of ``virtual_grad_reference``):

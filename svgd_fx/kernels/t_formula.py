@@ -10,7 +10,7 @@ For one σ' node with incoming gradient g = ∇σ'J (batch B, dim 0) and state r
 Each piece is written against ``op(target, *args, **kwargs)`` with aten targets: :func:`eager`
 calls them on tensors (:func:`svgd_fx.kernels.t_op.virtual_grad_reference`, the torch
 implementation of the custom op), the joint-graph emitter of :mod:`svgd_fx.passes.joint` adds
-them as FX nodes (:func:`svgd_fx.kernels.t_aten.inline_t`, T spelled in aten ops for inductor to
+them as FX nodes (:func:`svgd_fx.kernels.t_aten.fused_t`, T spelled in aten ops for inductor to
 fuse). Both paths therefore share one formula; what only one of them does (a GradScaler's 1/S,
 the all-reduce and the accumulation on the eager path; the non-finite counter and the
 write-back on the fused one) stays with that path. The Triton kernel of :mod:`._triton_impl`

@@ -75,7 +75,7 @@ class SVGDMethod:
                 source=sigma.source, name=sigma.name, r_input=layout.index("state", key),
                 routed_inputs=frozenset(ctx.name_to_input[p] for p in sigma.routed_params),
                 s=config.s, rho=config.rho, eps=config.eps,
-                mean_reduction=config.reduction == "mean", reduce_dims=reduce, inline=fused,
+                mean_reduction=config.reduction == "mean", reduce_dims=reduce, fused=fused,
                 raise_nonfinite=raising,
                 flag_input=layout.optional_index("flag", f"{sigma.name}.nonfinite"),
                 scale_input=layout.optional_index("inv_scale", "grad_scaler.inv_scale"),

@@ -24,7 +24,7 @@ shared. Fused multi-output backward ops (``convolution_backward``,
 gradient from g and the copy the weight/bias gradients from T(g).
 
 ``T`` is ``torch.ops.svgd_fx.virtual_grad`` (mutates r, an extra graph input), or with
-``inline`` the same formula as aten nodes (:func:`svgd_fx.kernels.t_aten.inline_t`) for inductor
+``fused`` the same formula as aten nodes (:func:`svgd_fx.kernels.t_aten.fused_t`) for inductor
 to fuse. It is placed right before the first use of g inside ``B_S`` and tagged as backward, so
 the default partitioner puts it in the backward graph. Its nodes are named ``svgd_T_<σ' name>``
 on either path (they show in inductor's generated code).
@@ -40,7 +40,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import RerouteError
 from ..kernels import virtual_grad  # noqa: F401  (registers torch.ops.svgd_fx.virtual_grad)
-from ..kernels.t_aten import inline_t
+from ..kernels.t_aten import fused_t
 from ..kernels.t_formula import scaled
 from .joint import (JointView, emitter, fake_mode_of, finish, incoming_gradient, is_tangent, joint_view, node_tag,
                     parameter_edge, plain_index)
@@ -58,7 +58,7 @@ class RerouteSpec:
     eps: float
     mean_reduction: bool
     reduce_dims: tuple[int, ...] = ()   # dims of g averaged into r's statistic besides the batch
-    inline: bool = False         # T as aten ops (fused by inductor) instead of the custom op
+    fused: bool = False          # T as aten ops (fused by inductor: t_impl="fused") instead of the custom op
     raise_nonfinite: bool = True   # inf/NaN in g raises (the op), or is counted (fused, flag_input)
     flag_input: int | None = None  # plain-input index of the fused T's non-finite counter
     scale_input: int | None = None  # plain-input index of a GradScaler's 1/S (op path only)
@@ -123,7 +123,7 @@ def reroute(
                 f"{exclude_hint} with its parameters to train them on plain gradients knowingly.")
         t_node = _insert_t(graph, spec, g, members, placeholders, order)
         _copy_between(graph, g, t_node, group, members, reroute_outs)
-        if spec.inline and not spec.reduce_dims:
+        if spec.fused and not spec.reduce_dims:
             _sum_batch_first(graph, t_node, node_tag("svgd_T_", spec.name))
         done[spec.name] = t_node.name
     if done:
@@ -165,7 +165,7 @@ def _reroute_identity(graph, spec: RerouteSpec, view: JointView, exclude_hint: s
         t_node = _insert_t(graph, spec, g, set(consumers), view.placeholders, view.order)
         for c in consumers:
             c.replace_input_with(g, t_node)
-        if spec.inline and not spec.reduce_dims:
+        if spec.fused and not spec.reduce_dims:
             _sum_batch_first(graph, t_node, node_tag("svgd_T_", spec.name))
     return t_node
 
@@ -209,8 +209,8 @@ def _insert_t(graph, spec, g, members, placeholders, order) -> Node:
         optional = [placeholders.get(i) if i is not None else None
                     for i in (spec.flag_input, spec.scale_input, spec.acc_input, spec.collect_input)]
         flag, inv_scale, acc, collect = optional
-        if spec.inline:
-            return inline_t(emitter(graph, tag, meta, g.meta["val"]), g, r, s=spec.s, rho=spec.rho, eps=spec.eps,
+        if spec.fused:
+            return fused_t(emitter(graph, tag, meta, g.meta["val"]), g, r, s=spec.s, rho=spec.rho, eps=spec.eps,
                             mean_reduction=spec.mean_reduction, reduce_dims=list(spec.reduce_dims), flag=flag,
                             acc=acc, collect=collect)
         t_node = graph.create_node(
