@@ -26,71 +26,37 @@ import dataclasses
 import functools
 import sys
 import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import _eager_layers
-from ._guard import GradientGuard
+from ._torch_internals import OptimizedModule, compiling_frame, counters
 from ._state import SVGDState
 from ._transform import TRANSFORMED, check_model, compile_inductor, refuse_sharded
 from .plan import build_plan
-from .session import PassLog
+from .session import Session
 from .config import BACKEND, ExcludeSpec, SVGDConfig, check_scaler, describe, make_config, names, options_doc, \
     resolve_exclude
 from .errors import SVGDError
 
 
-@dataclass(eq=False)
-class Binding:
-    """SVGD's per-model state under the compile backend (what ``SVGDModule`` holds for transform).
+class Binding(Session):
+    """The compile backend's :class:`~svgd_fx.session.Session` of a model, in the model's ``__dict__``.
 
-    It lives in the model's ``__dict__``, so ``copy.deepcopy`` and pickling of the model (or of
-    what ``torch.compile`` returned, which copies and pickles its ``_orig_mod``) carry the options
-    and the state along: the copy continues from the same r. The pass log, the gradient guard and
-    the compiled graphs are not carried; the copy's first forward rebuilds them.
+    There, ``copy.deepcopy`` and pickling of the model (or of what ``torch.compile`` returned,
+    which copies and pickles its ``_orig_mod``) carry the options and the state along: the copy
+    continues from the same r. The pass log, the gradient guard and the compiled graphs are not
+    carried; the copy's first forward rebuilds them.
     """
-    model_ref: weakref.ref
-    svgd_state: SVGDState = field(default_factory=SVGDState)
-    log: PassLog = field(default_factory=PassLog)
-    config: SVGDConfig | None = None
-    excluded: frozenset[str] = frozenset()
-    grad_scaler: Any = None
-    _guard: GradientGuard | None = None
-    plans: set[int] = field(default_factory=set)   # ids of the compiled graphs whose σ' nodes are in log
-    layers: dict = field(default_factory=dict, repr=False)  # torch.nn layer -> its own graph (_eager_layers)
-    entry = BACKEND                                 # how messages spell an option
 
-    @property
-    def model(self) -> nn.Module:
-        model = self.model_ref()
-        if model is None:
-            raise SVGDError("svgd_fx: the model of this SVGD state no longer exists")
-        return model
+    def __init__(self, model: nn.Module, svgd_state: SVGDState | None = None, **options) -> None:
+        super().__init__(weakref.ref(model), BACKEND, svgd_state if svgd_state is not None else SVGDState(),
+                         coverage_message=lambda names: _coverage_message(self, names), **options)
 
-    @property
-    def guard(self) -> GradientGuard:
-        if self._guard is None:         # made at first use: a copy's model is complete by then
-            self._guard = GradientGuard(self.model, self.excluded, lambda names: _coverage_message(self, names))
-            self._guard.on_first_check.append(lambda: self.svgd_state.check_claimed(self.log.records))
-            self._guard.quiet = lambda: self.svgd_state.accumulating
-        return self._guard
-
-    def configure(self, config: SVGDConfig, exclude: ExcludeSpec, grad_scaler=None) -> None:
-        excluded = resolve_exclude(self.model, exclude)
-        if self.config is None:
-            self.config, self.excluded, self.grad_scaler = config, excluded, grad_scaler
-            self.guard.arm(self.model)
-        elif (self.config, self.excluded) != (config, excluded):
-            raise SVGDError(
-                f"svgd_fx: {type(self.model).__name__} is already compiled with SVGD options "
-                f"{describe(self.config, self.excluded)}; now asked for {describe(config, excluded)}. "
-                "One model keeps one r per σ' node, built with one set of options (a deepcopy of the model "
-                "carries them along): for other options, build a fresh model and load the weights into it "
-                "(fresh.load_state_dict(model.state_dict()))."
-            )
+    def configure_with(self, config: SVGDConfig, exclude: ExcludeSpec, grad_scaler=None) -> None:
+        self.configure(config, resolve_exclude(self.model, exclude), grad_scaler)
 
     def layer_graph(self, layer: nn.Module, compiled_with: "backend"):
         """A torch.nn layer the model's call ran outside its graphs, compiled on its own."""
@@ -109,7 +75,7 @@ class Binding:
 
 def _rebuilt_binding(model, config, excluded, grad_scaler, svgd_state) -> Binding:
     """A binding restored by deepcopy or unpickling (``model`` may still be filling in)."""
-    binding = Binding(weakref.ref(model), svgd_state, config=config, excluded=excluded, grad_scaler=grad_scaler)
+    binding = Binding(model, svgd_state, config=config, excluded=excluded, grad_scaler=grad_scaler)
     model.__dict__[_ATTR] = binding
     _BOUND.add(model)
     return binding
@@ -137,7 +103,7 @@ def lookup_binding(model: Any, inner: Any, caller: str, create: bool = True) -> 
             binding = None           # bound at its first call, but no graph of it reached the backend
         if binding is not None:
             if binding.config is None and inner is not model and (b := _svgd_backend_of(model)) is not None:
-                binding.configure(b.config, b.exclude, b.grad_scaler)   # the options torch.compile was given
+                binding.configure_with(b.config, b.exclude, b.grad_scaler)   # the options torch.compile was given
             return binding
     if not create and isinstance(inner, nn.Module) and hasattr(model, "_orig_mod"):
         raise TypeError(
@@ -172,7 +138,7 @@ def _bound(model: nn.Module) -> Binding | None:
 def _binding_for(model: nn.Module) -> Binding:
     binding = _bound(model)
     if binding is None:
-        binding = Binding(weakref.ref(model))
+        binding = Binding(model)
         model.__dict__[_ATTR] = binding
         _BOUND.add(model)
     if _save_state_hook not in model._state_dict_hooks.values():      # a copy has them already
@@ -214,7 +180,7 @@ def _adopt(plan, compiled_for: Binding, params: list[nn.Parameter]) -> Binding:
         raise SVGDError("svgd_fx: a graph compiled by the svgd backend was called with parameters of an "
                         "nn.Module it cannot find; compile each model with torch.compile(model, ...).")
     binding = _binding_for(model)
-    binding.configure(compiled_for.config, compiled_for.excluded, compiled_for.grad_scaler)
+    binding.configure_with(compiled_for.config, compiled_for.excluded, compiled_for.grad_scaler)
     for name in plan.sigma_names & compiled_for.log.records.keys():
         mine = binding.log.records.get(name)
         if mine is None:
@@ -314,11 +280,7 @@ def _owns_all(module: nn.Module, params: list[nn.Parameter]) -> bool:
 
 def _frame_locals():
     """Locals of the frame Dynamo is compiling (and its parents), then, separately, of the stack."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-        tx = InstructionTranslator.current_tx()
-    except Exception:  # a private API: fall back to the stack
-        tx = None
+    tx = compiling_frame()
     traced = []
     while tx is not None:
         traced += list(getattr(tx, "f_locals", {}).values())
@@ -337,8 +299,6 @@ def _compiled_root(params: list[nn.Parameter]) -> nn.Module | None:
     installed under a lock, Hugging Face's output capturing) and compiles inner modules as frames
     of their own, their graphs still belong to the model the user compiled: one state, one pass
     log, one coverage check."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
     root, frame = None, sys._getframe(1)
     while frame is not None:
         for value in frame.f_locals.values():
@@ -421,7 +381,7 @@ class backend:
         _refuse_transformed(model)
         binding = _binding_for(model)
         check_model(model)
-        binding.configure(self.config, self.exclude, self.grad_scaler)
+        binding.configure_with(self.config, self.exclude, self.grad_scaler)
         plan = build_plan(binding, gm, example_inputs, accumulating=self.config.accumulation)
         owner = _owner_of_call(plan, binding)
         return plan.wrap(lambda g, xs: compile_inductor(g, xs, plan), owner)
@@ -467,15 +427,11 @@ def _coverage_message(binding: Binding, names: list[str]) -> str:
 
 
 def _recompile_limit_hit() -> bool:
-    from torch._dynamo.utils import counters
-
     return any(key.startswith("Dynamo recompile limit exceeded") for key in counters.get("unimplemented", {}))
 
 
 def _graph_breaks_seen() -> list[str]:
     """The first line of each graph-break reason Dynamo counted in this process (at most 5)."""
-    from torch._dynamo.utils import counters
-
     return [key.strip().splitlines()[0] for key in counters.get("graph_break", {})][:5]
 
 
@@ -514,8 +470,6 @@ def _svgd_models_on_stack() -> list[tuple[nn.Module, backend]]:
     """(model, its svgd backend) for every module compiled with backend 'svgd' that is running.
     (A ``torch.compile`` around an svgd-compiled module returns a plain function that the outer
     backend compiles: no graph reaches this backend, and the gradient guard says so.)"""
-    from torch._dynamo.eval_frame import OptimizedModule
-
     found, frame = [], sys._getframe(1)
     while frame is not None:
         for value in frame.f_locals.values():
@@ -552,7 +506,7 @@ def _on_compile_start(args) -> None:
         _refuse_transformed(model)
         binding = _binding_for(model)
         if binding.config is None:      # a conflict of options is the backend's to report
-            binding.configure(b.config, b.exclude, b.grad_scaler)
+            binding.configure_with(b.config, b.exclude, b.grad_scaler)
     _ALLOW_RNN_BEFORE.append(torch._dynamo.config.allow_rnn)
     torch._dynamo.config.allow_rnn = True
 

@@ -28,12 +28,13 @@ import torch
 from torch import nn
 
 from . import _eager_layers
+from ._torch_internals import aot_autograd, compile_fx, functorch_config, make_boxed_func
 from ._guard import GradientGuard
 from ._state import SVGDState
 from .config import TRANSFORM, SVGDConfig
 from .errors import SVGDError
 from .plan import build_plan
-from .session import PassLog
+from .session import PassLog, Session
 
 def refuse_sharded(model: nn.Module) -> None:
     """FSDP (1 or 2) replaces the parameters by flat or sharded ones and gathers them inside its own
@@ -76,8 +77,6 @@ class SVGDModule(nn.Module):
     the original model) plus ``svgd_state.<σ' name>.r`` for every r.
     """
 
-    entry = TRANSFORM
-
     def __init__(self, model: nn.Module, config: SVGDConfig, exclude: set[str], grad_scaler=None,
                  codegen: str = "inductor") -> None:
         super().__init__()
@@ -92,14 +91,14 @@ class SVGDModule(nn.Module):
         self._start()
 
     def _start(self) -> None:
-        """What is rebuilt rather than copied or pickled: the pass log, the gradient guard and the
-        compiled graphs (hidden from nn: [plain graphs] + [graphs with accumulate's inputs],
-        compiled at first use)."""
-        self.log = PassLog()
+        """What is rebuilt rather than copied or pickled: the session around the options and the
+        state (its pass log, its gradient guard) and the compiled graphs (hidden from nn: [plain
+        graphs] + [graphs with accumulate's inputs], compiled at first use)."""
+        self.session = Session(weakref.ref(self.model), TRANSFORM, self.svgd_state, config=self.config,
+                               excluded=self.excluded, grad_scaler=self.grad_scaler,
+                               coverage_message=self._coverage_message)
         self._first_inputs: tuple | None = None     # for the guard's message, until its first check passes
-        self.guard = GradientGuard(self.model, self.excluded, self._coverage_message)
-        self.guard.on_first_check.append(self._first_check_passed)
-        self.guard.quiet = lambda: self.svgd_state.accumulating
+        self.session.guard.on_first_check.append(self._forget_first_inputs)
         self._compiled = [torch.compile(self.model, backend=_Backend(self), dynamic=None)]
         self._layers: dict = {}     # (torch.nn layer, accumulating) -> its own graph (see _eager_layers)
         _eager_layers.install(self.model)
@@ -108,6 +107,14 @@ class SVGDModule(nn.Module):
         if earlier is not None and earlier() is not None and earlier() is not self:
             earlier()._supersede()
         TRANSFORMED[self.model] = weakref.ref(self)
+
+    @property
+    def log(self) -> PassLog:
+        return self.session.log
+
+    @property
+    def guard(self) -> GradientGuard:
+        return self.session.guard
 
     def _supersede(self) -> None:
         """A later ``transform`` of the same model takes over (re-running a notebook cell): this
@@ -183,9 +190,8 @@ class SVGDModule(nn.Module):
             + ". Fix the graph break, or pass exclude=[...] with these names to train them on plain gradients "
             "knowingly.")
 
-    def _first_check_passed(self) -> None:
+    def _forget_first_inputs(self) -> None:
         self._first_inputs = None
-        self.svgd_state.check_claimed(self.log.records)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         with self.svgd_state.loading(strict):
@@ -195,7 +201,7 @@ class SVGDModule(nn.Module):
         return self.config.describe() + (", codegen='fx'" if self.codegen == "fx" else "")
 
 
-_REBUILT = ("log", "_first_inputs", "guard", "_compiled", "_layers", "_superseded")
+_REBUILT = ("session", "_first_inputs", "_compiled", "_layers", "_superseded")
 
 _DYNAMO_STRICT = {"allow_rnn": True, "suppress_errors": False}
 if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
@@ -257,8 +263,6 @@ def _add_model_prefix(module, state_dict, prefix, local_metadata, strict, missin
 # ----------------------------------------------------------------------------- the backend
 
 def _nop_compiler(log_list: list):
-    from functorch.compile import make_boxed_func
-
     def compile_graph(gm: torch.fx.GraphModule, example_inputs):
         log_list.append(gm)
         return make_boxed_func(gm.forward)
@@ -276,12 +280,10 @@ class _Backend:
         self.accumulating = accumulating
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]):
-        from torch._dynamo.backends.common import aot_autograd
-
         if self.owner.codegen == "inductor":
-            plan = build_plan(self.owner, gm, example_inputs, accumulating=self.accumulating)
+            plan = build_plan(self.owner.session, gm, example_inputs, accumulating=self.accumulating)
             return plan.wrap(lambda g, xs: compile_inductor(g, xs, plan))
-        plan = build_plan(self.owner, gm, example_inputs, accumulating=self.accumulating)
+        plan = build_plan(self.owner.session, gm, example_inputs, accumulating=self.accumulating)
         return plan.wrap(aot_autograd(
             fw_compiler=_nop_compiler(self.owner.log.forward_graphs),
             bw_compiler=_nop_compiler(self.owner.log.backward_graphs),
@@ -306,9 +308,6 @@ def compile_inductor(gm, example_inputs, plan):
     """inductor, with the plan's rewrite as its joint-graph pass. A custom joint pass has no cache
     key, so inductor's FX-graph cache and the AOTAutograd cache are off for these graphs (only
     these): no compiled graph can come back from a cache without the rewrite."""
-    from torch._functorch import config as functorch_config
-    from torch._inductor.compile_fx import compile_fx
-
     patches = {"fx_graph_cache": False}
     if plan is not None:
         patches["joint_custom_pre_pass"] = _JointPass(plan)

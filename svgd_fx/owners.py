@@ -7,16 +7,17 @@ from typing import Any
 from ._backend import lookup_binding
 from ._state import SVGDState
 from ._transform import SVGDModule
+from .session import Session
 
 
-def owner_of(model: Any, caller: str, create: bool = True):
-    """What holds a model's SVGD state, pass log and config: ``transform``'s ``SVGDModule``
+def owner_of(model: Any, caller: str, create: bool = True) -> Session:
+    """The :class:`~svgd_fx.session.Session` of a model: ``transform``'s ``SVGDModule``'s
     (also inside DDP), or the compile backend's binding of the model (given itself or as
     ``torch.compile`` returned it). ``create=False``: only a binding that has compiled graphs;
     otherwise one is made (see :func:`state_of`)."""
     inner = model.module if type(model).__name__ == "DistributedDataParallel" else model
     if isinstance(inner, SVGDModule):
-        return inner
+        return inner.session
     return lookup_binding(model, inner, caller, create)
 
 

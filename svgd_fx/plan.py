@@ -10,9 +10,9 @@ Both entry points call :func:`build_plan` from their Dynamo backend and compile
    the graph's extra inputs (:class:`~svgd_fx.runtime.StateLayout`) and writes the rewrite's specs;
 4. the graph gets one placeholder per extra input, fed at every call (:func:`~svgd_fx.runtime.feeder`).
 
-The ``owner`` is what holds a model's state, pass log, config, excluded parameters, GradScaler
-and gradient guard: ``transform``'s :class:`~svgd_fx.SVGDModule` or the backend's binding; its
-``entry`` ("transform" / "backend") says how the user spells an option in messages.
+The ``owner`` is the model's :class:`~svgd_fx.session.Session` (state, pass log, config, excluded
+parameters, GradScaler, gradient guard), the same type under both entry points; its ``entry``
+("transform" / "backend") says how the user spells an option in messages.
 """
 
 from __future__ import annotations
@@ -24,17 +24,19 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from ._torch_internals import default_partition
 from .errors import SVGDError, option_spelling
 from .methods import Method, MethodPlan, PlanContext, method_for
 from .passes.composites import expand_composites
 from .passes.locate import Kind, locate, tag_nodes
 from .runtime import Feed, StateLayout, feeder
+from .session import Session
 
 
 @dataclass
 class Plan:
     """Everything the joint-graph pass needs for one Dynamo graph, and how to call the result."""
-    owner: Any                          # SVGDModule, or the compile backend's Binding
+    owner: Session
     method: Method
     gm: torch.fx.GraphModule            # Dynamo's graph + one placeholder per extra input
     example_inputs: list[Any]
@@ -56,8 +58,6 @@ class Plan:
                 self.t_names.add(spec.name)
 
     def partition(self, joint, joint_inputs, **kwargs):
-        from torch._functorch.partitioners import default_partition
-
         self.rewrite(joint)
         return default_partition(joint, joint_inputs, **kwargs)
 
@@ -91,7 +91,7 @@ class Plan:
         return run
 
 
-def build_plan(owner: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], accumulating: bool = False) -> Plan:
+def build_plan(owner: Session, gm: torch.fx.GraphModule, example_inputs: list[Any], accumulating: bool = False) -> Plan:
     """Locate the σ' nodes of Dynamo's graph, let the owner's method plan them, add the extra inputs."""
     model, config, log = owner.model, owner.config, owner.log
     owner.guard.arm(model)

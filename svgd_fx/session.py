@@ -1,11 +1,28 @@
-"""What one model's SVGD holds besides its state: the pass log (what the pass found, per σ' node)."""
+"""One model's SVGD, whichever entry point made it: :class:`Session`, and its pass log.
+
+A session holds the model (weakly), the options (:class:`~svgd_fx.config.SVGDConfig`, the
+excluded parameters, the GradScaler), the state (:class:`~svgd_fx._state.SVGDState`), the pass
+log (what the pass found per σ' node) and the gradient guard (the coverage check). ``transform``'s
+``SVGDModule`` holds one; the compile backend keeps one (a ``Binding``, which adds how it travels
+with the model through copies and pickling) in the model's ``__dict__``. Everything downstream,
+the plan, the methods, the runtime feeder, ``explain``, ``accumulate`` and the switch, reads a
+session and nothing else; ``entry`` ("transform" / "backend") only picks how messages spell an
+option.
+"""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
+from ._guard import GradientGuard
+from ._state import SVGDState
+from .config import SVGDConfig, describe
+from .errors import SVGDError
 from .passes.locate import SigmaNode
 
 
@@ -35,3 +52,51 @@ class PassLog:
         if known != where:
             sigma.name = f"{sigma.name}@{where}"
             self.key_locations.setdefault(sigma.name, where)
+
+
+@dataclass(eq=False)
+class Session:
+    model_ref: weakref.ref
+    entry: str                                      # "transform" or "backend": how messages spell an option
+    svgd_state: SVGDState = field(default_factory=SVGDState)
+    log: PassLog = field(default_factory=PassLog)
+    config: SVGDConfig | None = None                # None: bound before its options are known (backend)
+    excluded: frozenset[str] = frozenset()
+    grad_scaler: Any = None
+    # the coverage error's message for these parameter names (each entry point knows its likely causes)
+    coverage_message: Callable[[list[str]], str] | None = field(default=None, repr=False)
+    plans: set[int] = field(default_factory=set)   # ids of the compiled graphs whose σ' nodes are in log
+    layers: dict = field(default_factory=dict, repr=False)  # torch.nn layer -> its own graph (_eager_layers)
+    _guard: GradientGuard | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> nn.Module:
+        model = self.model_ref()
+        if model is None:
+            raise SVGDError("svgd_fx: the model of this SVGD state no longer exists")
+        return model
+
+    @property
+    def guard(self) -> GradientGuard:
+        """The coverage check (see :mod:`svgd_fx._guard`), made at first use (a copy's model is
+        complete by then); its first passing check also checks that a loaded state was claimed."""
+        if self._guard is None:
+            self._guard = GradientGuard(self.model, self.excluded, lambda names: self.coverage_message(names))
+            self._guard.on_first_check.append(lambda: self.svgd_state.check_claimed(self.log.records))
+            self._guard.quiet = lambda: self.svgd_state.accumulating
+        return self._guard
+
+    def configure(self, config: SVGDConfig, excluded: frozenset[str], grad_scaler=None) -> None:
+        """Give a session bound before its options were known its options; other options than the
+        ones it has are an error (one r per σ' node, built with one set of options)."""
+        if self.config is None:
+            self.config, self.excluded, self.grad_scaler = config, excluded, grad_scaler
+            self.guard.arm(self.model)
+        elif (self.config, self.excluded) != (config, excluded):
+            raise SVGDError(
+                f"svgd_fx: {type(self.model).__name__} is already compiled with SVGD options "
+                f"{describe(self.config, self.excluded)}; now asked for {describe(config, excluded)}. "
+                "One model keeps one r per σ' node, built with one set of options (a deepcopy of the model "
+                "carries them along): for other options, build a fresh model and load the weights into it "
+                "(fresh.load_state_dict(model.state_dict()))."
+            )

@@ -9,12 +9,13 @@ import torch
 
 from ..passes.locate import Analysis
 from ..runtime import StateLayout
+from ..session import Session
 
 
 @dataclass
 class PlanContext:
     """What a method plans from, for one Dynamo graph."""
-    owner: Any                             # what holds the state, log and config (see svgd_fx.plan)
+    owner: Session                         # the model's state, log, config (svgd_fx.session)
     analysis: Analysis                     # locate's σ' nodes and node kinds
     param_nodes: dict                      # placeholder node -> parameter name
     name_to_input: dict[str, int]          # parameter name -> graph-input index

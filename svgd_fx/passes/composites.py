@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import operator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -286,8 +287,6 @@ def _trace(composite: Composite, bound: dict[str, Any], info: dict[str, Any]):
 
 def _propagate_examples(nodes: list[Node]) -> None:
     """Example values for the new nodes, computed on the fake values of their inputs."""
-    from contextlib import nullcontext
-
     inputs: list = []
     for n in nodes:
         map_arg((n.args, n.kwargs), lambda a: inputs.append(_example(a)) or a)

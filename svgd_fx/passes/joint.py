@@ -16,10 +16,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch._functorch._aot_autograd.descriptors import GradAOTOutput, PlainAOTInput
-from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
+from .._torch_internals import GradAOTOutput, PlainAOTInput, detect_fake_mode
 from ..errors import RerouteError
 from .locate import node_id
 
