@@ -65,6 +65,7 @@ class Feed:
     compiled_for: list[tuple]         # (shape, dtype, device) of each state tensor when compiled
     device: Any                       # where the state lives (the σ' nodes' device)
     collect_device: Any               # where the "collect" mode input lives
+    accumulating: bool = False        # built for svgd_fx.accumulate (with or without σ' nodes to collect)
 
 
 def feeder(feed: Feed) -> Callable[[Any], list[torch.Tensor]]:
@@ -77,9 +78,9 @@ def feeder(feed: Feed) -> Callable[[Any], list[torch.Tensor]]:
     """
     layout = feed.layout
     keys, specs, compiled_for = layout.keys("state"), feed.state_specs, list(feed.compiled_for)
-    flag_keys, acc_keys = layout.keys("flag"), layout.keys("acc")
+    flag_keys = layout.keys("flag")
     scaled, collecting = bool(layout.keys("inv_scale")), bool(layout.keys("collect"))
-    accumulating = bool(acc_keys)
+    accumulating = feed.accumulating
     device, collect_device = feed.device, feed.collect_device
     autocast_device = torch.device(device).type if device is not None else None
     checked = [None]     # the state's version the tensors were last fitted at

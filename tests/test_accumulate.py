@@ -8,7 +8,7 @@ from torch import nn
 
 import svgd_fx
 from cases import CASES, loss_fn
-from helpers import assert_t_fired, state, wrap, cast_inputs
+from helpers import assert_t_fired, cast_inputs, count_t_nodes, state, wrap
 from reference import SVGDReference
 
 # no batch-coupled layers (BatchNorm's statistics differ per micro-batch, whatever T does)
@@ -269,3 +269,19 @@ def test_backward_passes_accumulated_outside_accumulate_warn_once(kind):
     with warnings.catch_warnings():
         warnings.simplefilter("error", svgd_fx.GradientAccumulationWarning)
         backward()                      # once only
+
+
+def test_a_graph_without_routed_nodes_runs_inside_accumulate():
+    """A graph built for accumulation whose σ' nodes are all plain (here: every parameter excluded)
+    has no accumulator inputs, but is still an accumulation graph: the block runs, on plain gradients."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    plain = copy.deepcopy(model)
+    model_t = svgd_fx.transform(model, s=0.1, exclude=["0.weight", "0.bias"])
+    x = torch.randn(6, 4)
+    with svgd_fx.accumulate(model_t):
+        model_t(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert count_t_nodes(model_t) == 0
