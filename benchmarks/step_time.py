@@ -168,7 +168,7 @@ def epoch_recompiles(epochs: int = 3, n_train: int = 1000, n_val: int = 300, bat
         per_epoch.append(int(counters["stats"]["unique_graphs"]))
     return {"setup": " ".join(epoch_recompiles.__doc__.split(":", 1)[1].split()),
             "graphs_compiled_after_each_epoch": per_epoch,
-            "graphs_through_the_svgd_pass": svgd_fx._backend.binding_of(model).log.graphs}
+            "graphs_through_the_svgd_pass": svgd_fx.capture.backend.binding_of(model).log.graphs}
 
 
 def to_markdown(results: list[dict], meta: dict) -> str:

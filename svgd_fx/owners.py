@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._backend import lookup_binding
-from ._state import SVGDState
-from ._transform import SVGDModule
+from .capture.backend import lookup_binding
+from .state import SVGDState
+from .capture.transform import SVGDModule
 from .session import Session
 
 

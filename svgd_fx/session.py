@@ -1,7 +1,7 @@
 """One model's SVGD, whichever entry point made it: :class:`Session`, and its pass log.
 
 A session holds the model (weakly), the options (:class:`~svgd_fx.config.SVGDConfig`, the
-excluded parameters, the GradScaler), the state (:class:`~svgd_fx._state.SVGDState`), the pass
+excluded parameters, the GradScaler), the state (:class:`~svgd_fx.state.SVGDState`), the pass
 log (what the pass found per σ' node) and the gradient guard (the coverage check). ``transform``'s
 ``SVGDModule`` holds one; the compile backend keeps one (a ``Binding``, which adds how it travels
 with the model through copies and pickling) in the model's ``__dict__``. Everything downstream,
@@ -12,6 +12,7 @@ option.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -19,11 +20,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ._guard import GradientGuard
-from ._state import SVGDState
+from .guard import GradientGuard
+from .state import SVGDState
 from .config import SVGDConfig, describe
 from .errors import SVGDError
 from .passes.locate import SigmaNode
+
+
+# the state's keys in a state_dict: <prefix>svgd_state.<σ' name>.r, beside the model's own keys
+STATE_PREFIX = "svgd_state."
 
 
 @dataclass
@@ -66,7 +71,7 @@ class Session:
     # the coverage error's message for these parameter names (each entry point knows its likely causes)
     coverage_message: Callable[[list[str]], str] | None = field(default=None, repr=False)
     plans: set[int] = field(default_factory=set)   # ids of the compiled graphs whose σ' nodes are in log
-    layers: dict = field(default_factory=dict, repr=False)  # torch.nn layer -> its own graph (_eager_layers)
+    layers: dict = field(default_factory=dict, repr=False)  # torch.nn layer -> its own graph (capture.eager_layers)
     _guard: GradientGuard | None = field(default=None, repr=False)
 
     @property
@@ -78,7 +83,7 @@ class Session:
 
     @property
     def guard(self) -> GradientGuard:
-        """The coverage check (see :mod:`svgd_fx._guard`), made at first use (a copy's model is
+        """The coverage check (see :mod:`svgd_fx.guard`), made at first use (a copy's model is
         complete by then); its first passing check also checks that a loaded state was claimed."""
         if self._guard is None:
             self._guard = GradientGuard(self.model, self.excluded, lambda names: self.coverage_message(names))
@@ -100,3 +105,37 @@ class Session:
                 "carries them along): for other options, build a fresh model and load the weights into it "
                 "(fresh.load_state_dict(model.state_dict()))."
             )
+
+
+# ----------------------------------------------------------------------------- the state in state_dict
+# One pair of hooks for both entry points. ``find(module, prefix)`` is the entry point's answer to
+# "whose state is written beside this module's keys": transform's SVGDModule always its own; the
+# compile backend the model's binding when the keys are written through what torch.compile returned.
+
+def save_state_hook(find: Callable, module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """``state_dict()``'s post-hook: the session's r tensors as ``<prefix>svgd_state.<σ' name>.r``."""
+    session = find(module, prefix)
+    if session is not None:
+        session.svgd_state.write(state_dict, prefix + STATE_PREFIX)
+
+
+def load_state_hook(find: Callable, module: nn.Module, state_dict: dict, prefix: str, local_metadata, strict: bool,
+                    missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """``load_state_dict()``'s pre-hook: takes the ``<prefix>svgd_state.`` keys out (the model never
+    sees them) and loads them into the session's state, which reports missing and unexpected keys
+    under the names ``state_dict()`` writes."""
+    own = prefix + STATE_PREFIX
+    mine = {key: state_dict.pop(key) for key in list(state_dict) if key.startswith(own)}
+    session = find(module, prefix)
+    if session is None:
+        unexpected_keys.extend(mine)
+    else:
+        session.svgd_state.read(mine, own, strict, missing_keys, error_msgs)
+
+
+def install_state_hooks(module: nn.Module, find: Callable) -> None:
+    """The pair of hooks on ``module``, once (a deep copy carries its original's)."""
+    if any(getattr(hook, "func", None) is save_state_hook for hook in module._state_dict_hooks.values()):
+        return
+    module.register_state_dict_post_hook(functools.partial(save_state_hook, find))
+    module.register_load_state_dict_pre_hook(functools.partial(load_state_hook, find))

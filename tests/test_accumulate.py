@@ -173,7 +173,7 @@ def test_backend_accumulates_only_when_compiled_for_it():
     with svgd_fx.accumulate(model_c):
         torch.nn.functional.cross_entropy(model_c(x), y).backward()
     torch.nn.functional.cross_entropy(model_c(x), y).backward()
-    assert svgd_fx._backend.binding_of(model).log.graphs == 1
+    assert svgd_fx.capture.backend.binding_of(model).log.graphs == 1
     assert_t_fired(model_c, svgd_fx.state_of(model), {"fc1.linear", "fc2.linear"})
 
 

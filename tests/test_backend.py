@@ -123,7 +123,7 @@ def test_float64_changing_batch_matches_reference(name):
     model, model_c = train_changing_batches(case, lambda m: torch.compile(m, backend=svgd_fx.backend(s=0.1)),
                                             rtol=1e-8, atol=1e-11, after_step=r_shapes)
     assert_t_fired(model_c, svgd_fx.state_of(model_c), case.t_nodes)
-    assert svgd_fx._backend.binding_of(model).log.graphs <= 2
+    assert svgd_fx.capture.backend.binding_of(model).log.graphs <= 2
 
 
 def test_fused_t_reads_r_after_its_update():
@@ -534,7 +534,7 @@ def test_graph_break_inside_a_submodule_keeps_one_state_with_root_names():
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{n}: {m}")
     assert set(svgd_fx.state_of(model).tensors) == set(model_t.svgd_state.tensors) == \
         {"inp.linear.r", "inner.a.linear.r", "inner.b.linear.r", "out.linear.r"}
-    assert svgd_fx._backend.binding_of(model.inner) is None   # bound once, at the root
+    assert svgd_fx.capture.backend.binding_of(model.inner) is None   # bound once, at the root
 
 
 class _Body(torch.nn.Module):
@@ -584,8 +584,8 @@ def test_frames_compiled_inside_an_eager_root_share_one_binding():
             for p, q in zip(model.parameters(), ref_model.parameters()):
                 p -= 0.1 * p.grad
                 q -= 0.1 * q.grad
-    assert svgd_fx._backend.binding_of(model.body) is None and svgd_fx._backend.binding_of(model.head) is None
-    binding = svgd_fx._backend.binding_of(model)
+    assert svgd_fx.capture.backend.binding_of(model.body) is None and svgd_fx.capture.backend.binding_of(model.head) is None
+    binding = svgd_fx.capture.backend.binding_of(model)
     assert binding.log.graphs >= 2 and binding.guard.checks >= 1
     assert_t_fired(model_c, svgd_fx.state_of(model_c),
                    {"body.fc.linear", "body.ln.layer_norm", "head.fc.linear", "head.ln.layer_norm"})

@@ -127,7 +127,7 @@ def test_a_deepcopy_shares_the_users_grad_scaler():
     assert copy.deepcopy(model_t).grad_scaler is scaler
     model_c = torch.compile(PaperMLP(), backend=svgd_fx.backend(s=0.1, grad_scaler=scaler))
     assert svgd_fx.state_of(model_c) is not None
-    assert svgd_fx._backend.binding_of(copy.deepcopy(model_c)).grad_scaler is scaler
+    assert svgd_fx.capture.backend.binding_of(copy.deepcopy(model_c)).grad_scaler is scaler
 
 
 def test_averaged_model_of_a_transformed_model():

@@ -80,11 +80,11 @@ def test_nothing_is_redirected_outside_the_models_call():
     x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
     F.cross_entropy(model_c(x), y).backward()
     before = {k: r.clone() for k, r in svgd_fx.state_of(model_c).tensors.items()}
-    graphs = svgd_fx._backend.binding_of(model).log.graphs
+    graphs = svgd_fx.capture.backend.binding_of(model).log.graphs
     with pytest.raises(svgd_fx.CoverageError, match="net.0.weight"):
         F.cross_entropy(model(x), y).backward()
     assert all(torch.equal(r, before[k]) for k, r in svgd_fx.state_of(model_c).tensors.items())
-    assert svgd_fx._backend.binding_of(model).log.graphs == graphs     # no layer graph compiled
+    assert svgd_fx.capture.backend.binding_of(model).log.graphs == graphs     # no layer graph compiled
 
 
 @pytest.mark.parametrize("entry", ["transform", "backend"])

@@ -249,7 +249,7 @@ def test_owner_lookups_name_the_caller_and_what_they_take():
     plain = _small()
     with pytest.raises(TypeError, match=r"svgd_fx.explain takes .* after its first forward; got Sequential"):
         svgd_fx.explain(plain)               # never compiled: explain must not bind it
-    assert svgd_fx._backend.binding_of(plain) is None
+    assert svgd_fx.capture.backend.binding_of(plain) is None
     with pytest.raises(TypeError, match=r"svgd_fx.explain takes .*; got object"):
         svgd_fx.explain(object())
     with pytest.raises(TypeError, match=r"svgd_fx.state_of takes .*; got int"):

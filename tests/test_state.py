@@ -109,6 +109,29 @@ def test_load_with_wrong_r_shape_names_the_node():
 
 
 @pytest.mark.parametrize("kind", ["transform", "backend"])
+def test_incompatible_keys_are_named_as_state_dict_writes_them(kind):
+    """Both entry points write r through one pair of state-dict hooks; a load reports missing and
+    unexpected keys, the model's and the state's, under the names ``state_dict()`` wrote."""
+    torch._dynamo.reset()
+    model = PaperMLP((12, 8, 4))
+    if kind == "transform":
+        wrapped, prefix = svgd_fx.transform(model, s=0.1), ""
+    else:
+        wrapped, prefix = torch.compile(model, backend="svgd", options={"s": 0.1}), "_orig_mod."
+    wrapped(torch.randn(4, 12)).sum().backward()
+    sd = wrapped.state_dict()
+    r_key, w_key = prefix + "svgd_state.net.0.linear.r", prefix + "net.0.weight"
+    assert r_key in sd and w_key in sd
+    sd.pop(r_key), sd.pop(w_key)
+    sd[prefix + "net.7.weight"] = torch.zeros(1)
+    result = wrapped.load_state_dict(sd, strict=False)
+    assert sorted(result.missing_keys) == sorted([w_key, r_key])
+    assert result.unexpected_keys == [prefix + "net.7.weight"]
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: .*" + r_key.replace(".", r"\.")):
+        wrapped.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("kind", ["transform", "backend"])
 def test_strict_load_of_a_key_no_node_claims_is_an_error(kind):
     """A checkpoint key that no σ' node of this model uses would silently leave that r at zero:
     with strict=True (the default) the first forward (backend: backward) names it; strict=False

@@ -116,7 +116,7 @@ ZOO = [
         plain=("backbone.layers.0.mixer.mul", "backbone.layers.1.mixer.mul"), rtol=1e-5),
     # Its feature encoder sets requires_grad on a tensor and its encoder reads a ContextVar that
     # Hugging Face's output capturing set in a frame TorchDynamo ran eagerly: the encoder's own
-    # forward runs uncompiled, and its LayerNorm gets a graph of its own (svgd_fx._eager_layers).
+    # forward runs uncompiled, and its LayerNorm gets a graph of its own (svgd_fx.capture.eager_layers).
     RealModel("wav2vec2", lambda: tf.Wav2Vec2ForSequenceClassification(tf.Wav2Vec2Config(
         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
         conv_stride=(4, 2), conv_kernel=(8, 4), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,

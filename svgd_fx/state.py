@@ -250,24 +250,22 @@ class SVGDState(nn.Module):
         self.version = next(_VERSIONS)
         return self
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for key, value in self.tensors.items():
-            destination[prefix + key] = value if keep_vars else value.detach()
-        for key, value in self._pending.items():
-            destination[prefix + key] = value if keep_vars else value.detach()
+    def write(self, destination: dict, prefix: str) -> None:
+        """Every r (and every r loaded but not yet claimed by a trace) as ``<prefix><σ' name>.r``."""
+        for key, value in itertools.chain(self.tensors.items(), self._pending.items()):
+            destination[prefix + key] = value.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
-                              missing_keys, unexpected_keys, error_msgs):
+    def read(self, state_dict: dict, prefix: str, strict: bool, missing_keys: list, error_msgs: list) -> None:
+        """Load ``<prefix><σ' name>.r`` entries: into an existing r (same shape), or held until the
+        first trace creates it. Missing keys are reported with ``prefix`` (as ``write`` names them)."""
         seen = set()
         for full_key, value in state_dict.items():
-            if not full_key.startswith(prefix):
-                continue
             key = full_key[len(prefix):]
             seen.add(key)
             current = self.tensors.get(key)
             if current is None:
                 self._pending[key] = value.detach().clone()
-                # torch passes strict=True here whatever the caller said: the caller's is strict_load
+                # torch passes strict=True to the hooks whatever the caller said: the caller's is strict_load
                 self._pending_strict = self._pending_strict or self.strict_load
             elif tuple(current.shape) != tuple(value.shape):
                 error_msgs.append(
@@ -280,6 +278,14 @@ class SVGDState(nn.Module):
                     current.copy_(value)
         if strict:
             missing_keys.extend(prefix + k for k in self.tensors if k not in seen)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):     # state.state_dict()
+        self.write(destination, prefix)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):   # state.load_state_dict()
+        self.read({k: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix, strict,
+                  missing_keys, error_msgs)
 
 
 def _kept_dims(ndim: int, reduce) -> list[int]:

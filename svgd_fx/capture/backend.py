@@ -16,7 +16,7 @@ and fuses. Three things differ from :func:`svgd_fx.transform`:
   AOTAutograd cache are turned off for the graphs this backend compiles (and only those):
   no compiled graph can come back from a cache without the rewrite.
 * **Coverage.** A parameter that receives a gradient that did not come through an SVGD graph
-  raises ``CoverageError`` at the end of that backward (see :mod:`svgd_fx._guard`).
+  raises ``CoverageError`` at the end of that backward (see :mod:`svgd_fx.guard`).
 """
 
 from __future__ import annotations
@@ -31,15 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _eager_layers
-from ._torch_internals import OptimizedModule, compiling_frame, counters
-from ._state import SVGDState
-from ._transform import TRANSFORMED, check_model, compile_inductor, refuse_sharded
-from .plan import build_plan
-from .session import Session
-from .config import BACKEND, ExcludeSpec, SVGDConfig, check_scaler, describe, make_config, names, options_doc, \
+from . import eager_layers
+from .._torch_internals import OptimizedModule, compiling_frame, counters
+from ..state import SVGDState
+from .common import TRANSFORMED, check_model, compile_inductor, refuse_sharded
+from ..plan import build_plan
+from ..session import Session, install_state_hooks
+from ..config import BACKEND, ExcludeSpec, SVGDConfig, check_scaler, describe, make_config, names, options_doc, \
     resolve_exclude
-from .errors import SVGDError
+from ..errors import SVGDError
 
 
 class Binding(Session):
@@ -60,7 +60,7 @@ class Binding(Session):
 
     def layer_graph(self, layer: nn.Module, compiled_with: "backend"):
         """A torch.nn layer the model's call ran outside its graphs, compiled on its own."""
-        return _eager_layers.graph_of(self.layers, layer, self.model, layer, lambda: compiled_with, self.excluded)
+        return eager_layers.graph_of(self.layers, layer, self.model, layer, lambda: compiled_with, self.excluded)
 
     def __deepcopy__(self, memo: dict) -> "Binding":
         """Copied with its model (found in ``memo``): options and state; the GradScaler is the
@@ -141,10 +141,8 @@ def _binding_for(model: nn.Module) -> Binding:
         binding = Binding(model)
         model.__dict__[_ATTR] = binding
         _BOUND.add(model)
-    if _save_state_hook not in model._state_dict_hooks.values():      # a copy has them already
-        model.register_state_dict_post_hook(_save_state_hook)
-        model.register_load_state_dict_pre_hook(_load_state_hook)
-    _eager_layers.install(model)
+    install_state_hooks(model, _written_beside)
+    eager_layers.install(model)
     for p in model.parameters():
         _PARAM_OWNER[id(p)] = (weakref.ref(p, lambda _, key=id(p): _PARAM_OWNER.pop(key, None)),
                                weakref.ref(binding))
@@ -192,28 +190,16 @@ def _adopt(plan, compiled_for: Binding, params: list[nn.Parameter]) -> Binding:
     return binding
 
 
-def _save_state_hook(module, state_dict, prefix, local_metadata) -> None:
-    """``svgd_state.<σ' name>.r`` in the state_dict of what was compiled: ``model_c.state_dict()``
-    (prefix ``_orig_mod.``), or the model's own after ``model.compile(backend="svgd")``. The bare
-    model's ``state_dict()`` stays its own, loadable into a fresh plain model."""
+def _written_beside(module: nn.Module, prefix: str) -> Binding | None:
+    """Whose state joins ``module``'s keys (see :func:`svgd_fx.session.save_state_hook`): its
+    binding's, in the state_dict of what was compiled — ``model_c.state_dict()`` (prefix
+    ``_orig_mod.``), or the model's own after ``model.compile(backend="svgd")``. The bare model's
+    ``state_dict()`` stays its own, loadable into a fresh plain model."""
     binding = _bound(module)
-    if binding is None:
-        return
-    if prefix.endswith("_orig_mod.") or getattr(module, "_compiled_call_impl", None) is not None:
-        for key, value in binding.svgd_state.state_dict(keep_vars=False).items():
-            state_dict[f"{prefix}svgd_state.{key}"] = value
-
-
-def _load_state_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                     error_msgs) -> None:
-    binding = _bound(module)
-    own = prefix + "svgd_state."
-    mine = {key[len(own):]: state_dict.pop(key) for key in list(state_dict) if key.startswith(own)}
-    if binding is not None and mine:
-        binding.svgd_state._load_from_state_dict(mine, "", local_metadata, strict, missing_keys,
-                                                 unexpected_keys, error_msgs)
-    elif mine:
-        unexpected_keys.extend(own + key for key in mine)
+    if binding is not None and (prefix.endswith("_orig_mod.")
+                                or getattr(module, "_compiled_call_impl", None) is not None):
+        return binding
+    return None
 
 
 def _on_module_registered(module, name, submodule) -> None:
@@ -242,14 +228,14 @@ def _bind_at_first_call(module, args) -> None:
 
 def _enter_call(module, args) -> None:
     """An svgd-compiled model's call starts: torch.nn layers that the call runs outside its graphs
-    get graphs of their own (see :mod:`svgd_fx._eager_layers`)."""
+    get graphs of their own (see :mod:`svgd_fx.capture.eager_layers`)."""
     if _svgd_backend_of(module) is not None:
-        _eager_layers.enter(functools.partial(_layer_graph, module))
+        eager_layers.enter(functools.partial(_layer_graph, module))
 
 
 def _leave_call(module, args, output) -> None:
     if _svgd_backend_of(module) is not None:
-        _eager_layers.leave()
+        eager_layers.leave()
 
 
 def _layer_graph(compiled, layer: nn.Module):

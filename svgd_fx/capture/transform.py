@@ -15,7 +15,7 @@ Capture route (and why):
 
 Limits: what Dynamo cannot trace runs outside the graphs (a graph break). A parameter that
 receives a gradient there would train on its plain gradient, so that backward raises
-``CoverageError`` naming it (see :mod:`svgd_fx._guard`).
+``CoverageError`` naming it (see :mod:`svgd_fx.guard`).
 """
 
 from __future__ import annotations
@@ -27,47 +27,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _eager_layers
-from ._torch_internals import aot_autograd, compile_fx, functorch_config, make_boxed_func
-from ._guard import GradientGuard
-from ._state import SVGDState
-from .config import TRANSFORM, SVGDConfig
-from .errors import SVGDError
-from .plan import build_plan
-from .session import PassLog, Session
-
-def refuse_sharded(model: nn.Module) -> None:
-    """FSDP (1 or 2) replaces the parameters by flat or sharded ones and gathers them inside its own
-    hooks, so the pass cannot see which parameter enters which σ' node: refuse it by name."""
-    sharded = [name or "<root>" for name, m in model.named_modules()
-               if any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule") for c in type(m).__mro__)]
-    if sharded:
-        raise SVGDError(
-            f"svgd_fx: FSDP is not supported (sharded modules: {sharded[:4]}). FSDP replaces the "
-            "parameters by flat or sharded ones and gathers them inside its own hooks, so the pass "
-            "cannot see which parameter enters which σ' node. Use DDP with distributed=True, or keep "
-            "the model unsharded."
-        )
-
-
-def check_model(model: nn.Module) -> dict[str, nn.Parameter]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"svgd_fx.transform takes an nn.Module (or a torch.fx.GraphModule), "
-                        f"got {type(model).__name__}")
-    refuse_sharded(model)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not trainable:
-        raise ValueError("svgd_fx: the model has no trainable parameters (none with requires_grad=True): "
-                         "there is nothing for SVGD to train.")
-    bad = [f"{n} ({p.dtype})" for n, p in trainable.items() if not p.dtype.is_floating_point]
-    if bad:
-        raise ValueError(f"svgd_fx: SVGD needs floating-point parameters; these are not: {bad}. "
-                         "Freeze them (requires_grad=False) or cast the model to a float dtype.")
-    return trainable
-
-
-# models given to svgd_fx.transform -> (a weakref to) what it returned, where their SVGD state lives
-TRANSFORMED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+from . import eager_layers
+from . import backend as compile_backend
+from .common import TRANSFORMED, check_model, compile_inductor
+from .._torch_internals import aot_autograd, make_boxed_func
+from ..guard import GradientGuard
+from ..state import SVGDState
+from ..config import TRANSFORM, ExcludeSpec, SVGDConfig, check_scaler, make_config, options_doc, resolve_codegen, \
+    resolve_exclude
+from ..errors import SVGDError
+from ..plan import build_plan
+from ..session import STATE_PREFIX, PassLog, Session, install_state_hooks
 
 
 class SVGDModule(nn.Module):
@@ -83,11 +53,13 @@ class SVGDModule(nn.Module):
         self.model = model
         self.codegen = codegen
         self.grad_scaler = grad_scaler
-        self.svgd_state = SVGDState()
+        self.__dict__["svgd_state"] = SVGDState()   # not a submodule: its keys come from the state hooks
         self.config = config
         self.excluded = frozenset(exclude)
         self.register_state_dict_post_hook(_strip_model_prefix)
         self.register_load_state_dict_pre_hook(_add_model_prefix)
+        self.register_load_state_dict_post_hook(_report_written_names)
+        install_state_hooks(self, _own_session)
         self._start()
 
     def _start(self) -> None:
@@ -100,8 +72,8 @@ class SVGDModule(nn.Module):
         self._first_inputs: tuple | None = None     # for the guard's message, until its first check passes
         self.session.guard.on_first_check.append(self._forget_first_inputs)
         self._compiled = [torch.compile(self.model, backend=_Backend(self), dynamic=None)]
-        self._layers: dict = {}     # (torch.nn layer, accumulating) -> its own graph (see _eager_layers)
-        _eager_layers.install(self.model)
+        self._layers: dict = {}     # (torch.nn layer, accumulating) -> its own graph (see capture.eager_layers)
+        eager_layers.install(self.model)
         self._superseded = False
         earlier = TRANSFORMED.get(self.model)
         if earlier is not None and earlier() is not None and earlier() is not self:
@@ -150,7 +122,7 @@ class SVGDModule(nn.Module):
         try:
             # a frame Dynamo gives up on would run uncompiled, training on plain gradients: make
             # the recompile limit and suppressed errors fail loudly instead (see _DYNAMO_STRICT)
-            with _STRICT_PATCH, _eager_layers.running(self._layer_graph):
+            with _STRICT_PATCH, eager_layers.running(self._layer_graph):
                 out = self._compiled_for(self.svgd_state.accumulating)(*args, **kwargs)
         except _RecompileLimit as failure:
             raise _recompile_limit_error(self.model) from failure
@@ -176,7 +148,7 @@ class SVGDModule(nn.Module):
     def _layer_graph(self, layer: nn.Module):
         """A torch.nn layer the model's call ran outside its graphs, compiled on its own."""
         accumulating = self.svgd_state.accumulating
-        return _eager_layers.graph_of(self._layers, (layer, accumulating), self.model, layer,
+        return eager_layers.graph_of(self._layers, (layer, accumulating), self.model, layer,
                                       lambda: _Backend(self, accumulating=accumulating), self.excluded)
 
     def _coverage_message(self, names: list[str]) -> str:
@@ -192,6 +164,11 @@ class SVGDModule(nn.Module):
 
     def _forget_first_inputs(self) -> None:
         self._first_inputs = None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.svgd_state._apply(fn)          # .to(device / dtype) moves r with the parameters
+        return self
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         with self.svgd_state.loading(strict):
@@ -245,6 +222,10 @@ def _graph_break_locations(model: nn.Module, args, kwargs) -> list[str]:
                 b.copy_(buffers[name])
 
 
+def _own_session(module: SVGDModule, prefix: str) -> Session:
+    return module.session
+
+
 def _strip_model_prefix(module, state_dict, prefix, local_metadata) -> None:
     inner = prefix + "model."
     for key in list(state_dict):
@@ -254,10 +235,19 @@ def _strip_model_prefix(module, state_dict, prefix, local_metadata) -> None:
 
 def _add_model_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys,
                       unexpected_keys, error_msgs) -> None:
-    own = (prefix + "svgd_state.", prefix + "model.")
+    module.__dict__["_loading_at"] = prefix
+    own = (prefix + STATE_PREFIX, prefix + "model.")
     for key in list(state_dict):
         if key.startswith(prefix) and not key.startswith(own):
             state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
+
+
+def _report_written_names(module, incompatible_keys) -> None:
+    """Missing and unexpected keys under the names ``state_dict()`` writes (without ``model.``)."""
+    prefix = module.__dict__.pop("_loading_at", "")
+    inner = prefix + "model."
+    for keys in incompatible_keys:
+        keys[:] = [prefix + key[len(inner):] if key.startswith(inner) else key for key in keys]
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -291,25 +281,52 @@ class _Backend:
         ))
 
 
-class _JointPass:
-    """Inductor's ``joint_custom_pre_pass``: the reroute on the joint graph, before partitioning."""
+# ----------------------------------------------------------------------------- the entry point
 
-    def __init__(self, plan) -> None:
-        self.plan = plan
+def transform(
+    model: nn.Module,
+    s: float | None = None,
+    *,
+    method: str = "svgd",
+    rho: float | None = None,
+    eps: float | None = None,
+    r_shape: str | None = None,
+    reduction: str = "mean",
+    nonfinite: str | None = None,
+    exclude: ExcludeSpec = None,
+    grad_scaler=None,
+    distributed: bool | None = None,
+    t_impl: str = "fused",
+    gamma: float | None = None,
+    t_int: int | None = None,
+    damping: float | None = None,
+    switch_at_step: int | None = None,
+    codegen: str | None = None,
+) -> SVGDModule:
+    """Return ``model`` with SVGD's backward: after ``loss.backward()`` every ``p.grad`` holds
+    the virtual gradient (docs/contract.md), to be used by plain SGD (``torch.optim.SGD``).
 
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        self.plan.rewrite(graph.owning_module)
+    ``model`` is any ``nn.Module`` (or ``torch.fx.GraphModule``); it is not modified, and the
+    result shares its parameters and buffers. The options (``svgd_fx.config.OPTIONS``):
 
-    def uuid(self) -> None:  # no cache key: the caches that would need one are off (see below)
-        return None
+"""
+    codegen = resolve_codegen(codegen)
+    config = make_config(s=s, method=method, rho=rho, eps=eps, r_shape=r_shape, reduction=reduction,
+                         nonfinite=nonfinite, grad_scaler=grad_scaler, distributed=distributed,
+                         t_impl=t_impl if codegen == "inductor" else "op", gamma=gamma, t_int=t_int,
+                         damping=damping, switch_at_step=switch_at_step)
+    if isinstance(model, SVGDModule):
+        raise TypeError("svgd_fx.transform: this is already what svgd_fx.transform returned (for "
+                        f"{type(model.model).__name__}); train it as it is. For other options, transform a fresh "
+                        "model (fresh.load_state_dict(model_t.model.state_dict())).")
+    check_model(model)
+    if compile_backend.binding_of(model) is not None and compile_backend.binding_of(model).config is not None:
+        raise TypeError("svgd_fx.transform: this model is compiled with backend 'svgd', which gives it SVGD "
+                        "already (one model, one SVGD state): use one entry point per model.")
+    if getattr(model, "_orig_mod", None) is not None:
+        raise TypeError("svgd_fx.transform: this is what torch.compile returned; pass the model itself "
+                        "(transform compiles it): svgd_fx.transform(model_c._orig_mod, ...).")
+    return SVGDModule(model, config, resolve_exclude(model, exclude), check_scaler(grad_scaler), codegen)
 
 
-def compile_inductor(gm, example_inputs, plan):
-    """inductor, with the plan's rewrite as its joint-graph pass. A custom joint pass has no cache
-    key, so inductor's FX-graph cache and the AOTAutograd cache are off for these graphs (only
-    these): no compiled graph can come back from a cache without the rewrite."""
-    patches = {"fx_graph_cache": False}
-    if plan is not None:
-        patches["joint_custom_pre_pass"] = _JointPass(plan)
-    with functorch_config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, config_patches=patches)
+transform.__doc__ += options_doc("transform")

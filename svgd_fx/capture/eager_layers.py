@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .errors import EagerLayerWarning
+from ..errors import EagerLayerWarning
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _STATE = threading.local()      # .running: [compile_layer]; .saved: {id(layer): buffers before the call}

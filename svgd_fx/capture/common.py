@@ -1,0 +1,70 @@
+"""What both entry points share: the model checks, the registry of transformed models, and
+inductor with the plan's rewrite as its joint-graph pass."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from .._torch_internals import compile_fx, functorch_config
+from ..errors import SVGDError
+
+
+def refuse_sharded(model: nn.Module) -> None:
+    """FSDP (1 or 2) replaces the parameters by flat or sharded ones and gathers them inside its own
+    hooks, so the pass cannot see which parameter enters which σ' node: refuse it by name."""
+    sharded = [name or "<root>" for name, m in model.named_modules()
+               if any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule") for c in type(m).__mro__)]
+    if sharded:
+        raise SVGDError(
+            f"svgd_fx: FSDP is not supported (sharded modules: {sharded[:4]}). FSDP replaces the "
+            "parameters by flat or sharded ones and gathers them inside its own hooks, so the pass "
+            "cannot see which parameter enters which σ' node. Use DDP with distributed=True, or keep "
+            "the model unsharded."
+        )
+
+
+def check_model(model: nn.Module) -> dict[str, nn.Parameter]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"svgd_fx.transform takes an nn.Module (or a torch.fx.GraphModule), "
+                        f"got {type(model).__name__}")
+    refuse_sharded(model)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError("svgd_fx: the model has no trainable parameters (none with requires_grad=True): "
+                         "there is nothing for SVGD to train.")
+    bad = [f"{n} ({p.dtype})" for n, p in trainable.items() if not p.dtype.is_floating_point]
+    if bad:
+        raise ValueError(f"svgd_fx: SVGD needs floating-point parameters; these are not: {bad}. "
+                         "Freeze them (requires_grad=False) or cast the model to a float dtype.")
+    return trainable
+
+
+# models given to svgd_fx.transform -> (a weakref to) what it returned, where their SVGD state lives
+TRANSFORMED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+class JointPass:
+    """Inductor's ``joint_custom_pre_pass``: the reroute on the joint graph, before partitioning."""
+
+    def __init__(self, plan) -> None:
+        self.plan = plan
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.plan.rewrite(graph.owning_module)
+
+    def uuid(self) -> None:  # no cache key: the caches that would need one are off (see below)
+        return None
+
+
+def compile_inductor(gm, example_inputs, plan):
+    """inductor, with the plan's rewrite as its joint-graph pass. A custom joint pass has no cache
+    key, so inductor's FX-graph cache and the AOTAutograd cache are off for these graphs (only
+    these): no compiled graph can come back from a cache without the rewrite."""
+    patches = {"fx_graph_cache": False}
+    if plan is not None:
+        patches["joint_custom_pre_pass"] = JointPass(plan)
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, config_patches=patches)
