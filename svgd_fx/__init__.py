@@ -12,17 +12,17 @@
 from __future__ import annotations
 
 from . import kernels  # noqa: F401  (registers torch.ops.svgd_fx.virtual_grad)
-from ._accumulate import accumulate
+from ._accumulate import AccumulationWindow, accumulate
 from .capture.backend import backend
 from .owners import state_of
 from ._explain import Report, explain
-from .errors import (CoverageError, EagerLayerWarning, FactorError, GradientAccumulationWarning, NonFiniteGradientError,
-                     RerouteError, StateShapeError, SVGDError)
+from .errors import (CoverageError, EagerLayerWarning, FactorError, FrameworkSettingWarning, GradientAccumulationWarning,
+                     NonFiniteGradientError, RerouteError, StateShapeError, SVGDError)
 from .capture.transform import SVGDModule, transform
 from .switch import SwitchOnPlateau, switch_to_sgd, switched
 from .config import SVGDConfig
 
-__all__ = ["transform", "accumulate", "switch_to_sgd", "switched", "SwitchOnPlateau", "FactorError", "backend", "state_of", "explain", "Report", "SVGDModule", "SVGDConfig", "SVGDError", "StateShapeError",
+__all__ = ["transform", "accumulate", "AccumulationWindow", "FrameworkSettingWarning", "switch_to_sgd", "switched", "SwitchOnPlateau", "FactorError", "backend", "state_of", "explain", "Report", "SVGDModule", "SVGDConfig", "SVGDError", "StateShapeError",
            "RerouteError", "CoverageError", "NonFiniteGradientError", "GradientAccumulationWarning",
            "EagerLayerWarning"]
 __version__ = "0.1.0"

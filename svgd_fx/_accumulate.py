@@ -102,6 +102,41 @@ def accumulate(model, phase: str = "single") -> Iterator[None]:
             restore()
 
 
+class AccumulationWindow:
+    """:func:`accumulate` for a framework that runs the micro-batches of one optimizer step one
+    call at a time (Trainer's ``gradient_accumulation_steps``, accelerate's ``accumulate``,
+    Lightning's ``accumulate_grad_batches``): ``open()`` before each micro-batch's forward (the
+    first one enters the block), ``close()`` after the last backward and before the optimizer step
+    (commits r), ``abandon()`` when a step fails (r stays as it was). One-pass semantics
+    (``phase="single"``): T of every micro-batch reads r_{t-1}, r is updated once from all of them.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self._block = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._block is not None
+
+    def open(self) -> None:
+        if self._block is None:
+            block = accumulate(self.model)
+            block.__enter__()
+            self._block = block
+
+    def close(self) -> None:
+        block, self._block = self._block, None
+        if block is not None:
+            block.__exit__(None, None, None)
+
+    def abandon(self) -> None:
+        block, self._block = self._block, None
+        if block is not None:
+            failure = SVGDError("svgd_fx: the accumulated step was abandoned")
+            block.__exit__(SVGDError, failure, None)
+
+
 def _snapshot(model: nn.Module):
     """Gradients and buffers now, and a function that puts them back (the statistics pass)."""
     grads = {p: (None if p.grad is None else p.grad.clone()) for p in model.parameters()}

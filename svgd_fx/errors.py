@@ -30,6 +30,11 @@ class GradientAccumulationWarning(UserWarning):
     updated per micro-batch, not from the accumulated batch."""
 
 
+class FrameworkSettingWarning(UserWarning):
+    """A training framework's setting changes what SVGD computes (an optimizer other than SGD,
+    gradient clipping): named, with the setting that turns it off."""
+
+
 class EagerLayerWarning(UserWarning):
     """A torch.nn layer ran outside the model's compiled graphs (TorchDynamo ran the code calling
     it uncompiled) and runs through a graph of its own: exact, but its forward runs twice."""

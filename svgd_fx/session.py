@@ -108,14 +108,15 @@ class Session:
 
 
 # ----------------------------------------------------------------------------- the state in state_dict
-# One pair of hooks for both entry points. ``find(module, prefix)`` is the entry point's answer to
-# "whose state is written beside this module's keys": transform's SVGDModule always its own; the
-# compile backend the model's binding when the keys are written through what torch.compile returned.
+# One pair of hooks for both entry points. ``find(module, prefix, loading)`` is the entry point's
+# answer to "whose state goes with this module's keys, and does state_dict() write it there":
+# transform's SVGDModule always its own; the compile backend the model's binding, written when the
+# keys are written through what torch.compile returned.
 
 def save_state_hook(find: Callable, module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
     """``state_dict()``'s post-hook: the session's r tensors as ``<prefix>svgd_state.<σ' name>.r``."""
-    session = find(module, prefix)
-    if session is not None:
+    session, written = find(module, prefix, False)
+    if written:
         session.svgd_state.write(state_dict, prefix + STATE_PREFIX)
 
 
@@ -123,14 +124,14 @@ def load_state_hook(find: Callable, module: nn.Module, state_dict: dict, prefix:
                     missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
     """``load_state_dict()``'s pre-hook: takes the ``<prefix>svgd_state.`` keys out (the model never
     sees them) and loads them into the session's state, which reports missing and unexpected keys
-    under the names ``state_dict()`` writes."""
+    under the names ``state_dict()`` writes (missing ones only where it writes them)."""
     own = prefix + STATE_PREFIX
     mine = {key: state_dict.pop(key) for key in list(state_dict) if key.startswith(own)}
-    session = find(module, prefix)
+    session, written = find(module, prefix, True)
     if session is None:
         unexpected_keys.extend(mine)
     else:
-        session.svgd_state.read(mine, own, strict, missing_keys, error_msgs)
+        session.svgd_state.read(mine, own, strict and written, missing_keys, error_msgs)
 
 
 def install_state_hooks(module: nn.Module, find: Callable) -> None:

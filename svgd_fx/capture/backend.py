@@ -84,6 +84,8 @@ def _rebuilt_binding(model, config, excluded, grad_scaler, svgd_state) -> Bindin
 # the binding of a model is its __dict__[_ATTR]; _BOUND lists the bound models (for the owner search)
 _ATTR = "_svgd_fx_binding"
 _BOUND: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+# a model torch.compile wrapped -> (a weakref to) its wrapper, whose backend says whether it is SVGD's
+_WRAPPER: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 # id(parameter) -> (weakref to it, weakref to its model's binding): the per-call owner lookup
 _PARAM_OWNER: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
@@ -141,7 +143,7 @@ def _binding_for(model: nn.Module) -> Binding:
         binding = Binding(model)
         model.__dict__[_ATTR] = binding
         _BOUND.add(model)
-    install_state_hooks(model, _written_beside)
+    install_state_hooks(model, _state_beside)
     eager_layers.install(model)
     for p in model.parameters():
         _PARAM_OWNER[id(p)] = (weakref.ref(p, lambda _, key=id(p): _PARAM_OWNER.pop(key, None)),
@@ -190,25 +192,33 @@ def _adopt(plan, compiled_for: Binding, params: list[nn.Parameter]) -> Binding:
     return binding
 
 
-def _written_beside(module: nn.Module, prefix: str) -> Binding | None:
-    """Whose state joins ``module``'s keys (see :func:`svgd_fx.session.save_state_hook`): its
-    binding's, in the state_dict of what was compiled — ``model_c.state_dict()`` (prefix
-    ``_orig_mod.``), or the model's own after ``model.compile(backend="svgd")``. The bare model's
-    ``state_dict()`` stays its own, loadable into a fresh plain model."""
+def _state_beside(module: nn.Module, prefix: str, loading: bool) -> tuple[Binding | None, bool]:
+    """Whose state goes with ``module``'s keys (see :func:`svgd_fx.session.save_state_hook`), and
+    whether ``state_dict()`` writes it there: in the state_dict of what was compiled —
+    ``model_c.state_dict()`` (prefix ``_orig_mod.``), or the model's own after
+    ``model.compile(backend="svgd")``. The bare model's ``state_dict()`` stays its own, loadable
+    into a fresh plain model; but ``svgd_state.`` keys loaded into it reach its state all the same,
+    binding it first if it is compiled with backend 'svgd' and not yet bound (a lenient load never
+    drops r)."""
     binding = _bound(module)
-    if binding is not None and (prefix.endswith("_orig_mod.")
-                                or getattr(module, "_compiled_call_impl", None) is not None):
-        return binding
-    return None
+    if binding is None and loading and module not in TRANSFORMED:
+        wrapper = _WRAPPER.get(module)
+        if wrapper is not None and (wrapper := wrapper()) is not None and _svgd_backend_of(wrapper) is not None:
+            binding = lookup_binding(wrapper, wrapper, "load_state_dict")
+    written = prefix.endswith("_orig_mod.") or getattr(module, "_compiled_call_impl", None) is not None
+    return binding, binding is not None and written
 
 
 def _on_module_registered(module, name, submodule) -> None:
     """``torch.compile(model)`` wraps ``model`` in an ``OptimizedModule`` whose first act is to
-    register it as ``_orig_mod``: give that wrapper a load hook, so that a checkpoint with SVGD
-    state loads into a freshly compiled model before its first forward (no ``state_of`` needed),
-    and a one-time forward pre-hook that binds the model at its first call."""
+    register it as ``_orig_mod`` (before the wrapper knows its backend): give the model the state
+    hooks, so that a checkpoint with SVGD state loads into a freshly compiled model before its first
+    forward, through the wrapper or into the model itself, with ``strict=False`` too (no
+    ``state_of`` needed); and give the wrapper a one-time forward pre-hook that binds the model at
+    its first call."""
     if name == "_orig_mod" and type(module).__name__ == "OptimizedModule":
-        module.register_load_state_dict_pre_hook(_load_into_compiled)
+        _WRAPPER[submodule] = weakref.ref(module)
+        install_state_hooks(submodule, _state_beside)
         module.register_forward_pre_hook(_enter_call)
         module.register_forward_hook(_leave_call, always_call=True)
         module.register_forward_pre_hook(_bind_at_first_call)
@@ -242,12 +252,6 @@ def _layer_graph(compiled, layer: nn.Module):
     # bound by _bind_at_first_call; lookup_binding (which re-registers every parameter) only if not
     binding = _bound(compiled._orig_mod) or lookup_binding(compiled, compiled, "torch.compile")
     return binding.layer_graph(layer, _svgd_backend_of(compiled))
-
-
-def _load_into_compiled(module, state_dict, prefix, *rest) -> None:
-    own = prefix + "_orig_mod.svgd_state."
-    if any(key.startswith(own) for key in state_dict) and _svgd_backend_of(module) is not None:
-        lookup_binding(module, module, "load_state_dict")   # binds the model (its hooks load the keys) with its options
 
 
 torch.nn.modules.module.register_module_module_registration_hook(_on_module_registered)

@@ -21,6 +21,7 @@ receives a gradient there would train on its plain gradient, so that backward ra
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 from typing import Any
 
@@ -45,6 +46,11 @@ class SVGDModule(nn.Module):
 
     ``state_dict()`` holds the model's own entries under their original keys (they load into
     the original model) plus ``svgd_state.<σ' name>.r`` for every r.
+
+    What frameworks look up on a model passes through to the wrapped one: a public attribute
+    this module does not have (``model_t.config``, ``model_t.gradient_checkpointing_enable()``,
+    ``model_t.save_pretrained(...)``) is the model's, and ``inspect.signature(model_t.forward)``
+    is the model's forward's. The SVGD options are ``svgd_config``.
     """
 
     def __init__(self, model: nn.Module, config: SVGDConfig, exclude: set[str], grad_scaler=None,
@@ -54,7 +60,7 @@ class SVGDModule(nn.Module):
         self.codegen = codegen
         self.grad_scaler = grad_scaler
         self.__dict__["svgd_state"] = SVGDState()   # not a submodule: its keys come from the state hooks
-        self.config = config
+        self.svgd_config = config
         self.excluded = frozenset(exclude)
         self.register_state_dict_post_hook(_strip_model_prefix)
         self.register_load_state_dict_pre_hook(_add_model_prefix)
@@ -66,7 +72,7 @@ class SVGDModule(nn.Module):
         """What is rebuilt rather than copied or pickled: the session around the options and the
         state (its pass log, its gradient guard) and the compiled graphs (hidden from nn: [plain
         graphs] + [graphs with accumulate's inputs], compiled at first use)."""
-        self.session = Session(weakref.ref(self.model), TRANSFORM, self.svgd_state, config=self.config,
+        self.session = Session(weakref.ref(self.model), TRANSFORM, self.svgd_state, config=self.svgd_config,
                                excluded=self.excluded, grad_scaler=self.grad_scaler,
                                coverage_message=self._coverage_message)
         self._first_inputs: tuple | None = None     # for the guard's message, until its first check passes
@@ -75,6 +81,9 @@ class SVGDModule(nn.Module):
         self._layers: dict = {}     # (torch.nn layer, accumulating) -> its own graph (see capture.eager_layers)
         eager_layers.install(self.model)
         self._superseded = False
+        # the model's forward signature on this module's forward (frameworks read it to pick inputs)
+        self.__dict__["forward"] = functools.update_wrapper(functools.partial(type(self).forward, self),
+                                                            self.model.forward, updated=())
         earlier = TRANSFORMED.get(self.model)
         if earlier is not None and earlier() is not None and earlier() is not self:
             earlier()._supersede()
@@ -93,6 +102,15 @@ class SVGDModule(nn.Module):
         one's gradient checks stop, and calling it raises."""
         self._superseded = True
         self.guard.disarm()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None or name.startswith("_"):
+                raise
+            return getattr(model, name)
 
     def __getstate__(self) -> dict:
         """Pickled and deep-copied: the model, the options and the SVGD state (the copy continues
@@ -175,10 +193,10 @@ class SVGDModule(nn.Module):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def extra_repr(self) -> str:
-        return self.config.describe() + (", codegen='fx'" if self.codegen == "fx" else "")
+        return self.svgd_config.describe() + (", codegen='fx'" if self.codegen == "fx" else "")
 
 
-_REBUILT = ("session", "_first_inputs", "_compiled", "_layers", "_superseded")
+_REBUILT = ("session", "_first_inputs", "_compiled", "_layers", "_superseded", "forward")
 
 _DYNAMO_STRICT = {"allow_rnn": True, "suppress_errors": False}
 if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
@@ -222,8 +240,8 @@ def _graph_break_locations(model: nn.Module, args, kwargs) -> list[str]:
                 b.copy_(buffers[name])
 
 
-def _own_session(module: SVGDModule, prefix: str) -> Session:
-    return module.session
+def _own_session(module: SVGDModule, prefix: str, loading: bool) -> tuple[Session, bool]:
+    return module.session, True
 
 
 def _strip_model_prefix(module, state_dict, prefix, local_metadata) -> None:
