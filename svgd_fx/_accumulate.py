@@ -34,6 +34,7 @@ compiled with ``options={"accumulation": True}`` and uses them for every step.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -102,6 +103,10 @@ def accumulate(model, phase: str = "single") -> Iterator[None]:
             restore()
 
 
+# session -> its AccumulationWindow (for integrations that keep no object of their own)
+_WINDOWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 class AccumulationWindow:
     """:func:`accumulate` for a framework that runs the micro-batches of one optimizer step one
     call at a time (Trainer's ``gradient_accumulation_steps``, accelerate's ``accumulate``,
@@ -114,6 +119,15 @@ class AccumulationWindow:
     def __init__(self, model) -> None:
         self.model = model
         self._block = None
+
+    @classmethod
+    def of(cls, model) -> "AccumulationWindow":
+        """The window of ``model``'s SVGD (one per session, whichever wrapper is passed)."""
+        session = owner_of(model, "accumulate")
+        window = _WINDOWS.get(session)
+        if window is None:
+            window = _WINDOWS[session] = cls(model)
+        return window
 
     @property
     def is_open(self) -> bool:

@@ -14,22 +14,15 @@ pytest.importorskip("accelerate", reason="the 'frameworks' test extra is not ins
 
 import svgd_fx  # noqa: E402
 from helpers import t_fired  # noqa: E402
+from tiny_hf import gpt2, same_parameters, token_rows  # noqa: E402
 from svgd_fx.integrations.huggingface import STATE_FILE, SVGDTrainer  # noqa: E402
 
-SEQ = 8
-
-
 def _gpt2(seed=0):
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=40, n_positions=16,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(seed)
-    return transformers.GPT2LMHeadModel(cfg)        # lm_head tied to the token embedding
+    return gpt2(seed)
 
 
 def _data(n=16, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 40, (n, SEQ), generator=g)
-    return [{"input_ids": x, "labels": x.clone()} for x in ids]
+    return [{"input_ids": x, "labels": x.clone()} for x in token_rows(n, seed)]
 
 
 def _args(path, **kw):
@@ -70,9 +63,7 @@ def _plain_loop(micro_batches, per_step, s=0.1, lr=0.05):
     return model, model_t
 
 
-def _assert_same_parameters(a, b):
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+_assert_same_parameters = same_parameters
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])

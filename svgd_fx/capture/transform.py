@@ -287,6 +287,11 @@ class _Backend:
         self.owner = owner
         self.accumulating = accumulating
 
+    def __deepcopy__(self, memo: dict) -> "_Backend":
+        # its owner's graphs' backend, not a value: Lightning's torch.compile patch deep-copies the
+        # keyword arguments of every torch.compile call (a copy would copy the owner, which compiles again)
+        return self
+
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]):
         if self.owner.codegen == "inductor":
             plan = build_plan(self.owner.session, gm, example_inputs, accumulating=self.accumulating)
