@@ -191,3 +191,37 @@ def test_transformed_model_passes_through_what_frameworks_read(tmp_path):
     assert inspect.signature(twin.forward) == inspect.signature(model.forward)
     with pytest.raises(AttributeError):
         model_t.no_such_attribute
+
+
+_RESUME_COMPILED = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+import svgd_fx, transformers
+from test_framework_huggingface import _gpt2, _data, _args
+out, phase = sys.argv[1:3]
+model = _gpt2()
+model_c = torch.compile(model, backend="svgd", options={{"s": 0.1}})
+args = _args(out, max_steps=4, save_strategy="steps", save_steps=2, optim="sgd", remove_unused_columns=False)
+trainer = transformers.Trainer(model=model_c, args=args, train_dataset=_data())
+trainer.train(resume_from_checkpoint=out + "/checkpoint-2" if phase == "resume" else None)
+torch.save({{"params": [p.detach().clone() for p in model.parameters()],
+            "r": dict(svgd_fx.state_of(model_c).tensors)}}, out + "/" + phase + ".pt")
+"""
+
+
+def test_plain_trainer_with_an_svgd_compiled_model_resumes_with_r(tmp_path):
+    """Trainer(model=torch.compile(model, backend='svgd', ...)) saves r in model.safetensors
+    (``_orig_mod.svgd_state.*``) and its lenient load on resume restores it without any
+    svgd_fx call before: the resumed run ends bit-identical to the uninterrupted one."""
+    script = tmp_path / "resume.py"
+    script.write_text(_RESUME_COMPILED.format(tests=os.path.dirname(__file__)))
+    out = str(tmp_path / "run")
+    for phase in ("full", "resume"):
+        done = subprocess.run([sys.executable, str(script), out, phase], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    full, resumed = torch.load(out + "/full.pt"), torch.load(out + "/resume.pt")
+    assert len(full["r"]) == 16 and full["r"].keys() == resumed["r"].keys()
+    for key in full["r"]:
+        assert torch.equal(full["r"][key], resumed["r"][key]), key
+    for i, (a, b) in enumerate(zip(full["params"], resumed["params"])):
+        assert torch.equal(a, b), f"parameter {i} differs after resuming"
