@@ -2,8 +2,6 @@
 accumulate_grad_batches is svgd_fx.accumulate's, checkpoints carry r and resume bit-identically."""
 
 import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -15,7 +13,7 @@ pl = pytest.importorskip("pytorch_lightning", reason="the 'frameworks' test extr
 import svgd_fx  # noqa: E402
 from helpers import t_fired  # noqa: E402
 from svgd_fx.integrations.lightning import SVGDCallback  # noqa: E402
-from tiny_hf import gpt2, same_parameters, token_rows  # noqa: E402
+from tiny_hf import assert_resume_is_bit_identical, gpt2, plain_loop, same_parameters, token_rows  # noqa: E402
 
 LR = 0.05
 
@@ -46,20 +44,8 @@ def _trainer(accumulation, steps=3, **kw):
 
 
 def _plain_loop(accumulation, steps=3):
-    model = gpt2()
-    model_t = svgd_fx.transform(model, s=0.1)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
     rows = list(_loader(4 // accumulation))[:steps * accumulation]
-    for i in range(0, len(rows), accumulation):
-        if accumulation > 1:
-            with svgd_fx.accumulate(model_t):
-                for ids in rows[i:i + accumulation]:
-                    (model_t(input_ids=ids, labels=ids).loss / accumulation).backward()
-        else:
-            model_t(input_ids=rows[i], labels=rows[i]).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model, model_t
+    return plain_loop(rows, accumulation, lambda m, ids: m(input_ids=ids, labels=ids).loss / accumulation, lr=LR)
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -130,14 +116,6 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path, accumulation):
     script = tmp_path / "resume.py"
     script.write_text(_RESUME.format(tests=os.path.dirname(__file__), acc=accumulation, batch=4 // accumulation))
     out = str(tmp_path)
-    for phase in ("full", "resume"):
-        done = subprocess.run([sys.executable, str(script), out, phase], capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+    assert_resume_is_bit_identical(script, out)
     saved = torch.load(out + "/epoch=1-step=2.ckpt", weights_only=True)["state_dict"]
     assert any(k.startswith("model.svgd_state.") for k in saved)
-    full, resumed = torch.load(out + "/full.pt"), torch.load(out + "/resume.pt")
-    assert full["r"] and full["r"].keys() == resumed["r"].keys()
-    for key in full["r"]:
-        assert torch.equal(full["r"][key], resumed["r"][key]), key
-    for i, (a, b) in enumerate(zip(full["params"], resumed["params"])):
-        assert torch.equal(a, b), f"parameter {i} differs after resuming"
