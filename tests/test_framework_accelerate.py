@@ -114,3 +114,11 @@ def test_save_state_and_load_state_resume_bit_identically(tmp_path, accumulation
     script = tmp_path / "resume.py"
     script.write_text(_RESUME.format(tests=os.path.dirname(__file__), acc=accumulation, batch=4 // accumulation))
     assert_resume_is_bit_identical(script, str(tmp_path))
+
+
+def test_the_accelerators_grad_scaler_is_passed_to_svgd():
+    accelerator = Accelerator(cpu=True)
+    scaler = accelerator.scaler = torch.amp.GradScaler("cpu")       # fp16 on a GPU creates one
+    assert svgd_accelerate.transform(accelerator, gpt2(), s=0.1).grad_scaler is scaler
+    with pytest.raises(TypeError, match="grad_scaler"):
+        svgd_accelerate.transform(accelerator, gpt2(), s=0.1, grad_scaler=scaler)

@@ -193,3 +193,12 @@ def test_plain_trainer_with_an_svgd_compiled_model_resumes_with_r(tmp_path):
     script.write_text(_RESUME_COMPILED.format(tests=os.path.dirname(__file__)))
     out = str(tmp_path / "run")
     assert_resume_is_bit_identical(script, out)
+
+
+def test_the_accelerators_grad_scaler_is_passed_to_svgd(tmp_path):
+    """fp16 on a GPU: Trainer's accelerator holds a GradScaler, which svgd_fx must know (r from
+    unscaled gradients). No CPU run creates one, so it is set by hand here."""
+    trainer = SVGDTrainer(model=_gpt2(), args=_args(tmp_path), train_dataset=_data(), svgd={"s": 0.1})
+    scaler = torch.amp.GradScaler("cpu")
+    trainer.accelerator.scaler = scaler
+    assert trainer._svgd_for(trainer.model).grad_scaler is scaler

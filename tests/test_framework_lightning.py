@@ -119,3 +119,11 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path, accumulation):
     assert_resume_is_bit_identical(script, out)
     saved = torch.load(out + "/epoch=1-step=2.ckpt", weights_only=True)["state_dict"]
     assert any(k.startswith("model.svgd_state.") for k in saved)
+
+
+def test_the_precision_plugins_grad_scaler_is_passed_to_svgd():
+    trainer = _trainer(1, steps=1)
+    scaler = trainer.precision_plugin.scaler = torch.amp.GradScaler("cpu")   # "16-mixed" on a GPU creates one
+    module, callback = LitGPT(), SVGDCallback(s=0.1)
+    callback.setup(trainer, module, "fit")
+    assert isinstance(module.model, svgd_fx.SVGDModule) and module.model.grad_scaler is scaler
