@@ -68,6 +68,18 @@ def make_methods(base: torch.nn.Module, s: float = 0.1) -> dict:
     m = fresh()     # TSO-ALRA: inverse roots (eigh) every 20 steps; the median is a step without one
     methods["TSO-ALRA backend"] = (torch.compile(m, backend="svgd", options={"method": "tso-alra", "damping": 1e-3}),
                                    m, torch.optim.SGD(m.parameters(), lr=0.01))
+    # Kronecker-factored optimizers in common use, their roots refreshed every 20 steps as TSO-ALRA's
+    # (pytorch-optimizer, a benchmark dependency: rows left out where it is not installed)
+    try:
+        import pytorch_optimizer
+    except ImportError:
+        return methods
+    for name, opt in [("Shampoo (pytorch-optimizer)",
+                       lambda p: pytorch_optimizer.Shampoo(p, lr=1e-3, preconditioning_compute_steps=20)),
+                      ("SOAP (pytorch-optimizer)",
+                       lambda p: pytorch_optimizer.SOAP(p, lr=3e-3, precondition_frequency=20))]:
+        m = fresh()
+        methods[name] = (torch.compile(m), m, opt(m.parameters()))
     return methods
 
 
@@ -76,8 +88,14 @@ def state_bytes(name: str, model, module, opt) -> int:
         state = model.svgd_state if name == "SVGD transform" else svgd_fx.state_of(module)
         kept = [*state.tensors.values(), *state.accs.values()]   # accs: only with accumulation
         return sum(t.numel() * t.element_size() for t in kept)
-    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-               if isinstance(v, torch.Tensor) and v.dim() > 0)
+    def tensors(value):     # SOAP / Shampoo keep their preconditioners in lists
+        if isinstance(value, torch.Tensor):
+            return [value] if value.dim() > 0 else []
+        if isinstance(value, (list, tuple)):
+            return [t for v in value for t in tensors(v)]
+        return []
+
+    return sum(t.numel() * t.element_size() for st in opt.state.values() for v in st.values() for t in tensors(v))
 
 
 def step(model, module, opt, x, y) -> None:
