@@ -9,8 +9,8 @@ gradient g = ∇σ'J (found as in :mod:`.reroute`, with :mod:`.joint`) and forwa
 
     rows:  G = g as [N, m]        X = x as [N, n]  (linear: leading dims flattened;
                                                     conv2d: unfolded patches; bias: a column of 1s)
-    T:     (G·R_B, X·R_A) = svgd_fx::kron_t(G, X, A, A_root, B, B_root, steps, switched, ...)
-    grads: ∇W = (G·R_B)ᵀ (X·R_A)[:, :n-1]      ∇b = (G·R_B)ᵀ (X·R_A)[:, n-1]
+    T:     Δ = svgd_fx::kron_t(G, X, A, A_root, B, B_root, steps, switched, ...) = R_B·GᵀX·R_A
+    grads: ∇W = Δ[:, :n-1]      ∇b = Δ[:, n-1]
 
 The backward group's outputs that carry S's weight and bias gradients (its *parameter
 edges*, as in :mod:`.reroute`) are replaced by these; its activation edges are left alone,
@@ -20,7 +20,6 @@ narrowed away (``convolution_backward`` computes only the input gradient).
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -190,8 +189,7 @@ def _emit(graph, spec: KronSpec, g: Node, x: Node, placeholders: dict, meta: dic
     state = [placeholders[i] for i in spec.state_inputs]
     t_node = emit(torch.ops.svgd_fx.kron_t.default, rows_g, rows_x, *state, placeholders[spec.switched_input],
                   spec.gamma, spec.t_int, spec.damping, batch, spec.mean_reduction, spec.switch_at_step, spec.name)
-    tg, tx = emit(operator.getitem, t_node, 0), emit(operator.getitem, t_node, 1)
-    delta = emit(aten.mm.default, emit(aten.permute.default, tg, [1, 0]), tx)      # [m, n] = R_B·Ĝ·R_A
+    delta = t_node                                                                   # [m, n] = R_B·Ĝ·R_A
     grads = {}
     if layer.bias is not None:
         grads["bias"] = emit(aten.clone.default, emit(aten.select.int, delta, 1, n - 1),
