@@ -34,7 +34,6 @@ compiled with ``options={"accumulation": True}`` and uses them for every step.
 
 from __future__ import annotations
 
-import weakref
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -103,10 +102,6 @@ def accumulate(model, phase: str = "single") -> Iterator[None]:
             restore()
 
 
-# session -> its AccumulationWindow (for integrations that keep no object of their own)
-_WINDOWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 class AccumulationWindow:
     """:func:`accumulate` for a framework that runs the micro-batches of one optimizer step one
     call at a time (Trainer's ``gradient_accumulation_steps``, accelerate's ``accumulate``,
@@ -122,16 +117,12 @@ class AccumulationWindow:
 
     @classmethod
     def of(cls, model) -> "AccumulationWindow":
-        """The window of ``model``'s SVGD (one per session, whichever wrapper is passed)."""
+        """The window of ``model``'s SVGD, kept in its session: one per model, whichever wrapper
+        (DDP, what ``torch.compile`` returned) is passed."""
         session = owner_of(model, "accumulate")
-        window = _WINDOWS.get(session)
-        if window is None:
-            window = _WINDOWS[session] = cls(model)
-        return window
-
-    @property
-    def is_open(self) -> bool:
-        return self._block is not None
+        if session.window is None:
+            session.window = cls(model)
+        return session.window
 
     def open(self) -> None:
         if self._block is None:

@@ -72,6 +72,7 @@ class Session:
     coverage_message: Callable[[list[str]], str] | None = field(default=None, repr=False)
     plans: set[int] = field(default_factory=set)   # ids of the compiled graphs whose σ' nodes are in log
     layers: dict = field(default_factory=dict, repr=False)  # torch.nn layer -> its own graph (capture.eager_layers)
+    window: Any = field(default=None, repr=False)   # its AccumulationWindow, for frameworks (_accumulate)
     _guard: GradientGuard | None = field(default=None, repr=False)
 
     @property

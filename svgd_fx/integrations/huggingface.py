@@ -84,11 +84,11 @@ class SVGDTrainer(Trainer):
         if self.svgd_model is None:
             self.svgd_model = transform(self.model, grad_scaler=getattr(self.accelerator, "scaler", None),
                                         **self.svgd_options)
-            self._window = AccumulationWindow(self.svgd_model)
+            self._window = AccumulationWindow.of(self.svgd_model)
         return self.svgd_model
 
     def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
-        svgd = self._svgd_for(model)
+        self._svgd_for(model)
         if self.args.gradient_accumulation_steps > 1:
             self._window.open()
         self._svgd_step = True
@@ -101,7 +101,6 @@ class SVGDTrainer(Trainer):
             self._svgd_step = False
         if self.accelerator.sync_gradients:
             self._window.close()
-        del svgd
         return loss
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False,

@@ -46,7 +46,7 @@ class SVGDCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         inner = getattr(pl_module, self.attribute, None)
         if isinstance(inner, SVGDModule):
-            self.window = AccumulationWindow(inner)
+            self.window = AccumulationWindow.of(inner)
             return
         if inner is None or not hasattr(inner, "parameters"):
             raise SVGDError(f"svgd_fx: SVGDCallback(attribute={self.attribute!r}): {type(pl_module).__name__} has "
@@ -57,7 +57,7 @@ class SVGDCallback(pl.Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         wrapped = transform(inner, grad_scaler=scaler, **self.options)
         setattr(pl_module, self.attribute, wrapped)
-        self.window = AccumulationWindow(wrapped)
+        self.window = AccumulationWindow.of(wrapped)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for optimizer in trainer.optimizers:
