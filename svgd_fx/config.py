@@ -69,6 +69,9 @@ OPTIONS: tuple[Option, ...] = (
            "(default 0.05).", TSO_ALRA, filled=0.05),
     Option("t_int", None, "TSO-ALRA: steps between inverse-root refreshes, ≥ 1 (default 20).", TSO_ALRA,
            filled=20),
+    Option("t_stat", None, "TSO-ALRA: steps between updates of the factors' averages, ≥ 1 (default 1: every "
+           "step, as the paper; K-FAC implementations update them every 10 or so, since a conv's statistic costs "
+           "several times its forward).", TSO_ALRA, filled=1),
     Option("damping", None, "TSO-ALRA: ε in U(Λ+εI)^-½Uᵀ, > 0 (default 1e-6).", TSO_ALRA, filled=1e-6),
     Option("switch_at_step", None, "TSO-ALRA: train on plain gradients after this many steps (None: when "
            "svgd_fx.switch_to_sgd(model) is called).", TSO_ALRA),
@@ -124,6 +127,7 @@ class SVGDConfig:
     accumulation: bool = False      # the compile backend: graphs take svgd_fx.accumulate's inputs
     gamma: float = 0.05
     t_int: int = 20
+    t_stat: int = 1
     damping: float = 1e-6
     switch_at_step: int | None = None
     t_impl: str = "fused"
@@ -166,7 +170,7 @@ class SVGDConfig:
     def describe(self) -> str:
         """The options that make this config what it is, as ``name=value`` pairs."""
         if self.method == TSO_ALRA:
-            return (f"method='tso-alra', gamma={self.gamma}, t_int={self.t_int}, damping={self.damping}, "
+            return (f"method='tso-alra', gamma={self.gamma}, t_int={self.t_int}, t_stat={self.t_stat}, damping={self.damping}, "
                     f"switch_at_step={self.switch_at_step}, reduction={self.reduction!r}")
         return (f"s={self.s}, rho={self.rho}, eps={self.eps}, reduction={self.reduction!r}, "
                 f"r_shape={self.r_shape!r}" + (", accumulation=True" if self.accumulation else ""))
@@ -204,6 +208,9 @@ class SVGDConfig:
         if isinstance(self.t_int, bool) or not isinstance(self.t_int, int) or self.t_int < 1:
             raise ValueError(f"svgd_fx: t_int must be an int ≥ 1 (steps between inverse-root refreshes), "
                              f"got t_int={self.t_int!r}")
+        if isinstance(self.t_stat, bool) or not isinstance(self.t_stat, int) or self.t_stat < 1:
+            raise ValueError(f"svgd_fx: t_stat must be an int ≥ 1 (steps between updates of the factors' "
+                             f"averages), got t_stat={self.t_stat!r}")
         k = self.switch_at_step
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise ValueError(f"svgd_fx: switch_at_step must be None or an int ≥ 0 (the number of TSO-ALRA "

@@ -61,34 +61,37 @@ class Plan:
         self.rewrite(joint)
         return default_partition(joint, joint_inputs, **kwargs)
 
-    def wrap(self, aot_backend, owner_of_call: Callable | None = None) -> Callable:
+    def wrap(self, aot_backend, owner_of_call: Callable | None = None,
+             plain_backend: Callable[[], Callable] | None = None) -> Callable:
         """Compile, and feed the current state tensors at every call.
 
         ``owner_of_call(args)`` picks whose state to use per call: a compiled graph is shared by
         every model whose code and guards match (Dynamo's cache), so the compile backend looks
         the owner up from the parameters actually passed. ``transform`` owns its graphs alone.
+        ``plain_backend()`` compiles Dynamo's graph without the rewrite: a method whose T nodes can
+        all be off for the owner's state (TSO-ALRA after the switch to SGD) runs that graph then, and
+        costs what a plain step costs. It is compiled here, with the other: Dynamo's context (the
+        symbolic sizes of a dynamic graph) is gone by the first call after a switch.
         """
         compiled = aot_backend(self.gm, self.example_inputs)
         state_tensors = feeder(self.feed)
         param_idx = sorted(self.param_inputs)
         plan_key = object()
+        off = getattr(self.method, "off", None) if plain_backend is not None and self.planned.specs else None
+        plain = plain_backend() if off is not None else None
 
-        def watched(owner, args, outputs):
+        def run(owner, args):
+            if off is not None and off(owner.svgd_state, self.planned):
+                outputs = plain(*args)
+            else:
+                outputs = compiled(*args, *state_tensors(owner))
             if torch.is_grad_enabled():     # a backward through this graph covers its parameters
                 owner.guard.watch(plan_key, lambda: frozenset(id(args[i]) for i in param_idx), outputs)
             return outputs
 
         if owner_of_call is None:
-            owner = self.owner
-
-            def run(*args):
-                return watched(owner, args, compiled(*args, *state_tensors(owner)))
-        else:
-            def run(*args):
-                owner = owner_of_call(args)
-                return watched(owner, args, compiled(*args, *state_tensors(owner)))
-
-        return run
+            return lambda *args: run(self.owner, args)
+        return lambda *args: run(owner_of_call(args), args)
 
 
 def build_plan(owner: Session, gm: torch.fx.GraphModule, example_inputs: list[Any], accumulating: bool = False) -> Plan:

@@ -11,7 +11,7 @@ import math
 
 from .owners import owner_of
 from .config import TSO_ALRA
-from .methods.tso import SWITCHED_KEY
+from .methods.tso import SWITCHED_KEY, switched_off
 
 
 def _tso_owner(model, caller: str):
@@ -32,12 +32,8 @@ def switched(model) -> bool:
     """Whether TSO-ALRA has switched to SGD (by ``switch_to_sgd`` or ``switch_at_step``)."""
     owner = _tso_owner(model, "switched")
     state = owner.svgd_state
-    flag = state.peek(SWITCHED_KEY)
-    if flag is not None and bool(flag):
-        return True
-    k = owner.config.switch_at_step
-    steps = [int(t) for key, t in state.tensors.items() if key.endswith(".steps")]
-    return k is not None and bool(steps) and max(steps) >= k
+    layers = [key[:-len(".steps")] for key in state.tensors if key.endswith(".steps")]
+    return switched_off(state, owner.config.switch_at_step, layers)
 
 
 class SwitchOnPlateau:

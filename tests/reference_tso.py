@@ -38,9 +38,10 @@ def _conv_rows(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 class TSOReference:
     """Reference TSO-ALRA gradients for ``model`` (pass a float64 model)."""
 
-    def __init__(self, model, gamma, t_int, damping, reduction="mean", switch_at_step=None):
+    def __init__(self, model, gamma, t_int, damping, reduction="mean", switch_at_step=None, t_stat=1):
         assert reduction in ("mean", "sum")
         self.model, self.gamma, self.t_int, self.damping = model, gamma, t_int, damping
+        self.t_stat = t_stat       # factors updated at t = 1, 1 + t_stat, ...
         self.reduction, self.switch_at_step = reduction, switch_at_step
         self.t = 0                 # grads() calls so far (drives switch_at_step)
         self.switched = switch_at_step == 0
@@ -112,7 +113,7 @@ class TSOReference:
             st = self.state.get(name)
             if st is None:                    # t = 1: the first observation initialises
                 st = self.state[name] = {"A": stat_A, "B": stat_B, "steps": 0}
-            else:
+            elif st["steps"] % self.t_stat == 0:
                 st["A"] = (1 - self.gamma) * st["A"] + self.gamma * stat_A
                 st["B"] = (1 - self.gamma) * st["B"] + self.gamma * stat_B
             st["steps"] += 1

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import operator
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import svgd_fx
 from reference_tso import TSOReference
 
 KRON_CALL = "torch.ops.svgd_fx.kron_t.default("
+KRON_CONV_CALL = "torch.ops.svgd_fx.kron_t_conv.default("
 
 
 class MLP(nn.Module):
@@ -77,11 +79,23 @@ def _fired(wrapped) -> set[str]:
 def test_tso_matches_the_float64_reference(name, kind):
     """Six SGD steps: inverse roots refreshed at t = 1, 3 (t_int=2), plain SGD from step 5 on
     (switch_at_step=4); the loss is a mean at steps 1-6, batch sizes change (8, 8, 5, 8, 3, 8)."""
+    _follows_the_reference(name, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["cnn", "seq"])
+def test_factors_updated_every_t_stat_steps_match_the_reference(name, kind):
+    """t_stat=3: the factors take this batch's statistics at t = 1 and 4 only, the roots are still
+    refreshed at t = 1, 3 (from the factors as they stand)."""
+    _follows_the_reference(name, kind, t_stat=3)
+
+
+def _follows_the_reference(name, kind, **extra):
     make, shape, kron, plain = MODELS[name]
     torch.manual_seed(0)
     model = make().double()
     ref_model = copy.deepcopy(model)
-    wrapped, ref = _wrap(model, kind), TSOReference(ref_model, **OPTS)
+    wrapped, ref = _wrap(model, kind, **extra), TSOReference(ref_model, **OPTS, **extra)
     opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, ref_model))
     for step, batch in enumerate((8, 8, 5, 8, 3, 8)):
         x, y = torch.randn(batch, *shape, dtype=torch.float64), torch.randint(0, 3, (batch,))
@@ -110,8 +124,9 @@ def _module(sigma_name: str) -> str:
 
 
 def test_t_nodes_sit_on_both_edges_and_activation_gradients_stay_exact():
-    """One kron_t per Kronecker layer in the backward graph, fed by ∇σ'J's rows and the
-    layer input's rows; x.grad (through every layer) is autograd's, bitwise."""
+    """One T node per Kronecker layer in the backward graph: kron_t fed by the linear layer's rows,
+    kron_t_conv by ∇σ'J, the conv's input and the graph's own weight (and bias) gradient; x.grad
+    (through every layer) is autograd's, bitwise."""
     torch.manual_seed(1)
     model = CNN().double()
     plain = copy.deepcopy(model)
@@ -123,9 +138,22 @@ def test_t_nodes_sit_on_both_edges_and_activation_gradients_stay_exact():
     F.cross_entropy(plain(x_plain), y).backward()
     torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-13, atol=0)
     code = "".join(gm.code for gm in model_t.log.backward_graphs)
-    assert code.count(KRON_CALL) == 3
-    assert code.count("svgd_fx.patch_rows") == 2                                    # conv rows: patches of the input
-    assert code.count("constant_pad_nd") == 2                  # bias folded for c1 and fc, not c2
+    assert code.count(KRON_CALL) == 1 and code.count(KRON_CONV_CALL) == 2
+    assert "im2col" not in code and "unfold" not in code               # patches only inside the op
+    assert code.count("constant_pad_nd") == 1                          # fc's bias column; convs fold it inside
+    nodes = [n for gm in model_t.log.backward_graphs for n in gm.graph.nodes]
+    conv_ts = [n for n in nodes if n.target is torch.ops.svgd_fx.kron_t_conv.default]
+    for t in conv_ts:             # Ĝ comes from convolution_backward's weight (and bias) outputs
+        sources, frontier = set(), [t.args[2]]
+        while frontier:
+            n = frontier.pop()
+            if n.target is operator.getitem and n.args[0].target is torch.ops.aten.convolution_backward.default:
+                sources.add(n.args[1])
+            else:
+                frontier.extend(n.all_input_nodes)
+        has_bias = t.args[13]
+        assert sources == ({1, 2} if has_bias else {1})
+    assert sorted(t.args[13] for t in conv_ts) == [False, True]       # c2 has no bias, c1 has one
     gn = plain.gn.weight.grad
     torch.testing.assert_close(model.gn.weight.grad, gn, rtol=1e-12, atol=1e-14)   # plain: GroupNorm
 
@@ -161,6 +189,37 @@ def test_switch_to_sgd_by_call_and_on_plateau():
     assert int(model_t.svgd_state["fc1.linear.steps"]) == steps
     assert torch.equal(model_t.svgd_state["fc1.linear.A"], A)
     assert model_t.state_dict()["svgd_state.tso.switched"] == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_after_the_switch_the_step_runs_a_graph_without_t_nodes(kind):
+    """Compiled by inductor, a switched model runs Dynamo's graph without the rewrite (compiled
+    beside the TSO-ALRA graph): no T node is called, the gradients are autograd's, the factors
+    stay; loading a state from before the switch runs the T nodes again."""
+    torch.manual_seed(5)
+    model = CNN()
+    plain = copy.deepcopy(model)
+    wrapped = (svgd_fx.transform(model, method="tso-alra", codegen="inductor") if kind == "transform"
+               else torch.compile(model, backend=svgd_fx.backend(method="tso-alra")))
+    x, y = torch.randn(4, 2, 6, 6), torch.randint(0, 4, (4,))
+
+    def t_calls():
+        model.zero_grad()
+        with torch.profiler.profile() as prof:
+            F.cross_entropy(wrapped(x), y).backward()
+        return sum(e.count for e in prof.key_averages() if e.key in ("svgd_fx::kron_t", "svgd_fx::kron_t_conv"))
+
+    F.cross_entropy(wrapped(x), y).backward()    # compiles (the fake calls of the T ops would count)
+    assert t_calls() == 3                        # kron_t_conv ×2, kron_t ×1
+    before = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    svgd_fx.switch_to_sgd(wrapped)
+    assert t_calls() == 0
+    for n, g in _plain_grads(plain, x, y).items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(v, before[k]) for k, v in wrapped.state_dict().items() if "svgd_state" in k
+               and not k.endswith("tso.switched"))
+    wrapped.load_state_dict(before)
+    assert not svgd_fx.switched(wrapped) and t_calls() == 3
 
 
 def _plain_grads(model, x, y):
@@ -255,6 +314,29 @@ def test_a_factor_not_positive_definite_after_damping_is_an_error():
         inverse_root(torch.diag(torch.tensor([2.0, -1.0])), 1e-3, "fc", "B")
     root = inverse_root(torch.diag(torch.tensor([4.0, 0.0])), 1e-6)
     torch.testing.assert_close(root, torch.diag(torch.tensor([0.5, 1e3])))
+
+
+def test_float32_roots_come_from_float32_eigh_only_where_accurate(monkeypatch):
+    """A float32 factor with λ_max ≤ 1e4·ε: eigh in float32, the root within 1e-3 of float64's;
+    λ_max above that (or a float64 factor): eigh in float64."""
+    from svgd_fx.kernels import inverse_root
+
+    seen = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: seen.append(a.dtype) or eigh(a))
+    torch.manual_seed(6)
+    x = torch.randn(64, 40, dtype=torch.float64)
+    factor = x.mT @ x / 64                                       # λ_max ≈ 3.5
+    want = inverse_root(factor, 1e-2)
+    assert seen == [torch.float64]
+    for damping, dtypes in ((1e-2, [torch.float32]), (1e-5, [torch.float32, torch.float64])):
+        seen.clear()
+        got = inverse_root(factor.float(), damping)
+        assert seen == dtypes and got.dtype == torch.float32
+        if damping == 1e-2:
+            assert float((got.double() - want).norm() / want.norm()) < 1e-3
+        else:
+            torch.testing.assert_close(got, inverse_root(factor, damping).float())
 
 
 def test_the_paper_mlp_trains_at_damping_1e_3():

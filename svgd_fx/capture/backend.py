@@ -34,7 +34,7 @@ from torch import nn
 from . import eager_layers
 from .._torch_internals import OptimizedModule, compiling_frame, counters
 from ..state import SVGDState
-from .common import TRANSFORMED, check_model, compile_inductor, refuse_sharded
+from .common import TRANSFORMED, check_model, compile_inductor, compile_plain, refuse_sharded
 from ..plan import build_plan
 from ..session import Session, install_state_hooks
 from ..config import BACKEND, ExcludeSpec, SVGDConfig, check_scaler, describe, make_config, names, options_doc, \
@@ -345,13 +345,13 @@ class backend:
                  eps: float | None = None, r_shape: str | None = None, reduction: str = "mean",
                  nonfinite: str | None = None, exclude: ExcludeSpec = None, grad_scaler=None,
                  distributed: bool | None = None, t_impl: str = "fused", gamma: float | None = None,
-                 t_int: int | None = None, damping: float | None = None, switch_at_step: int | None = None,
-                 accumulation: bool = False) -> None:
+                 t_int: int | None = None, t_stat: int | None = None, damping: float | None = None,
+                 switch_at_step: int | None = None, accumulation: bool = False) -> None:
         self.grad_scaler = check_scaler(grad_scaler)
         self.config = make_config(s=s, method=method, rho=rho, eps=eps, r_shape=r_shape, reduction=reduction,
                                   nonfinite=nonfinite, grad_scaler=self.grad_scaler, distributed=distributed,
-                                  t_impl=t_impl, gamma=gamma, t_int=t_int, damping=damping,
-                                  switch_at_step=switch_at_step, accumulation=accumulation)
+                                  t_impl=t_impl, gamma=gamma, t_int=t_int, t_stat=t_stat,
+                                  damping=damping, switch_at_step=switch_at_step, accumulation=accumulation)
         self.exclude = exclude
 
     def __repr__(self) -> str:
@@ -374,7 +374,8 @@ class backend:
         binding.configure_with(self.config, self.exclude, self.grad_scaler)
         plan = build_plan(binding, gm, example_inputs, accumulating=self.config.accumulation)
         owner = _owner_of_call(plan, binding)
-        return plan.wrap(lambda g, xs: compile_inductor(g, xs, plan), owner)
+        return plan.wrap(lambda g, xs: compile_inductor(g, xs, plan), owner,
+                         plain_backend=lambda: compile_plain(gm, example_inputs))
 
 
 def svgd(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **kwargs):

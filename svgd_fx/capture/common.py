@@ -59,6 +59,11 @@ class JointPass:
         return None
 
 
+def compile_plain(gm, example_inputs):
+    """inductor on Dynamo's graph as it is (no rewrite, so inductor's caches may serve it)."""
+    return compile_fx(gm, example_inputs, config_patches={})
+
+
 def compile_inductor(gm, example_inputs, plan):
     """inductor, with the plan's rewrite as its joint-graph pass. A custom joint pass has no cache
     key, so inductor's FX-graph cache and the AOTAutograd cache are off for these graphs (only

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import eager_layers
 from . import backend as compile_backend
-from .common import TRANSFORMED, check_model, compile_inductor
+from .common import TRANSFORMED, check_model, compile_inductor, compile_plain
 from .._torch_internals import aot_autograd, make_boxed_func
 from ..guard import GradientGuard
 from ..state import SVGDState
@@ -295,7 +295,8 @@ class _Backend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]):
         if self.owner.codegen == "inductor":
             plan = build_plan(self.owner.session, gm, example_inputs, accumulating=self.accumulating)
-            return plan.wrap(lambda g, xs: compile_inductor(g, xs, plan))
+            return plan.wrap(lambda g, xs: compile_inductor(g, xs, plan),
+                             plain_backend=lambda: compile_plain(gm, example_inputs))
         plan = build_plan(self.owner.session, gm, example_inputs, accumulating=self.accumulating)
         return plan.wrap(aot_autograd(
             fw_compiler=_nop_compiler(self.owner.log.forward_graphs),
@@ -322,6 +323,7 @@ def transform(
     t_impl: str = "fused",
     gamma: float | None = None,
     t_int: int | None = None,
+    t_stat: int | None = None,
     damping: float | None = None,
     switch_at_step: int | None = None,
     codegen: str | None = None,
@@ -337,7 +339,7 @@ def transform(
     config = make_config(s=s, method=method, rho=rho, eps=eps, r_shape=r_shape, reduction=reduction,
                          nonfinite=nonfinite, grad_scaler=grad_scaler, distributed=distributed,
                          t_impl=t_impl if codegen == "inductor" else "op", gamma=gamma, t_int=t_int,
-                         damping=damping, switch_at_step=switch_at_step)
+                         t_stat=t_stat, damping=damping, switch_at_step=switch_at_step)
     if isinstance(model, SVGDModule):
         raise TypeError("svgd_fx.transform: this is already what svgd_fx.transform returned (for "
                         f"{type(model.model).__name__}); train it as it is. For other options, transform a fresh "

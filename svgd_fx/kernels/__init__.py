@@ -15,7 +15,7 @@ vary between calls).
 TSO-ALRA's two-sided T (``torch.ops.svgd_fx.kron_t``) is in :mod:`.kron_op`.
 """
 
-from .kron_op import inverse_root, kron_t, patch_rows
+from .kron_op import inverse_root, kron_t, kron_t_conv, patches
 from .t_op import virtual_grad, virtual_grad_reference, triton_available
 
-__all__ = ["virtual_grad", "virtual_grad_reference", "triton_available", "kron_t", "patch_rows", "inverse_root"]
+__all__ = ["virtual_grad", "virtual_grad_reference", "triton_available", "kron_t", "kron_t_conv", "patches", "inverse_root"]

@@ -65,6 +65,7 @@ class TSOMethod:
                 bias_input=ctx.name_to_input[layer.bias] if layer.bias is not None else None,
                 state_inputs=tuple(layout.index("state", key) for key in keys),
                 switched_input=layout.index("state", SWITCHED_KEY), gamma=config.gamma, t_int=config.t_int,
+                t_stat=config.t_stat,
                 damping=config.damping, mean_reduction=config.reduction == "mean",
                 switch_at_step=-1 if config.switch_at_step is None else config.switch_at_step,
             )
@@ -73,8 +74,25 @@ class TSOMethod:
         examples = [owner.svgd_state.get_or_create(*spec) for spec in state_specs]
         return MethodPlan(specs, state_specs, examples)
 
+    def off(self, state, plan: MethodPlan) -> bool:
+        """Whether every Kronecker layer of this graph is past the switch to SGD: the graph's T
+        nodes would all return plain gradients, so a graph without them may run instead."""
+        return switched_off(state, self.config.switch_at_step, [spec.name for spec in plan.specs])
+
     def rewrite(self, joint, plan: MethodPlan, param_sources, param_inputs, entry: str) -> set[str]:
         return precondition(joint, plan.specs, param_sources, param_inputs, option_spelling(entry, "exclude", "[...]"))
+
+
+def switched_off(state, switch_at_step: int | None, layers: list[str]) -> bool:
+    """The switch as the T nodes see it: the ``tso.switched`` flag, or every one of ``layers`` past
+    ``switch_at_step`` steps."""
+    flag = state.peek(SWITCHED_KEY)
+    if flag is not None and bool(flag):
+        return True
+    if switch_at_step is None or not layers:
+        return False
+    steps = [state.peek(f"{name}.steps") for name in layers]
+    return all(t is not None and int(t) >= switch_at_step for t in steps)
 
 
 def _marked(p: ParamInput, layer, own: set[str], why: str, excluded) -> ParamInput:

@@ -100,6 +100,7 @@ class KronSpec:
     switched_input: int
     gamma: float
     t_int: int
+    t_stat: int
     damping: float
     mean_reduction: bool
     switch_at_step: int           # -1: no switch by step count
@@ -127,17 +128,25 @@ def precondition(gm: GraphModule, specs: list[KronSpec], param_derived_sources: 
         if not edges:
             continue
         x = _layer_input(spec, view.forward.get(spec.source, []), view.placeholders, exclude_hint)
+        plain = {part: o for o, part in edges.items()}
+        if spec.layer.kind == "conv2d" and set(plain) != set(targets.values()):
+            raise RerouteError(f"svgd_fx: found the {sorted(plain)} gradient of conv layer {spec.name!r} in the "
+                               f"joint graph but not its {sorted(set(targets.values()) - set(plain))} gradient. "
+                               f"Please report this model; exclude the layer's parameters meanwhile ({exclude_hint}).")
+        users_before = {o: set(o.users) for o in edges}
         first = min((u for u in g.users if u in members), key=view.order.__getitem__)
         meta = {k: v for k, v in first.meta.items() if k != "val"}
         meta.update(partitioner_tag="is_backward", svgd_sigma=spec.name)
-        with graph.inserting_before(first):
-            grads, t_node = _emit(graph, spec, g, x, view.placeholders, meta)
+        anchor = first if spec.layer.kind == "linear" else max(edges, key=view.order.__getitem__).next
+        with graph.inserting_before(anchor):
+            grads, t_node = _emit(graph, spec, g, x, plain, view.placeholders, meta)
         for o, part in edges.items():
             new = grads[part]
             if tuple(new.meta["val"].shape) != tuple(o.meta["val"].shape):
                 raise RerouteError(f"svgd_fx: TSO-ALRA's {part} gradient for layer {spec.name!r} has shape "
                                    f"{tuple(new.meta['val'].shape)}, the graph expects {tuple(o.meta['val'].shape)}")
-            o.replace_all_uses_with(new, delete_user_cb=lambda u: u not in members)
+            ours = set(o.users) - users_before[o]          # the T node's own reads of the plain gradient
+            o.replace_all_uses_with(new, delete_user_cb=lambda u: u not in members and u not in ours)
         done[spec.name] = t_node.name
     if done:
         finish(gm)
@@ -161,8 +170,8 @@ def _layer_input(spec: KronSpec, forward_group: list[Node], placeholders: dict, 
     return batchy[0]
 
 
-def _emit(graph, spec: KronSpec, g: Node, x: Node, placeholders: dict, meta: dict):
-    """The rows, the T node, and the weight/bias gradients (see the module docstring)."""
+def _emit(graph, spec: KronSpec, g: Node, x: Node, plain: dict[str, Node], placeholders: dict, meta: dict):
+    """The T node and the weight/bias gradients (see the module docstring)."""
     aten = torch.ops.aten
     layer = spec.layer
     tag = node_tag("tso_T_", spec.name)
@@ -170,25 +179,30 @@ def _emit(graph, spec: KronSpec, g: Node, x: Node, placeholders: dict, meta: dic
     emit = emitter(graph, tag, meta, g_val)
     n, m = layer.sizes
     batch = g_val.shape[0] if isinstance(g_val.shape[0], int) else emit(aten.sym_size.int, g, 0)
-    def as_rows(node, width):
-        """``node`` viewed as ``[-1, width]`` (a copy first where it is not contiguous); only ops
-        inductor lowers directly (no reshape/t/transpose: those are decompositions there)."""
-        if not node.meta["val"].is_contiguous():
-            node = emit(aten.clone.default, node, memory_format=torch.contiguous_format)
-        return emit(aten.view.default, node, [-1, width])
 
+    def contiguous(node):
+        """``node`` itself, or a contiguous copy (``view`` needs one; inductor lowers clone/view directly,
+        reshape/t/transpose are decompositions there)."""
+        if node.meta["val"].is_contiguous():
+            return node
+        return emit(aten.clone.default, node, memory_format=torch.contiguous_format)
+
+    state = [placeholders[i] for i in spec.state_inputs] + [placeholders[spec.switched_input]]
+    common = (spec.gamma, spec.t_int, spec.t_stat, spec.damping)
     if layer.kind == "linear":
-        rows_g, rows_x = as_rows(g, m), as_rows(x, layer.weight_shape[1])
-    else:
-        rows_x = emit(torch.ops.svgd_fx.patch_rows.default, x, list(layer.weight_shape[2:]), list(layer.dilation),
-                      list(layer.padding), list(layer.stride))          # [B·L, C_in·kh·kw]
-        g3 = emit(aten.view.default, as_rows(g, g_val.shape[2] * g_val.shape[3]), [batch, m, -1])
-        rows_g = as_rows(emit(aten.permute.default, g3, [0, 2, 1]), m)
-    if layer.bias is not None:
-        rows_x = emit(aten.constant_pad_nd.default, rows_x, [0, 1], 1.0)     # ā = [a, 1]
-    state = [placeholders[i] for i in spec.state_inputs]
-    t_node = emit(torch.ops.svgd_fx.kron_t.default, rows_g, rows_x, *state, placeholders[spec.switched_input],
-                  spec.gamma, spec.t_int, spec.damping, batch, spec.mean_reduction, spec.switch_at_step, spec.name)
+        rows_g = emit(aten.view.default, contiguous(g), [-1, m])
+        rows_x = emit(aten.view.default, contiguous(x), [-1, layer.weight_shape[1]])
+        if layer.bias is not None:
+            rows_x = emit(aten.constant_pad_nd.default, rows_x, [0, 1], 1.0)     # ā = [a, 1]
+        t_node = emit(torch.ops.svgd_fx.kron_t.default, rows_g, rows_x, *state, *common, batch,
+                      spec.mean_reduction, spec.switch_at_step, spec.name)
+    else:   # Ĝ from the graph's own gradients: [∇W as [m, n-1] | ∇b]
+        grad = emit(aten.view.default, contiguous(plain["weight"]), [m, -1])
+        if layer.bias is not None:
+            grad = emit(aten.cat.default, [grad, emit(aten.view.default, plain["bias"], [m, 1])], 1)
+        t_node = emit(torch.ops.svgd_fx.kron_t_conv.default, g, x, grad, *state, list(layer.weight_shape[2:]),
+                      list(layer.dilation), list(layer.padding), list(layer.stride), layer.bias is not None,
+                      *common, spec.mean_reduction, spec.switch_at_step, spec.name)
     delta = t_node                                                                   # [m, n] = R_B·Ĝ·R_A
     grads = {}
     if layer.bias is not None:
