@@ -170,8 +170,8 @@ class SVGDConfig:
     def describe(self) -> str:
         """The options that make this config what it is, as ``name=value`` pairs."""
         if self.method == TSO_ALRA:
-            return (f"method='tso-alra', gamma={self.gamma}, t_int={self.t_int}, t_stat={self.t_stat}, damping={self.damping}, "
-                    f"switch_at_step={self.switch_at_step}, reduction={self.reduction!r}")
+            return (f"method='tso-alra', gamma={self.gamma}, t_int={self.t_int}, t_stat={self.t_stat}, "
+                    f"damping={self.damping}, switch_at_step={self.switch_at_step}, reduction={self.reduction!r}")
         return (f"s={self.s}, rho={self.rho}, eps={self.eps}, reduction={self.reduction!r}, "
                 f"r_shape={self.r_shape!r}" + (", accumulation=True" if self.accumulation else ""))
 

@@ -77,11 +77,12 @@ class Plan:
         state_tensors = feeder(self.feed)
         param_idx = sorted(self.param_inputs)
         plan_key = object()
-        off = getattr(self.method, "off", None) if plain_backend is not None and self.planned.specs else None
+        off_check = getattr(self.method, "off_check", None)
+        off = off_check(self.planned) if off_check and plain_backend is not None and self.planned.specs else None
         plain = plain_backend() if off is not None else None
 
         def run(owner, args):
-            if off is not None and off(owner.svgd_state, self.planned):
+            if off is not None and off(owner.svgd_state):
                 outputs = plain(*args)
             else:
                 outputs = compiled(*args, *state_tensors(owner))

@@ -32,8 +32,7 @@ def switched(model) -> bool:
     """Whether TSO-ALRA has switched to SGD (by ``switch_to_sgd`` or ``switch_at_step``)."""
     owner = _tso_owner(model, "switched")
     state = owner.svgd_state
-    layers = [key[:-len(".steps")] for key in state.tensors if key.endswith(".steps")]
-    return switched_off(state, owner.config.switch_at_step, layers)
+    return switched_off(state, owner.config.switch_at_step, [key for key in state.tensors if key.endswith(".steps")])
 
 
 class SwitchOnPlateau:

@@ -12,10 +12,12 @@ the result has g's dtype. ``reduce_dims = []`` keeps r at the full per-sample sh
 (the default); otherwise r keeps the dims of g not listed (a channel, or the dims that do not
 vary between calls).
 
-TSO-ALRA's two-sided T (``torch.ops.svgd_fx.kron_t``) is in :mod:`.kron_op`.
+TSO-ALRA's two-sided T (``torch.ops.svgd_fx.kron_t`` for linear layers, ``kron_t_conv`` for
+conv2d layers) is in :mod:`.kron_op`.
 """
 
 from .kron_op import inverse_root, kron_t, kron_t_conv, patches
 from .t_op import virtual_grad, virtual_grad_reference, triton_available
 
-__all__ = ["virtual_grad", "virtual_grad_reference", "triton_available", "kron_t", "kron_t_conv", "patches", "inverse_root"]
+__all__ = ["virtual_grad", "virtual_grad_reference", "triton_available", "kron_t", "kron_t_conv", "patches",
+           "inverse_root"]

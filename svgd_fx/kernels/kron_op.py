@@ -5,8 +5,7 @@ Each node updates the layer's Kronecker factors from this batch (Eqs. 17–18) o
 update them (every ``t_stat``-th, from t = 1), refreshes their inverse roots every ``t_int`` steps
 (:func:`inverse_root`: float32 eigh where accurate enough, else float64), and returns the
 preconditioned weight gradient with the bias as its last column, ``Δ = R_B·Ĝ·R_A`` (Eq. 16),
-``[m, n]``. After the switch to SGD it returns the plain Ĝ and
-leaves the factors alone.
+``[m, n]``. After the switch to SGD it returns the plain Ĝ and leaves the factors alone.
 
 - ``kron_t`` takes the rows of ∇σ'J (``g``, ``[N, m]``) and of the input (``a``, ``[N, n]``, the bias
   column of ones appended): views for a linear layer. It forms Δ in the cheaper association per

@@ -74,24 +74,27 @@ class TSOMethod:
         examples = [owner.svgd_state.get_or_create(*spec) for spec in state_specs]
         return MethodPlan(specs, state_specs, examples)
 
-    def off(self, state, plan: MethodPlan) -> bool:
-        """Whether every Kronecker layer of this graph is past the switch to SGD: the graph's T
-        nodes would all return plain gradients, so a graph without them may run instead."""
-        return switched_off(state, self.config.switch_at_step, [spec.name for spec in plan.specs])
+    def off_check(self, plan: MethodPlan):
+        """``off(state)``: whether every Kronecker layer of this graph is past the switch to SGD (its
+        T nodes would all return plain gradients, so a graph without them may run instead). Asked
+        at every call: the state keys are formed once, here."""
+        step_keys = [f"{spec.name}.steps" for spec in plan.specs]
+        k = self.config.switch_at_step
+        return lambda state: switched_off(state, k, step_keys)
 
     def rewrite(self, joint, plan: MethodPlan, param_sources, param_inputs, entry: str) -> set[str]:
         return precondition(joint, plan.specs, param_sources, param_inputs, option_spelling(entry, "exclude", "[...]"))
 
 
-def switched_off(state, switch_at_step: int | None, layers: list[str]) -> bool:
-    """The switch as the T nodes see it: the ``tso.switched`` flag, or every one of ``layers`` past
-    ``switch_at_step`` steps."""
+def switched_off(state, switch_at_step: int | None, step_keys: list[str]) -> bool:
+    """The switch as the T nodes see it: the ``tso.switched`` flag, or every layer's step counter
+    (``step_keys``: ``"<σ'>.steps"``) past ``switch_at_step``."""
     flag = state.peek(SWITCHED_KEY)
     if flag is not None and bool(flag):
         return True
-    if switch_at_step is None or not layers:
+    if switch_at_step is None or not step_keys:
         return False
-    steps = [state.peek(f"{name}.steps") for name in layers]
+    steps = [state.peek(key) for key in step_keys]
     return all(t is not None and int(t) >= switch_at_step for t in steps)
 
 
