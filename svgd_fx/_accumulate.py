@@ -79,8 +79,6 @@ def accumulate(model, phase: str = "single") -> Iterator[None]:
                         "(nor returned by svgd_fx.transform), so no SVGD state would collect anything. Pass what "
                         "svgd_fx.transform returned, or torch.compile(model, backend='svgd', options={..., "
                         "'accumulation': True}).")
-    if config is not None and "accumulate" not in method_for(config).supports:
-        raise ValueError(f"svgd_fx.accumulate supports SVGD only; this model uses method={config.method!r}")
     if config is not None and owner.entry == BACKEND and not config.accumulation:
         raise without_accumulation()   # (not compiled yet: the first graph call checks)
     state = owner.svgd_state
@@ -92,11 +90,12 @@ def accumulate(model, phase: str = "single") -> Iterator[None]:
     committed = False
     try:
         yield
-        committed = phase != "gradients"
+        committed = True
     finally:
         state.set_collecting(False)
+        config = getattr(owner, "config", None)    # (the backend's first graph may come in the block)
         if committed and config is not None:
-            state.commit_accumulated(config.rho, config.reduction == "mean")
+            method_for(config).commit(state, phase)
         state.clear_accumulators()
         if restore is not None:
             restore()

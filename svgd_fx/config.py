@@ -215,12 +215,6 @@ class SVGDConfig:
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise ValueError(f"svgd_fx: switch_at_step must be None or an int ≥ 0 (the number of TSO-ALRA "
                              f"steps before plain SGD), got switch_at_step={k!r}")
-        if self.distributed:
-            raise ValueError("svgd_fx: distributed=True is not supported with method='tso-alra' yet (the "
-                             "Kronecker factors would be per rank)")
-        if self.accumulation:
-            raise ValueError("svgd_fx: accumulation=True is not supported with method='tso-alra' yet "
-                             "(svgd_fx.accumulate supports SVGD only)")
         object.__setattr__(self, "gamma", gamma)
         object.__setattr__(self, "damping", damping)
 
@@ -229,9 +223,6 @@ def make_config(*, grad_scaler=None, exclude=None, codegen=None, **options) -> S
     """An :class:`SVGDConfig` from an entry point's keyword arguments (``exclude``, the scaler and
     ``codegen`` are the entry point's to keep; the scaler sets ``nonfinite``'s default)."""
     scaling = isinstance(grad_scaler, torch.amp.GradScaler)
-    if options.get("method", SVGD) == TSO_ALRA and scaling:
-        raise ValueError("svgd_fx: grad_scaler is not supported with method='tso-alra' yet (the factors "
-                         "would be built from S× scaled gradients)")
     if options.get("nonfinite") is None:
         options["nonfinite"] = "skip" if scaling else "raise"
     if options.get("distributed") is not None:

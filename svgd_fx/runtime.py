@@ -66,6 +66,7 @@ class Feed:
     device: Any                       # where the state lives (the σ' nodes' device)
     collect_device: Any               # where the "collect" mode input lives
     accumulating: bool = False        # built for svgd_fx.accumulate (with or without σ' nodes to collect)
+    acc_specs: list = field(default_factory=list)   # the method's accumulators (MethodPlan.acc_specs)
 
 
 def feeder(feed: Feed) -> Callable[[Any], list[torch.Tensor]]:
@@ -105,8 +106,10 @@ def feeder(feed: Feed) -> Callable[[Any], list[torch.Tensor]]:
             flags = [state.flag(k, device) for k in flag_keys]
             raise_if_flagged(state, flag_keys, flags)
             out += flags
-        if accumulating:
-            out += [own_version(state.acc(k, r.numel(), r.dtype, r.device)) for k, r in zip(keys, rs)]
+        if feed.acc_specs:
+            by_key = dict(zip(keys, rs))
+            out += [own_version(state.acc(k, by_key[like].numel() if numel is None else numel, by_key[like].dtype,
+                                          by_key[like].device)) for k, like, numel in feed.acc_specs]
         if scaled:
             out.append(scaler_step_boundary(owner, device))
         if collecting:

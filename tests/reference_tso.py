@@ -8,7 +8,8 @@ rows (samples x locations, bias folded as ``[a, 1]``) the reference builds, in f
     stat_A = (1/(B·L)) Σ ā āᵀ,   stat_B = (1/B) Σ β βᵀ  (β = B·g for "mean", g for "sum"),
     A, B   = first stat at t = 1, then (1−γ)·old + γ·stat,
     roots  = U (Λ + ε)^(-1/2) Uᵀ via eigh, refreshed at t = 1, 1 + T_int, ...,
-    Δ      = R_B Ĝ R_A  with  Ĝ = Σ g āᵀ  (asserted equal to autograd's [grad_W | grad_b]).
+    Δ      = R_B Ĝ R_A  with  Ĝ = Σ g āᵀ  (asserted equal to autograd's [grad_W | grad_b]);
+             with ``lagged_roots`` the roots are those before this step's refresh (zero at t = 1).
 
 Every other trainable parameter gets its plain gradient; after the switch to SGD all do.
 Limits: each Kronecker module runs once per forward; a weight tied between Kronecker modules
@@ -38,8 +39,10 @@ def _conv_rows(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 class TSOReference:
     """Reference TSO-ALRA gradients for ``model`` (pass a float64 model)."""
 
-    def __init__(self, model, gamma, t_int, damping, reduction="mean", switch_at_step=None, t_stat=1):
+    def __init__(self, model, gamma, t_int, damping, reduction="mean", switch_at_step=None, t_stat=1,
+                 lagged_roots=False):
         assert reduction in ("mean", "sum")
+        self.lagged_roots = lagged_roots   # Δ from the roots the previous step left (zero before any)
         self.model, self.gamma, self.t_int, self.damping = model, gamma, t_int, damping
         self.t_stat = t_stat       # factors updated at t = 1, 1 + t_stat, ...
         self.reduction, self.switch_at_step = reduction, switch_at_step
@@ -111,6 +114,9 @@ class TSOReference:
             stat_A = torch.einsum("bli,blj->ij", a, a) / (B * L)
             stat_B = torch.einsum("bli,blj->ij", beta, beta) / B
             st = self.state.get(name)
+            n_a, n_b = a.shape[2], g.shape[2]
+            before = (st["B_root"], st["A_root"]) if st is not None else (torch.zeros(n_b, n_b, dtype=a.dtype),
+                                                                          torch.zeros(n_a, n_a, dtype=a.dtype))
             if st is None:                    # t = 1: the first observation initialises
                 st = self.state[name] = {"A": stat_A, "B": stat_B, "steps": 0}
             elif st["steps"] % self.t_stat == 0:
@@ -120,7 +126,8 @@ class TSOReference:
             if (st["steps"] - 1) % self.t_int == 0:
                 st["A_root"], st["B_root"] = self._root(st["A"], name), self._root(st["B"], name)
             G = torch.einsum("bli,blj->ij", g, a)            # Ĝ = [grad_W | grad_b], m x n
-            D = st["B_root"] @ G @ st["A_root"]
+            R_B, R_A = before if self.lagged_roots else (st["B_root"], st["A_root"])
+            D = R_B @ G @ R_A
             parts = [(mod.weight, G[:, :-1] if has_b else G, D[:, :-1] if has_b else D)]
             if has_b:
                 parts.append((mod.bias, G[:, -1], D[:, -1]))

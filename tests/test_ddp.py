@@ -86,10 +86,67 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_ddp_two_ranks_match_one_process_on_the_joined_batch(tmp_path):
+TSO_RANK_SCRIPT = r"""
+import os, sys, copy, torch, torch.distributed as dist
+sys.path.insert(0, os.environ["TESTS_DIR"])
+import svgd_fx
+from torch.nn.parallel import DistributedDataParallel as DDP
+from test_tso import CNN, Seq, OPTS
+F = torch.nn.functional
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+dist.init_process_group("gloo", rank=rank, world_size=world)
+for make, shape, kron in ((CNN, (2, 6, 6), {"c1.conv2d", "c2.conv2d", "fc.linear"}),
+                          (Seq, (4, 5), {"inp.linear", "out.linear"})):
+    torch.manual_seed(0)
+    local = make().double()
+    single = copy.deepcopy(local)
+    ddp = DDP(svgd_fx.transform(local, method="tso-alra", distributed=True, **OPTS))
+    single_t = svgd_fx.transform(single, method="tso-alra", distributed=False, **OPTS)
+    opt, opt_single = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (local, single))
+    gen = torch.Generator().manual_seed(1)
+    def check(what):            # this rank's gradients and factors = one process on the joined batch
+        for (n, p), q in zip(local.named_parameters(), single.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-11, msg=lambda m: f"rank {rank} {what} {n}: {m}")
+        for key, t in ddp.module.svgd_state.tensors.items():
+            torch.testing.assert_close(t, single_t.svgd_state.tensors[key], rtol=1e-8, atol=1e-11,
+                                       msg=lambda m: f"rank {rank} {what} {key}: {m}")
+    def micro(xs, ys):          # this rank's 4 samples as micro-batches of 1 and 3 (mean loss over 4)
+        for part in (slice(0, 1), slice(1, 4)):
+            (F.cross_entropy(ddp(xs[part]), ys[part]) * (xs[part].shape[0] / 4)).backward()
+    # steps 1-2 plain, 3 in two passes (a refresh step: t_int=2), 4 in one pass (roots of step 3 on both
+    # sides: the single process runs its whole batch as one micro-batch), 5-6 after the switch
+    for step in range(1, 7):
+        x, y = torch.randn(4 * world, *shape, generator=gen).double(), torch.randint(0, 3, (4 * world,), generator=gen)
+        mine = slice(4 * rank, 4 * (rank + 1))
+        opt.zero_grad(); opt_single.zero_grad()
+        if step == 3:
+            with svgd_fx.accumulate(ddp, phase="statistics"):
+                micro(x[mine], y[mine])
+            with svgd_fx.accumulate(ddp, phase="gradients"):
+                micro(x[mine], y[mine])
+            F.cross_entropy(single_t(x), y).backward()
+        elif step == 4:
+            with svgd_fx.accumulate(ddp):
+                micro(x[mine], y[mine])
+            with svgd_fx.accumulate(single_t):
+                F.cross_entropy(single_t(x), y).backward()
+        else:
+            F.cross_entropy(ddp(x[mine]), y[mine]).backward()
+            F.cross_entropy(single_t(x), y).backward()
+        check(f"{make.__name__} step {step}")
+        opt.step(); opt_single.step()
+    fired = {row["node"] for row in svgd_fx.explain(ddp.module).rows if row["t_in_graph"]}
+    assert fired == kron, fired
+    assert all(int(ddp.module.svgd_state[f"{k}.steps"]) == 4 for k in kron)
+print("ok", rank, "tso")
+dist.destroy_process_group()
+"""
+
+
+def _run_ranks(tmp_path, text: str) -> list[str]:
+    """Run ``text`` as 2 gloo ranks on loopback; each rank's stdout."""
     script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
+    script.write_text(text)
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
                TESTS_DIR=os.path.dirname(__file__), OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, str(script)], env=dict(env, RANK=str(rank)),
@@ -104,7 +161,21 @@ def test_ddp_two_ranks_match_one_process_on_the_joined_batch(tmp_path):
             proc.kill()
     for rank, (code, out, err) in enumerate(outputs):
         assert code == 0, f"rank {rank} failed:\n{out[-2000:]}\n{err[-4000:]}"
-        assert out.strip().startswith(f"ok {rank}") and not out.strip().endswith(" 0"), out
+        assert out.strip().startswith(f"ok {rank}"), out
+    return [out for _, out, _ in outputs]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_two_ranks_match_one_process_on_the_joined_batch(tmp_path):
+    assert not any(out.strip().endswith(" 0") for out in _run_ranks(tmp_path, RANK_SCRIPT))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_tso_ddp_two_ranks_match_one_process_on_the_joined_batch(tmp_path):
+    """TSO-ALRA with distributed=True: the factors' statistics are all-reduced, so every rank's
+    factors, roots and (after DDP's all-reduce) gradients are one process's on the joined batch;
+    also through svgd_fx.accumulate (two passes, and one pass against one process's one pass)."""
+    _run_ranks(tmp_path, TSO_RANK_SCRIPT)
 
 
 def test_distributed_without_a_process_group_is_a_clear_error():

@@ -90,17 +90,23 @@ def test_factors_updated_every_t_stat_steps_match_the_reference(name, kind):
     _follows_the_reference(name, kind, t_stat=3)
 
 
-def _follows_the_reference(name, kind, **extra):
+def _follows_the_reference(name, kind, backward=None, ref_kw=None, wrap_kw=None, **extra):
+    """Six SGD steps against the reference; ``backward(wrapped, x, y)`` runs the model's backward
+    (default: one mean loss), the reference always takes the whole batch."""
     make, shape, kron, plain = MODELS[name]
     torch.manual_seed(0)
     model = make().double()
     ref_model = copy.deepcopy(model)
-    wrapped, ref = _wrap(model, kind, **extra), TSOReference(ref_model, **OPTS, **extra)
+    wrapped = _wrap(model, kind, **extra, **(wrap_kw or {}))
+    ref = TSOReference(ref_model, **OPTS, **extra, **(ref_kw or {}))
     opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, ref_model))
     for step, batch in enumerate((8, 8, 5, 8, 3, 8)):
         x, y = torch.randn(batch, *shape, dtype=torch.float64), torch.randint(0, 3, (batch,))
         opt.zero_grad()
-        F.cross_entropy(wrapped(x), y).backward()
+        if backward is None:
+            F.cross_entropy(wrapped(x), y).backward()
+        else:
+            backward(wrapped, x, y)
         want = ref.grads(x, y, F.cross_entropy)
         for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
             torch.testing.assert_close(p.grad, want[n], rtol=1e-9, atol=1e-11, msg=lambda m: f"step {step} {n}: {m}")
@@ -117,6 +123,118 @@ def _follows_the_reference(name, kind, **extra):
         for part in ("A", "B", "A_root", "B_root"):
             torch.testing.assert_close(state[f"{layer}.{part}"], ref_state[part], rtol=1e-9, atol=1e-12)
     assert svgd_fx.switched(wrapped)
+    return wrapped, model
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_grad_scaler_factors_come_from_the_unscaled_gradient(name, kind):
+    """A GradScaler (float64, a scale that never overflows): B is built from ∇σ'J / S and the
+    preconditioned gradient stays S× large for ``unscale_``; after it, the reference's."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)])     # unscale_ needs one; the test steps itself
+
+    def backward(wrapped, x, y):
+        scaler.scale(F.cross_entropy(wrapped(x), y)).backward()
+        opt.param_groups[0]["params"] = [p for p in wrapped.parameters()]
+        scaler.unscale_(opt)
+        scaler.update()
+
+    _follows_the_reference(name, kind, backward, wrap_kw=dict(grad_scaler=scaler))
+    assert scaler.get_scale() > 2.0 ** 12      # it grew: the scale changed between steps
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_steps_the_scaler_skips_leave_the_factors_as_they_were(kind):
+    """fp16 autocast, a scale that overflows at first: the skipped steps do not count, and the
+    factors and roots are those of an fp32 run on the kept steps' batches (to fp16's accuracy)."""
+    from cases import PaperMLP
+    torch.manual_seed(0)
+    model16 = PaperMLP(widths=(20, 16, 12, 5))
+    model32 = copy.deepcopy(model16)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=4)
+    kw = dict(gamma=0.2, t_int=2, damping=1e-3, switch_at_step=None)
+    wrapped16, wrapped32 = _wrap(model16, kind, grad_scaler=scaler, **kw), _wrap(model32, kind, **kw)
+    opt16 = torch.optim.SGD(model16.parameters(), lr=0.0)     # parameters fixed: only the factors evolve
+    gen = torch.Generator().manual_seed(1)
+    skipped, kept = 0, 0
+    for step in range(14):
+        x, y = torch.randn(16, 20, generator=gen), torch.randint(0, 5, (16,), generator=gen)
+        opt16.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = wrapped16(x)
+        scale = scaler.get_scale()
+        scaler.scale(F.cross_entropy(out.float(), y)).backward()
+        scaler.step(opt16)
+        scaler.update()
+        if scaler.get_scale() < scale:          # inf found: the step was skipped
+            skipped += 1
+            continue
+        kept += 1
+        model32.zero_grad()
+        F.cross_entropy(wrapped32(x), y).backward()
+    with torch.no_grad():                       # the forward that rolls back a last skipped step
+        wrapped16(torch.randn(4, 20))
+    assert skipped >= 1 and kept >= 4, (skipped, kept)
+    svgd_fx.switch_to_sgd(wrapped16)            # after the switch: autocast's plain gradients
+    x, y = torch.randn(16, 20, generator=gen), torch.randint(0, 5, (16,), generator=gen)
+    grads = []
+    for m, w in ((model16, wrapped16), (copy.deepcopy(model16), None)):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = (m if w is None else w)(x)
+        F.cross_entropy(out.float(), y).backward()
+        grads.append([p.grad for p in m.parameters()])
+    top = max(g.abs().max().item() for g in grads[1])   # to fp16's rounding: inductor fuses differently
+    for mine, plain in zip(*grads):                     # from eager (a bias before BatchNorm: ∇ ≈ 0)
+        torch.testing.assert_close(mine, plain, rtol=1e-2, atol=1e-3 * top)
+    s16, s32 = _state(wrapped16, model16), _state(wrapped32, model32)
+    for layer in ("net.0.linear", "net.3.linear", "net.6.linear"):
+        assert int(s16[f"{layer}.steps"]) == int(s32[f"{layer}.steps"]) == kept
+        for part in ("A", "B", "A_root", "B_root"):
+            want = s32[f"{layer}.{part}"]
+            torch.testing.assert_close(s16[f"{layer}.{part}"], want, rtol=2e-2, atol=1e-2 * want.abs().max().item(),
+                                       msg=lambda m: f"{layer}.{part}: {m}")
+    assert _fired(wrapped16) == {"net.0.linear", "net.3.linear", "net.6.linear"}
+
+
+def _micro_batches(wrapped, x, y, phases):
+    """The batch as two micro-batches (about 1/3 and 2/3; mean loss over the batch) in each
+    ``svgd_fx.accumulate`` phase given."""
+    cut = max(1, x.shape[0] // 3)
+    for phase in phases:
+        with svgd_fx.accumulate(wrapped, phase=phase):
+            for part in (slice(0, cut), slice(cut, None)):
+                (F.cross_entropy(wrapped(x[part]), y[part]) * (x[part].shape[0] / x.shape[0])).backward()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["cnn", "seq"])
+def test_two_pass_accumulation_equals_one_big_batch(name, kind):
+    """svgd_fx.accumulate(phase="statistics") then ("gradients"): the factors take the pooled
+    statistics of both micro-batches, T their roots, and the step is the reference's on the whole
+    batch (refresh steps included)."""
+    _follows_the_reference(name, kind, lambda w, x, y: _micro_batches(w, x, y, ("statistics", "gradients")),
+                           wrap_kw=dict(accumulation=True) if kind == "backend" else None)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["cnn", "seq"])
+def test_one_pass_accumulation_uses_the_roots_of_the_previous_step(name, kind):
+    """svgd_fx.accumulate() (one pass): T reads the roots as the previous step left them, the pooled
+    statistics are folded in at the end of the block and the roots refreshed then: the reference
+    with lagged roots — zero at t = 1 (no roots yet), the refresh of t = 3 used from t = 4."""
+    zero_first = []
+
+    def backward(wrapped, x, y):
+        _micro_batches(wrapped, x, y, ("single",))
+        if not zero_first:
+            zero_first.append(all(float(p.grad.abs().max()) == 0 for n, p in wrapped.named_parameters()
+                                  if n.split(".")[0] in {"c1", "c2", "fc", "inp", "out"}))
+
+    _follows_the_reference(name, kind, backward, ref_kw=dict(lagged_roots=True),
+                           wrap_kw=dict(accumulation=True) if kind == "backend" else None)
+    assert zero_first == [True]
 
 
 def _module(sigma_name: str) -> str:
@@ -272,7 +390,7 @@ def test_state_dict_resume_is_bit_identical(kind):
     (dict(damping=0.0), "damping"), (dict(damping=-1e-3), "damping"), (dict(gamma=1.0), "gamma"),
     (dict(gamma=-0.1), "gamma"), (dict(t_int=0), "t_int"), (dict(t_int=2.5), "t_int"),
     (dict(switch_at_step=-1), "switch_at_step"), (dict(s=0.1), r"\['s'\] is not an option"),
-    (dict(rho=0.9), "rho"), (dict(distributed=True), "distributed"),
+    (dict(rho=0.9), "rho"),
 ])
 def test_bad_options_are_value_errors(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -286,12 +404,6 @@ def test_other_misuse_is_refused():
         svgd_fx.transform(MLP(), s=0.1, gamma=0.1)
     with pytest.raises(ValueError, match="method must be one of"):
         svgd_fx.transform(MLP(), method="kfac")
-    with pytest.raises(ValueError, match="grad_scaler"):
-        svgd_fx.transform(MLP(), method="tso-alra", grad_scaler=torch.amp.GradScaler("cpu"))
-    model_t = svgd_fx.transform(MLP(), method="tso-alra")
-    with pytest.raises(ValueError, match="SVGD only"):
-        with svgd_fx.accumulate(model_t):
-            pass
     with pytest.raises(ValueError, match="tso-alra"):
         svgd_fx.switch_to_sgd(svgd_fx.transform(MLP(), s=0.1))
 

@@ -62,17 +62,48 @@ def _damped_root(lam: torch.Tensor, u: torch.Tensor, damping: float, name: str, 
     return (u * damped.rsqrt()) @ u.mT
 
 
+class Sums:
+    """One batch's raw statistics of a layer (or several micro-batches', pooled): Σ āāᵀ over its
+    ``rows`` (samples × locations), Σ ĝĝᵀ over the same rows (ĝ = ∇σ'J / S with a GradScaler) and
+    the number of ``samples``."""
+
+    def __init__(self, aa: torch.Tensor, rows: float, gg: torch.Tensor, samples: float) -> None:
+        self.aa, self.rows, self.gg, self.samples = aa, rows, gg, samples
+
+    def finite_side(self) -> str | None:
+        """The side ("A" or "B") whose sum holds inf/NaN, or None."""
+        for side, value in (("A", self.aa), ("B", self.gg)):
+            if not bool(torch.isfinite(value).all()):
+                return side
+        return None
+
+
+def _pooled(sums: Sums, mean_reduction: bool, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """stat_A = Σ āāᵀ / rows and stat_B = Σ ββᵀ / samples (Eqs. 17–18's observations); β = B·ĝ
+    for a mean loss (B: this rank's batch), ĝ for a sum. With ``sync`` the sums and counts are
+    every rank's (one all-reduce): the statistics of the joined batch."""
+    bb = sums.gg * (sums.samples * sums.samples if mean_reduction else 1.0)
+    if not sync:
+        return sums.aa / sums.rows, bb / sums.samples
+    n, m = sums.aa.shape[0], bb.shape[0]
+    buffer = _all_reduce(torch.cat([sums.aa.flatten(), bb.flatten(), bb.new_tensor([sums.rows, sums.samples])]))
+    return buffer[:n * n].view(n, n) / buffer[-2], buffer[n * n:n * n + m * m].view(m, m) / buffer[-1]
+
+
 def _advance(A, A_root, B, B_root, steps, statistics, gamma: float, t_int: int, t_stat: int, damping: float,
-             name: str) -> None:
+             name: str, skip_nonfinite: bool = False, count: bool = True) -> None:
     """One step of a layer's factors: at t ≡ 1 (mod ``t_stat``) fold in ``statistics()`` (Eqs. 17–18; the
-    first observation initialises), at t ≡ 1 (mod ``t_int``) refresh the inverse roots, then t += 1."""
+    first observation initialises), at t ≡ 1 (mod ``t_int``) refresh the inverse roots, then t += 1
+    (unless not ``count``: the two-pass accumulation counts the step after its second pass).
+    A non-finite statistic raises, or with ``skip_nonfinite`` leaves the layer's state as it was."""
     t = int(steps) + 1                   # steps lives on the CPU: no device sync
     if (t - 1) % t_stat == 0:
         stat_a, stat_b = statistics()
         for side, stat in (("A", stat_a), ("B", stat_b)):
             if not bool(torch.isfinite(stat).all()):
-                raise factor_error(name, side, "would be updated from a non-finite statistic (inf/NaN in "
-                                                + ("the layer's input)" if side == "A" else "∇σ'J)"))
+                if skip_nonfinite:
+                    return
+                raise _nonfinite_statistic(name, side)
         if t == 1:
             A.copy_(stat_a)
             B.copy_(stat_b)
@@ -82,7 +113,67 @@ def _advance(A, A_root, B, B_root, steps, statistics, gamma: float, t_int: int, 
     if (t - 1) % t_int == 0:
         A_root.copy_(inverse_root(A, damping, name, "A"))
         B_root.copy_(inverse_root(B, damping, name, "B"))
-    steps.fill_(t)
+    if count:
+        steps.fill_(t)
+
+
+def _nonfinite_statistic(name: str, side: str):
+    return factor_error(name, side, "would be updated from a non-finite statistic (inf/NaN in "
+                        + ("the layer's input)" if side == "A" else "∇σ'J)"))
+
+
+def _collect(acc: torch.Tensor, steps: torch.Tensor, t_stat: int, samples: int, sums, skip_nonfinite: bool,
+             name: str) -> None:
+    """Inside ``svgd_fx.accumulate``: add this micro-batch's raw sums to ``acc`` (laid out
+    ``[Σāāᵀ, Σĝĝᵀ, rows, samples]``) on the steps that update the factors; the samples always
+    (they tell the commit that the layer ran)."""
+    if int(steps) % t_stat == 0:
+        got = sums()
+        side = got.finite_side()
+        if side is not None:
+            if skip_nonfinite:
+                return
+            raise _nonfinite_statistic(name, side)
+        n2 = got.aa.numel()
+        acc[:n2].add_(got.aa.flatten())
+        acc[n2:-2].add_(got.gg.flatten())
+        acc[-2] += got.rows
+    acc[-1] += samples
+
+
+@torch.no_grad()
+def commit(acc: torch.Tensor, A, A_root, B, B_root, steps, gamma: float, t_int: int, t_stat: int, damping: float,
+           mean_reduction: bool, sync: bool, skip_nonfinite: bool, name: str, phase: str = "single") -> None:
+    """The end of an accumulated pass for one layer. ``"single"``: fold the micro-batches' pooled
+    statistics into the factors (on a statistics step), refresh the roots when due, count the step;
+    ``"statistics"``: the same without counting (the second pass's T nodes take this step's roots);
+    ``"gradients"``: count the step. A layer no micro-batch reached is left alone."""
+    samples = float(acc[-1])
+    if sync:   # whether any rank's micro-batch reached the layer (every rank takes part in the same sums)
+        samples = float(_all_reduce(acc[-1:].clone()))
+    if samples == 0:
+        return
+    if phase == "gradients":
+        steps.add_(1)
+        return
+    n, m = A.shape[0], B.shape[0]
+
+    def statistics():
+        return _pooled(Sums(acc[:n * n].view(n, n), float(acc[-2]), acc[n * n:-2].view(m, m), float(acc[-1])),
+                       mean_reduction, sync)
+
+    _advance(A, A_root, B, B_root, steps, statistics, gamma, t_int, t_stat, damping, name, skip_nonfinite,
+             count=phase == "single")
+
+
+def _all_reduce(buffer: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist   # imported lazily: only ``sync`` needs torch.distributed
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("svgd_fx: distributed=True, but torch.distributed is not initialized "
+                           "(call torch.distributed.init_process_group first)")
+    dist.all_reduce(buffer)
+    return buffer
 
 
 def _is_off(steps: torch.Tensor, switched: torch.Tensor, switch_at_step: int) -> bool:
@@ -90,12 +181,24 @@ def _is_off(steps: torch.Tensor, switched: torch.Tensor, switch_at_step: int) ->
     return bool(switched) or (switch_at_step >= 0 and int(steps) + 1 > switch_at_step)
 
 
-def _b_scale(batch: int, mean_reduction: bool) -> float:
-    # β = B·g (mean loss) or g (sum): (1/B) Σ ββᵀ = B·Σ ggᵀ or Σ ggᵀ / B (sum over locations)
-    return float(batch) if mean_reduction else 1.0 / batch
+def _step(acc, collect, A, A_root, B, B_root, steps, sums, samples: int, gamma, t_int, t_stat, damping,
+          mean_reduction, sync, skip_nonfinite, name) -> None:
+    """The factors' part of a T node: collect (inside ``svgd_fx.accumulate``) or advance."""
+    if collect is not None and bool(collect):     # a CPU scalar: no device sync
+        if acc is None:
+            raise RuntimeError(f"svgd_fx: layer {name!r} is asked to collect statistics but has no accumulator")
+        _collect(acc, steps, t_stat, samples, sums, skip_nonfinite, name)
+    else:
+        _advance(A, A_root, B, B_root, steps, lambda: _pooled(sums(), mean_reduction, sync),
+                 gamma, t_int, t_stat, damping, name, skip_nonfinite)
 
 
-@torch.library.custom_op("svgd_fx::kron_t", mutates_args=("A", "A_root", "B", "B_root", "steps"))
+def _unscaled(gram: torch.Tensor, inv_scale: torch.Tensor | None) -> torch.Tensor:
+    """Σ ggᵀ of S·g, back to Σ ggᵀ of g (a GradScaler's 1/S, squared)."""
+    return gram if inv_scale is None else gram * inv_scale.to(gram.dtype).square()
+
+
+@torch.library.custom_op("svgd_fx::kron_t", mutates_args=("A", "A_root", "B", "B_root", "steps", "acc"))
 def kron_t(
     g: torch.Tensor,
     a: torch.Tensor,
@@ -113,14 +216,19 @@ def kron_t(
     mean_reduction: bool,
     switch_at_step: int,
     name: str,
+    inv_scale: torch.Tensor | None = None,
+    sync: bool = False,
+    skip_nonfinite: bool = False,
+    acc: torch.Tensor | None = None,
+    collect: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A linear layer's T from its rows: ``g`` ``[N, m]``, ``a`` ``[N, n]`` (views of ∇σ'J and the input)."""
-    if _is_off(steps, switched, switch_at_step) or g.shape[0] == 0:
-        return g.mT @ a
+    if _is_off(steps, switched, switch_at_step) or (g.shape[0] == 0 and not sync):
+        return g.mT @ a.to(g.dtype)     # (under autocast the input may be float32: the graph casts it)
     gf, af = g.to(B.dtype), a.to(A.dtype)
-    _advance(A, A_root, B, B_root, steps,
-             lambda: (af.mT @ af / af.shape[0], (gf.mT @ gf) * _b_scale(batch, mean_reduction)),
-             gamma, t_int, t_stat, damping, name)
+    _step(acc, collect, A, A_root, B, B_root, steps,
+          lambda: Sums(af.mT @ af, float(af.shape[0]), _unscaled(gf.mT @ gf, inv_scale), float(batch)), batch,
+          gamma, t_int, t_stat, damping, mean_reduction, sync, skip_nonfinite, name)
     rows, (n, m) = gf.shape[0], (af.shape[1], gf.shape[1])
     if rows * (m * m + n * n) <= m * n * (m + n):
         delta = (gf @ B_root).mT @ (af @ A_root)
@@ -131,7 +239,7 @@ def kron_t(
 
 @kron_t.register_fake
 def _(g, a, A, A_root, B, B_root, steps, switched, gamma, t_int, t_stat, damping, batch, mean_reduction,
-      switch_at_step, name):
+      switch_at_step, name, inv_scale=None, sync=False, skip_nonfinite=False, acc=None, collect=None):
     return g.new_empty((g.shape[1], a.shape[1]))
 
 
@@ -148,22 +256,20 @@ def patches(x: torch.Tensor, kernel, dilation, padding, stride) -> torch.Tensor:
     return torch.stack(cols, 1).reshape(x.shape[1] * kh * kw, -1)
 
 
-def _conv_statistics(g: torch.Tensor, x: torch.Tensor, has_bias: bool, geometry, scale: float, dtype):
-    """stat_A = mean over samples and locations of ā āᵀ (ā = [patch, 1] with a bias), without forming
-    ā: Σ aaᵀ by one matmul of the patches, the bias row and column from Σ a and the count;
-    stat_B = scale · Σ ggᵀ over samples and locations."""
+def _conv_sums(g: torch.Tensor, x: torch.Tensor, has_bias: bool, geometry, inv_scale, dtype) -> Sums:
+    """Σ āāᵀ over samples and locations (ā = [patch, 1] with a bias) without forming ā: Σ aaᵀ by one
+    matmul of the patches, the bias row and column from Σ a and the count; Σ ĝĝᵀ likewise."""
     p = patches(x.to(dtype), *geometry)                                  # [k, N]
     count = p.shape[1]
-    stat_a = p @ p.mT
+    aa = p @ p.mT
     if has_bias:
         sums = p.sum(1)
-        stat_a = torch.cat([torch.cat([stat_a, sums[:, None]], 1),
-                            torch.cat([sums, sums.new_full((1,), count)])[None]], 0)
+        aa = torch.cat([torch.cat([aa, sums[:, None]], 1), torch.cat([sums, sums.new_full((1,), count)])[None]], 0)
     gc = g.to(dtype).transpose(0, 1).reshape(g.shape[1], -1)              # [m, N]
-    return stat_a / count, (gc @ gc.mT) * scale
+    return Sums(aa, float(count), _unscaled(gc @ gc.mT, inv_scale), float(g.shape[0]))
 
 
-@torch.library.custom_op("svgd_fx::kron_t_conv", mutates_args=("A", "A_root", "B", "B_root", "steps"))
+@torch.library.custom_op("svgd_fx::kron_t_conv", mutates_args=("A", "A_root", "B", "B_root", "steps", "acc"))
 def kron_t_conv(
     g: torch.Tensor,
     x: torch.Tensor,
@@ -186,20 +292,25 @@ def kron_t_conv(
     mean_reduction: bool,
     switch_at_step: int,
     name: str,
+    inv_scale: torch.Tensor | None = None,
+    sync: bool = False,
+    skip_nonfinite: bool = False,
+    acc: torch.Tensor | None = None,
+    collect: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A conv2d layer's T: ``R_B·Ĝ·R_A`` from the plain gradient ``grad`` = Ĝ ``[m, n]`` (the graph's own
     weight gradient, bias as its last column), ∇σ'J ``g`` ``[B, m, H, W]`` and the input ``x``; patches
     of ``x`` are formed only on the steps that update the factors."""
-    if _is_off(steps, switched, switch_at_step) or g.shape[0] == 0:
+    if _is_off(steps, switched, switch_at_step) or (g.shape[0] == 0 and not sync):
         return grad.clone()
-    _advance(A, A_root, B, B_root, steps,
-             lambda: _conv_statistics(g, x, has_bias, (kernel, dilation, padding, stride),
-                                      _b_scale(g.shape[0], mean_reduction), A.dtype),
-             gamma, t_int, t_stat, damping, name)
+    _step(acc, collect, A, A_root, B, B_root, steps,
+          lambda: _conv_sums(g, x, has_bias, (kernel, dilation, padding, stride), inv_scale, A.dtype), g.shape[0],
+          gamma, t_int, t_stat, damping, mean_reduction, sync, skip_nonfinite, name)
     return (B_root @ grad.to(B.dtype) @ A_root).to(grad.dtype)
 
 
 @kron_t_conv.register_fake
 def _(g, x, grad, A, A_root, B, B_root, steps, switched, kernel, dilation, padding, stride, has_bias, gamma,
-      t_int, t_stat, damping, mean_reduction, switch_at_step, name):
+      t_int, t_stat, damping, mean_reduction, switch_at_step, name, inv_scale=None, sync=False,
+      skip_nonfinite=False, acc=None, collect=None):
     return grad.new_empty(grad.shape)

@@ -31,12 +31,17 @@ class MethodPlan:
     examples: list[torch.Tensor]           # one tensor per extra input, in layout order
     collect_device: Any = None
     t_names: set[str] = field(default_factory=set)
+    # svgd_fx.accumulate's accumulators: (key in state.accs, the state key whose dtype and device
+    # it takes, its size less the two counts; None: that state tensor's numel)
+    acc_specs: list[tuple[str, str, int | None]] = field(default_factory=list)
 
 
 class Method(Protocol):
     supports: frozenset[str]
 
     def plan(self, ctx: PlanContext) -> MethodPlan: ...
+
+    def commit(self, state, phase: str) -> None: ...   # the end of an svgd_fx.accumulate block
 
     def rewrite(self, joint: torch.fx.GraphModule, plan: MethodPlan, param_sources: set[str],
                 param_inputs: set[int], entry: str) -> set[str]: ...

@@ -86,7 +86,12 @@ class SVGDMethod:
             )
             for sigma, key, reduce in routed
         ]
-        return MethodPlan(specs, r_specs, examples, collect_device)
+        acc_specs = [(key, key, None) for key in layout.keys("state")] if ctx.accumulating else []
+        return MethodPlan(specs, r_specs, examples, collect_device, acc_specs=acc_specs)
+
+    def commit(self, state, phase: str) -> None:
+        if phase != "gradients":      # the gradients pass leaves r as the statistics pass made it
+            state.commit_accumulated(self.config.rho, self.config.reduction == "mean")
 
     def rewrite(self, joint, plan: MethodPlan, param_sources, param_inputs, entry: str) -> set[str]:
         return reroute(joint, plan.specs, param_sources, param_inputs, option_spelling(entry, "exclude", "[...]"))

@@ -13,6 +13,7 @@ import torch
 
 from ..config import SVGDConfig
 from ..errors import option_spelling
+from ..kernels.kron_op import commit
 from ..passes.kronecker import STATE_PARTS, KronSpec, kronecker_layer, precondition
 from ..passes.locate import ParamInput
 from ..session import SigmaRecord
@@ -22,7 +23,7 @@ SWITCHED_KEY = "tso.switched"
 
 
 class TSOMethod:
-    supports = frozenset()
+    supports = frozenset({"accumulate", "grad_scaler", "distributed"})
 
     def __init__(self, config: SVGDConfig) -> None:
         self.config = config
@@ -58,6 +59,18 @@ class TSOMethod:
         state_specs.append((SWITCHED_KEY, (), torch.float32, torch.device("cpu"), "TSO-ALRA's switch to SGD"))
         for spec in state_specs:
             layout.add("state", spec[0])
+        scaled = isinstance(owner.grad_scaler, torch.amp.GradScaler)
+        collecting = ctx.accumulating and bool(layers)
+        acc_specs = []
+        for sigma, layer, keys in layers:        # [Σāāᵀ, Σĝĝᵀ] (+ rows, samples): svgd_fx.accumulate
+            if ctx.accumulating:
+                n, m = layer.sizes
+                acc_specs.append((f"{sigma.name}.kron", keys[0], n * n + m * m))
+                layout.add("acc", acc_specs[-1][0])
+        if scaled:
+            layout.add("inv_scale", "grad_scaler.inv_scale")
+        if collecting:
+            layout.add("collect", "collect")
         specs = [
             KronSpec(
                 source=sigma.source, name=sigma.name, layer=layer,
@@ -68,11 +81,36 @@ class TSOMethod:
                 t_stat=config.t_stat,
                 damping=config.damping, mean_reduction=config.reduction == "mean",
                 switch_at_step=-1 if config.switch_at_step is None else config.switch_at_step,
+                scale_input=layout.optional_index("inv_scale", "grad_scaler.inv_scale"),
+                sync=bool(config.distributed), skip_nonfinite=config.nonfinite == "skip",
+                acc_input=layout.optional_index("acc", f"{sigma.name}.kron"),
+                collect_input=layout.optional_index("collect", "collect"),
             )
             for sigma, layer, keys in layers
         ]
-        examples = [owner.svgd_state.get_or_create(*spec) for spec in state_specs]
-        return MethodPlan(specs, state_specs, examples)
+        state = owner.svgd_state
+        examples = [state.get_or_create(*spec) for spec in state_specs]
+        by_key = dict(zip((spec[0] for spec in state_specs), examples))
+        examples += [state.acc(key, numel, by_key[like].dtype, by_key[like].device)
+                     for key, like, numel in acc_specs]
+        if scaled:
+            examples.append(torch.ones((), device=state_specs[0][3]))
+        if collecting:
+            examples.append(state.collect_flag(torch.device("cpu")))     # read on the host by the T nodes
+        return MethodPlan(specs, state_specs, examples, torch.device("cpu"), acc_specs=acc_specs)
+
+    def commit(self, state, phase: str) -> None:
+        """The end of an ``svgd_fx.accumulate`` block: each layer folds its micro-batches' pooled
+        statistics into its factors and refreshes its roots when due (not in the gradients pass),
+        and counts the step (not in the statistics pass: the gradients pass runs the same step)."""
+        config = self.config
+        for key in sorted(state.accs):
+            name = key.removesuffix(".kron")
+            parts = [state.tensors.get(f"{name}.{part}") for part in STATE_PARTS]
+            if any(p is None for p in parts):
+                continue
+            commit(state.accs[key], *parts, config.gamma, config.t_int, config.t_stat, config.damping,
+                   config.reduction == "mean", bool(config.distributed), config.nonfinite == "skip", name, phase)
 
     def off_check(self, plan: MethodPlan):
         """``off(state)``: whether every Kronecker layer of this graph is past the switch to SGD (its

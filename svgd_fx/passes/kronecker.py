@@ -104,6 +104,11 @@ class KronSpec:
     damping: float
     mean_reduction: bool
     switch_at_step: int           # -1: no switch by step count
+    scale_input: int | None = None   # plain-input index of a GradScaler's 1/S
+    sync: bool = False               # all-reduce the factors' statistics (distributed=True)
+    skip_nonfinite: bool = False     # a non-finite statistic leaves the state alone (nonfinite="skip")
+    acc_input: int | None = None     # svgd_fx.accumulate: the layer's accumulator ...
+    collect_input: int | None = None  # ... and the "collect" mode input
 
 
 def precondition(gm: GraphModule, specs: list[KronSpec], param_derived_sources: set[str],
@@ -189,20 +194,23 @@ def _emit(graph, spec: KronSpec, g: Node, x: Node, plain: dict[str, Node], place
 
     state = [placeholders[i] for i in spec.state_inputs] + [placeholders[spec.switched_input]]
     common = (spec.gamma, spec.t_int, spec.t_stat, spec.damping)
+    inv_scale, acc, collect = (None if i is None else placeholders[i]
+                               for i in (spec.scale_input, spec.acc_input, spec.collect_input))
+    extra = dict(inv_scale=inv_scale, sync=spec.sync, skip_nonfinite=spec.skip_nonfinite, acc=acc, collect=collect)
     if layer.kind == "linear":
         rows_g = emit(aten.view.default, contiguous(g), [-1, m])
         rows_x = emit(aten.view.default, contiguous(x), [-1, layer.weight_shape[1]])
         if layer.bias is not None:
             rows_x = emit(aten.constant_pad_nd.default, rows_x, [0, 1], 1.0)     # ā = [a, 1]
         t_node = emit(torch.ops.svgd_fx.kron_t.default, rows_g, rows_x, *state, *common, batch,
-                      spec.mean_reduction, spec.switch_at_step, spec.name)
+                      spec.mean_reduction, spec.switch_at_step, spec.name, **extra)
     else:   # Ĝ from the graph's own gradients: [∇W as [m, n-1] | ∇b]
         grad = emit(aten.view.default, contiguous(plain["weight"]), [m, -1])
         if layer.bias is not None:
             grad = emit(aten.cat.default, [grad, emit(aten.view.default, plain["bias"], [m, 1])], 1)
         t_node = emit(torch.ops.svgd_fx.kron_t_conv.default, g, x, grad, *state, list(layer.weight_shape[2:]),
                       list(layer.dilation), list(layer.padding), list(layer.stride), layer.bias is not None,
-                      *common, spec.mean_reduction, spec.switch_at_step, spec.name)
+                      *common, spec.mean_reduction, spec.switch_at_step, spec.name, **extra)
     delta = t_node                                                                   # [m, n] = R_B·Ĝ·R_A
     grads = {}
     if layer.bias is not None:
