@@ -24,6 +24,10 @@ parameter gradient. So there are two ways, both here:
   all micro-batches. Equal to one big batch with T reading r *before* the step's update: the
   ordering of the authors' TensorFlow code (docs/contract.md, the authors' TensorFlow code).
 
+TSO-ALRA pools its factors' statistics the same way; its T is linear in the gradient, so the
+two passes equal one big batch and the one pass reads the roots the previous step left
+(docs/tso-alra.md, "Gradient accumulation").
+
 Mechanism: graphs built for accumulation have a 0-dim "collect" input and an r-sized
 accumulator per σ'; inside ``accumulate`` "collect" is 1, and T then adds Σ_b (g/S)² and the
 sample counts to the accumulator instead of updating r. The exit commits. ``transform``

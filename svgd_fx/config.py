@@ -58,10 +58,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("grad_scaler", None, "the torch.amp.GradScaler of fp16 training: r is built from the unscaled "
            "gradient and a step the scaler skips leaves r as it was (call scaler.update() once per step). An "
            "fp16 autocast forward with grad enabled raises unless a scaler is given, or grad_scaler=False says "
-           "that this training has none."),
+           "that this training has none. TSO-ALRA: its factors likewise."),
     Option("distributed", None, "with DDP, True all-reduces T's batch statistic over torch.distributed's "
-           "default group (every rank's r is what one process would build on the joined batch); False keeps "
-           "each rank's own. Not given with several processes: an error."),
+           "default group (every rank's r is what one process would build on the joined batch; TSO-ALRA: its "
+           "factors' statistics); False keeps each rank's own. Not given with several processes: an error."),
     Option("t_impl", "fused", '"fused" (default): T as aten ops in the joint graph, fused by inductor into '
            'its kernels (a GradScaler or distributed=True use the op); "op": the svgd_fx::virtual_grad custom '
            "op (the Triton kernel on CUDA, torch elsewhere), which raises a non-finite ∇σ'J inside the backward."),
@@ -76,7 +76,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("switch_at_step", None, "TSO-ALRA: train on plain gradients after this many steps (None: when "
            "svgd_fx.switch_to_sgd(model) is called).", TSO_ALRA),
     Option("accumulation", False, "give every graph the inputs svgd_fx.accumulate needs (an r-sized "
-           "accumulator per σ' node and a mode flag: a few per cent of a small model's step, so off by "
+           "accumulator per σ' node, TSO-ALRA: factor-sized, and a mode flag: a few per cent of a small model's step, so off by "
            "default; transform builds such graphs on its own at the first accumulated step).", entry=BACKEND),
     Option("codegen", None, '"inductor" (default): inductor compiles the rewritten graphs, as the backend '
            'does; "fx": the rewritten FX graphs run as they are, T as the op (debugging, exact comparisons). '
