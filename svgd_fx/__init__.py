@@ -21,8 +21,9 @@ from .errors import (CoverageError, EagerLayerWarning, FactorError, FrameworkSet
 from .capture.transform import SVGDModule, transform
 from .switch import SwitchOnPlateau, switch_to_sgd, switched
 from .config import SVGDConfig
+from .sharding import with_saved_state
 
-__all__ = ["transform", "accumulate", "AccumulationWindow", "FrameworkSettingWarning", "switch_to_sgd", "switched", "SwitchOnPlateau", "FactorError", "backend", "state_of", "explain", "Report", "SVGDModule", "SVGDConfig", "SVGDError", "StateShapeError",
+__all__ = ["transform", "accumulate", "with_saved_state", "AccumulationWindow", "FrameworkSettingWarning", "switch_to_sgd", "switched", "SwitchOnPlateau", "FactorError", "backend", "state_of", "explain", "Report", "SVGDModule", "SVGDConfig", "SVGDError", "StateShapeError",
            "RerouteError", "CoverageError", "NonFiniteGradientError", "GradientAccumulationWarning",
            "EagerLayerWarning"]
 __version__ = "0.1.0"

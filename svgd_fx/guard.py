@@ -27,12 +27,14 @@ import torch
 from torch import nn
 
 from .errors import CoverageError, GradientAccumulationWarning
+from .sharding import ParamIds, fsdp2_params
 
 
 class GradientGuard:
     def __init__(self, model: nn.Module, excluded: frozenset[str],
                  explain: Callable[[list[str]], str]) -> None:
-        self.names = {id(p): n for n, p in model.named_parameters()}
+        self.ids = ParamIds(model)                 # FSDP2: an unsharded tensor -> its shard's id
+        self.names = {self.ids.canonical(id(p)): n for n, p in model.named_parameters()}
         self.excluded = excluded
         self.explain = explain                     # the names of the offenders -> the error message
         self.plan_params: dict[object, frozenset[int]] = {}
@@ -52,8 +54,9 @@ class GradientGuard:
     def arm(self, model: nn.Module) -> None:
         """Hooks on the parameters that require grad (again at each compile: one unfrozen later)."""
         guard = weakref.ref(self)
-        for p in model.parameters():
-            if p.requires_grad and id(p) not in self.handles:
+        shards = [fp.sharded_param for fp in fsdp2_params(model)] if self.ids.sharded else []
+        for p in [*model.parameters(), *shards]:      # (inside FSDP2's forward: unsharded ones, skipped)
+            if p.requires_grad and id(p) not in self.handles and id(p) == self.ids.canonical(id(p)):
                 self.handles[id(p)] = p.register_post_accumulate_grad_hook(_noting(guard, id(p)))
 
     def disarm(self) -> None:
@@ -69,12 +72,13 @@ class GradientGuard:
         if node is None:
             return
         if plan_key not in self.plan_params:
-            self.plan_params[plan_key] = params()
+            self.plan_params[plan_key] = frozenset(self.ids.canonical(pid) for pid in params())
         node.register_prehook(_passing(weakref.ref(self), plan_key))
 
     def note(self, pid: int, param: torch.Tensor) -> None:
+        pid = self.ids.canonical(pid)
         self.received.add(pid)
-        if self.probe is None:
+        if self.probe is None and type(param).__name__ != "DTensor":   # (FSDP2 sets a shard's .grad itself)
             self._watch(pid, param)
         if not self.callback_queued:
             self.callback_queued = True

@@ -18,6 +18,7 @@ parameters, GradScaler, gradient guard), the same type under both entry points; 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,6 +32,7 @@ from .passes.composites import expand_composites
 from .passes.locate import Kind, locate, tag_nodes
 from .runtime import Feed, StateLayout, feeder
 from .session import Session
+from .sharding import refuse_pipelining
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Plan:
     params_seen: set[str] = field(default_factory=set)  # parameter names this graph uses
     sigma_names: frozenset[str] = frozenset()            # the σ' nodes of this graph (routed or not)
     t_names: set[str] = field(default_factory=set)       # those its backward got a T for (rewrite)
+    param_names: tuple[str, ...] = ()                    # the parameter inputs' names, in input order
 
     def rewrite(self, joint: torch.fx.GraphModule) -> None:
         """The method's pass on AOTAutograd's joint graph (in place), logged per σ'."""
@@ -76,23 +79,95 @@ class Plan:
         compiled = aot_backend(self.gm, self.example_inputs)
         state_tensors = feeder(self.feed)
         param_idx = sorted(self.param_inputs)
+        planned_ids = [None]          # the parameters this graph was planned for (their ids, at the first call)
         plan_key = object()
         off_check = getattr(self.method, "off_check", None)
         off = off_check(self.planned) if off_check and plain_backend is not None and self.planned.specs else None
         plain = plain_backend() if off is not None else None
+        others = {}                   # ids of other parameters -> (plan key, feeder) for them
 
         def run(owner, args):
-            if off is not None and off(owner.svgd_state):
-                outputs = plain(*args)
-            else:
-                outputs = compiled(*args, *state_tensors(owner))
+            ids = tuple(id(args[i]) for i in param_idx)
+            if planned_ids[0] is None:
+                planned_ids[0] = ids
+            if ids == planned_ids[0]:
+                key, feed = plan_key, state_tensors
+                if off is not None and off(owner.svgd_state):
+                    outputs = plain(*args)
+                else:
+                    outputs = compiled(*args, *feed(owner))
+            else:                     # Dynamo reuses this graph for another module of the same class
+                if ids not in others:
+                    others[ids] = (object(), self._feeder_for(owner, [args[i] for i in param_idx]))
+                key, feed = others[ids]
+                outputs = compiled(*args, *feed(owner))
             if torch.is_grad_enabled():     # a backward through this graph covers its parameters
-                owner.guard.watch(plan_key, lambda: frozenset(id(args[i]) for i in param_idx), outputs)
+                owner.guard.watch(key, lambda: frozenset(id(args[i]) for i in param_idx), outputs)
             return outputs
 
         if owner_of_call is None:
             return lambda *args: run(self.owner, args)
         return lambda *args: run(owner_of_call(args), args)
+
+
+    def _feeder_for(self, owner: Session, params: list) -> Callable:
+        """The extra inputs of this graph for other parameters than it was planned for: TorchDynamo
+        compiles a module class's forward once and reuses the graph for every instance whose
+        guards pass (identical blocks, each compiled as a frame of its own after a graph break:
+        FSDP2's hooks make one per block). The σ' names, and so the state keys, are the planned
+        ones with the parameters' common module prefix replaced (``blocks.0.`` → ``blocks.3.``)."""
+        names = {id(p): n for n, p in owner.model.named_parameters()}
+        new = [names.get(id(p)) for p in params]
+        rename = _prefix_map(self.param_names, new)
+        if rename is None:
+            raise SVGDError(
+                f"svgd_fx: a graph planned for the parameters {list(self.param_names)[:4]} was called with "
+                f"{new[:4]}, which do not differ from them by one module prefix, so their σ' nodes have no names. "
+                "Please report this model; exclude these parameters meanwhile ("
+                + option_spelling(owner.entry, "exclude", "[...]") + ").")
+        old, fresh = rename
+        sigmas = sorted(self.sigma_names, key=len, reverse=True)
+
+        def moved(key: str) -> str:
+            """A key of one of this graph's σ' nodes (its name, or its name and a part), renamed."""
+            for name in sigmas:
+                if (key == name or key.startswith(name + ".")) and name.startswith(old):
+                    return fresh + key[len(old):]
+            return key                       # the model's own keys (a GradScaler's, TSO-ALRA's switch)
+
+        layout = StateLayout(self.feed.layout.first)
+        for kind, keys in self.feed.layout.entries.items():
+            for key in keys:
+                layout.add(kind, moved(key))
+        specs = [(moved(spec[0]), *spec[1:]) for spec in self.feed.state_specs]
+        acc_specs = [(moved(k), moved(like), numel) for k, like, numel in self.feed.acc_specs]
+        feed = dataclasses.replace(self.feed, layout=layout, state_specs=specs, acc_specs=acc_specs)
+        for name in self.sigma_names:        # their rows in explain(), as the planned ones'
+            record = owner.log.records.get(name)
+            if record is not None and moved(name) not in owner.log.records:
+                owner.log.records[moved(name)] = dataclasses.replace(
+                    record, key=moved(record.key) if record.key else None,
+                    state_keys=tuple(moved(k) for k in record.state_keys),
+                    sigma=copy.copy(record.sigma))
+                owner.log.records[moved(name)].sigma.name = moved(name)
+        owner.log.params_seen |= {n for n in new if n is not None}
+        return feeder(feed)
+
+
+def _prefix_map(old: tuple[str, ...], new: list) -> tuple[str, str] | None:
+    """(old prefix, new prefix) with ``new[i] == new prefix + old[i][len(old prefix):]`` for all i, or None."""
+    if not old or len(old) != len(new) or any(n is None for n in new):
+        return None
+    o, n = old[0].split("."), new[0].split(".")
+    k = 0                                  # common trailing components of the first pair
+    while k < min(len(o), len(n)) and o[-1 - k] == n[-1 - k]:
+        k += 1
+    if k == 0:
+        return None
+    po, pn = (".".join(parts[:len(parts) - k]) + "." if len(parts) > k else "" for parts in (o, n))
+    if all(a.startswith(po) and b == pn + a[len(po):] for a, b in zip(old, new)):
+        return po, pn
+    return None
 
 
 def build_plan(owner: Session, gm: torch.fx.GraphModule, example_inputs: list[Any], accumulating: bool = False) -> Plan:
@@ -101,10 +176,11 @@ def build_plan(owner: Session, gm: torch.fx.GraphModule, example_inputs: list[An
     owner.guard.arm(model)
     if config.distributed is None and _world_size() > 1:
         raise SVGDError(
-            f"svgd_fx: torch.distributed runs {_world_size()} processes, and distributed was not given. With DDP each "
+            f"svgd_fx: torch.distributed runs {_world_size()} processes, and distributed was not given. With DDP or FSDP2 each "
             "rank sees part of the batch: pass " + option_spelling(owner.entry, "distributed", "True") + " so that r "
             "is built from the joined batch (what one process would build), or distributed=False to keep each rank's "
             "r from its own samples knowingly.")
+    refuse_pipelining()
     gm = _own_copy(gm)
     params = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     consts = {id(t) for t in model.buffers()} | {id(p) for p in model.parameters() if not p.requires_grad}
@@ -134,7 +210,8 @@ def build_plan(owner: Session, gm: torch.fx.GraphModule, example_inputs: list[An
                 collect_device=planned.collect_device, accumulating=accumulating, acc_specs=planned.acc_specs)
     return Plan(owner, method, _with_state_inputs(gm, layout), _with_state_examples(example_inputs, planned.examples),
                 planned, feed, _param_sources(analysis), param_inputs, analysis.params_seen,
-                sigma_names=frozenset(sigma.name for sigma in analysis.sigmas))
+                sigma_names=frozenset(sigma.name for sigma in analysis.sigmas),
+                param_names=tuple(param_nodes[placeholders[i]] for i in sorted(param_inputs)))
 
 
 def _world_size() -> int:

@@ -34,7 +34,8 @@ from torch import nn
 from . import eager_layers
 from .._torch_internals import OptimizedModule, compiling_frame, counters
 from ..state import SVGDState
-from .common import TRANSFORMED, check_model, compile_inductor, compile_plain, refuse_sharded
+from .common import TRANSFORMED, check_model, compile_inductor, compile_plain
+from ..sharding import refuse_unsupported
 from ..plan import build_plan
 from ..session import Session, install_state_hooks
 from ..config import BACKEND, ExcludeSpec, SVGDConfig, check_scaler, describe, make_config, names, options_doc, \
@@ -437,7 +438,7 @@ def _svgd_backend_of(compiled: Any) -> backend | None:
     try:
         given = compiled.dynamo_ctx.callback._torchdynamo_orig_backend._torchdynamo_orig_backend
         given = getattr(given, "_torchdynamo_orig_backend", given)
-    except AttributeError:
+    except (AttributeError, KeyError):   # (a wrapper not fully built: its __getattr__ raises KeyError)
         return None
     if "_svgd_fx_backend" in getattr(given, "__dict__", {}):
         return given._svgd_fx_backend
@@ -464,7 +465,7 @@ def _svgd_models_on_stack() -> list[tuple[nn.Module, backend]]:
     found, frame = [], sys._getframe(1)
     while frame is not None:
         for value in frame.f_locals.values():
-            if isinstance(value, OptimizedModule):
+            if isinstance(value, OptimizedModule) and "_orig_mod" in value._modules:
                 b = _svgd_backend_of(value)
                 inner = value._orig_mod
                 if b is not None and isinstance(inner, nn.Module) and not any(inner is m for m, _ in found):
@@ -493,7 +494,7 @@ def _on_compile_start(args) -> None:
     if not models:
         return
     for model, b in models:
-        refuse_sharded(model)
+        refuse_unsupported(model)
         _refuse_transformed(model)
         binding = _binding_for(model)
         if binding.config is None:      # a conflict of options is the backend's to report

@@ -10,27 +10,14 @@ from torch import nn
 
 from .._torch_internals import compile_fx, functorch_config
 from ..errors import SVGDError
-
-
-def refuse_sharded(model: nn.Module) -> None:
-    """FSDP (1 or 2) replaces the parameters by flat or sharded ones and gathers them inside its own
-    hooks, so the pass cannot see which parameter enters which σ' node: refuse it by name."""
-    sharded = [name or "<root>" for name, m in model.named_modules()
-               if any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule") for c in type(m).__mro__)]
-    if sharded:
-        raise SVGDError(
-            f"svgd_fx: FSDP is not supported (sharded modules: {sharded[:4]}). FSDP replaces the "
-            "parameters by flat or sharded ones and gathers them inside its own hooks, so the pass "
-            "cannot see which parameter enters which σ' node. Use DDP with distributed=True, or keep "
-            "the model unsharded."
-        )
+from ..sharding import refuse_unsupported
 
 
 def check_model(model: nn.Module) -> dict[str, nn.Parameter]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"svgd_fx.transform takes an nn.Module (or a torch.fx.GraphModule), "
                         f"got {type(model).__name__}")
-    refuse_sharded(model)
+    refuse_unsupported(model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("svgd_fx: the model has no trainable parameters (none with requires_grad=True): "
