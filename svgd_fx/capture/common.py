@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from .._torch_internals import compile_fx, functorch_config
-from ..errors import SVGDError
 from ..sharding import refuse_unsupported
 
 
