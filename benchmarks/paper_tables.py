@@ -57,6 +57,10 @@ Protocol (the same for every optimizer; the code below is the definition):
   RMSProp and SVGD, its L1 rate; translated: SVGD's α × B and its L1 rate / B, the rest as
   printed; TF's RMSProp defaults ρ = 0.9, ε = 1e-10) are run as well, on the same data and
   steps, without tuning.
+* **SVGD (authors' code)** (``svgd_fx.transform(model, s, variant="authors")``): the authors'
+  TensorFlow code's T (no B factor, T on linear/conv weights only, T from r before its update;
+  docs/contract.md), same ``s``, same protocol and budget; its lr is in the authors' units, so
+  its grid centre is SVGD's / B (the same effective step), and the paper's own α runs as printed.
 * **TSO-ALRA** (``svgd_fx.transform(model, method="tso-alra")``, plain SGD on its gradients):
   the paper's lr 1e-2 as the grid centre; γ = 0.05, T_int = 20; the switch to SGD after half
   of the run's steps (the paper tuned the switch epoch on validation data; a fixed fraction
@@ -93,6 +97,7 @@ from benchmarks.models import PaperMLP, PaperVGG, PreActResNet20
 GRID_FACTORS = (1 / 3, 1.0, 3.0)
 EVAL_CHUNK = 128
 TSO_ALRA = "TSO-ALRA"
+SVGD_AUTHORS = "SVGD (authors' code)"
 TSO_SWITCH_FRACTION = 0.5
 TSO_OPTIONS = dict(gamma=0.05, t_int=20)
 TSO_DAMPINGS = (1e-3, 1e-2, 1e-1)     # ε, chosen on validation at the centre lr (module doc)
@@ -145,10 +150,12 @@ class Method:
     svgd: bool = False
     create_graph: bool = False
     tso: bool = False
+    variant: str = "paper"        # SVGD's variant (svgd_fx.transform(..., variant=...))
 
 
 METHODS = {
     "SVGD": Method("SVGD", lambda p, lr: torch.optim.SGD(p, lr=lr), svgd=True),
+    SVGD_AUTHORS: Method(SVGD_AUTHORS, lambda p, lr: torch.optim.SGD(p, lr=lr), svgd=True, variant="authors"),
     "SGD": Method("SGD", lambda p, lr: torch.optim.SGD(p, lr=lr)),
     "SGD+momentum": Method("SGD+momentum", lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9)),
     "Adam": Method("Adam", lambda p, lr: torch.optim.Adam(p, lr=lr)),
@@ -172,6 +179,14 @@ MLP_CENTRES = _centres(sgd=0.1, adam=1e-3, rmsprop=1e-3)
 VGG_CENTRES = _centres(sgd=2.0, adam=0.02, rmsprop=0.02)
 RESNET_CENTRES = _centres(sgd=0.1, adam=1e-3, rmsprop=1e-3)
 MAX_EXTENSIONS = 2
+
+
+def centre_of(task, name: str) -> float:
+    """The lr grid's centre of ``name`` on ``task``; SVGD in the authors' code's units is SVGD's
+    centre / B (its weight gradient is a batch sum: docs/contract.md)."""
+    if name == SVGD_AUTHORS:
+        return _round(task.centres["SVGD"] / task.batch)
+    return task.centres[name]
 
 
 def _round(lr: float) -> float:
@@ -228,18 +243,21 @@ class Task:
 # Table 1 of the paper (MLP on MNIST, B = 32, L1 1e-4), phases at 1.6k / 3.6k of 6k steps.
 TABLE1 = (
     PaperRun("SVGD", (0.01, 0.005, 0.001), 1e-4),
+    PaperRun(SVGD_AUTHORS, (0.01, 0.005, 0.001), 1e-4),        # the same α, in the units it was written in
     PaperRun("SGD", (0.1, 0.05, 0.01), 1e-4),
     PaperRun("Adam", (0.001, 0.00005, 0.00005), 1e-4),
     PaperRun("RMSProp", (0.001, 0.0005, 0.00005), 1e-4),
 )
 TABLE2 = (
     PaperRun("SVGD", (2.0, 0.5, 0.005), 1e-5),
+    PaperRun(SVGD_AUTHORS, (2.0, 0.5, 0.005), 1e-5),        # the same α, in the units it was written in
     PaperRun("SGD", (2.0, 0.5, 0.005), 1e-5),
     PaperRun("Adam", (0.02, 0.01, 0.005), 1e-5),
     PaperRun("RMSProp", (0.02, 0.01, 0.002), 1e-5),
 )
 TABLE3 = (
     PaperRun("SVGD", (0.5, 0.02, 0.01), 1e-4),
+    PaperRun(SVGD_AUTHORS, (0.5, 0.02, 0.01), 1e-4),        # the same α, in the units it was written in
     PaperRun("SGD", (0.1, 0.01, 0.001), 1e-4),
     PaperRun("Adam", (0.001, 0.0001, 0.00005), 1e-4),
     PaperRun("RMSProp", (0.001, 0.0001, 0.0001), 1e-4),
@@ -333,7 +351,7 @@ def train_run(task: Task, split: bdata.Split, method: Method, lr_at: Callable[[i
     per_epoch = len(ytr) // task.batch
     total = per_epoch * epochs
     if method.svgd:
-        net = svgd_fx.transform(model, s=task.s)
+        net = svgd_fx.transform(model, s=task.s, variant=method.variant)
     elif method.tso:
         net = svgd_fx.transform(model, method="tso-alra", switch_at_step=round(TSO_SWITCH_FRACTION * total),
                                 damping=damping, **TSO_OPTIONS)
@@ -456,6 +474,8 @@ def fmt_ms(m: tuple[float, float], digits: int = 2) -> str:
 def _label(name: str, task: Task, row: dict | None = None) -> str:
     if name == "SVGD":
         return f"SVGD (s={task.s:g})"
+    if name == SVGD_AUTHORS:
+        return f"SVGD, authors' code (s={task.s:g}; α in its units)"
     if name == TSO_ALRA:
         tried = ", ".join(f"{d} → {v:.2f} %" for d, v in (row or {}).get("val_by_damping", {}).items())
         chosen = f"; ε {row['damping']:g} chosen on val ({tried})" if row and "damping" in row else ""
@@ -493,7 +513,7 @@ def task_markdown(task: Task, result: dict) -> str:
                   "| optimizer | α per phase | L1 | test error final (%) | test error best-seen (%) "
                   "| final train loss |", "|---|---|---|---|---|---|"]
         for name, row in result["paper_summary"].items():
-            label = f"SVGD (s={task.s:g})" if name == "SVGD" else name
+            label = _label(name, task) if name in ("SVGD", SVGD_AUTHORS) else name
             phases = " → ".join(f"{p:g}" for p in row["phases_paper"])
             ours = " → ".join(f"{p:g}" for p in row["phases"])
             where = f"paper {phases}; here {ours}" if phases != ours else phases
@@ -606,7 +626,7 @@ def run_task(task: Task, args, methods: list[str]) -> dict:
         method = METHODS[name]
         if method.make is None:
             continue
-        pending, tried, mine, kw = lr_grid(task.centres[name]), [], [], {}
+        pending, tried, mine, kw = lr_grid(centre_of(task, name)), [], [], {}
         if method.tso:     # ε first, at the centre lr (see the module doc)
             centre = task.centres[name]
             probes, dampings, pending_d = [], [], list(TSO_DAMPINGS)
@@ -639,7 +659,7 @@ def run_task(task: Task, args, methods: list[str]) -> dict:
             pending = [extra] if extra is not None else []
         runs += mine
         summary[name] = select(mine, tried)
-        summary[name]["base_grid"] = lr_grid(task.centres[name])
+        summary[name]["base_grid"] = lr_grid(centre_of(task, name))
         if method.tso:
             summary[name].update(damping=kw["damping"],
                                  val_by_damping={f"{d:g}": 100 * v[0] for d, v in damping_scores.items()})
@@ -650,7 +670,7 @@ def run_task(task: Task, args, methods: list[str]) -> dict:
             if pr.method not in methods:
                 continue
             method = PAPER_METHODS.get(pr.method, METHODS[pr.method])
-            scale = task.batch if method.svgd else 1
+            scale = task.batch if method.svgd and method.variant == "paper" else 1
             phases = tuple(p * scale for p in pr.phases)
             sched = Schedule(task.schedule.milestones, phases, "paper")
             l1 = pr.l1 / scale
@@ -668,7 +688,8 @@ def run_task(task: Task, args, methods: list[str]) -> dict:
               "epochs": epochs, "steps": steps, "seeds": args.seeds, "s": task.s,
               "schedule": {"milestones": task.schedule.milestones, "factors": task.schedule.factors,
                            "source": task.schedule.source},
-              "centres": {k: task.centres[k] for k in methods if k in task.centres}, "methods": methods}
+              "centres": {k: centre_of(task, k) for k in methods if k in task.centres or k == SVGD_AUTHORS},
+              "methods": methods}
     return {"config": config, "summary": summary, "paper_summary": paper_summary, "runs": runs}
 
 

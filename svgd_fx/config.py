@@ -48,6 +48,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("r_shape", None, '"full" (default: r has the σ\' output\'s per-sample shape; a dimension whose size '
            'changes between calls is averaged like the batch) or "channel" (r over the channel dimension only).',
            SVGD, filled="full"),
+    Option("variant", None, '"paper" (default: Algorithm 1 as the paper writes it) or "authors" (the authors\' '
+           "TensorFlow code: r from the batch mean of g² without the B factor, T only on the weights of linear, "
+           "matmul and conv nodes, T from r before the step's update; docs/contract.md).", SVGD, filled="paper"),
     Option("reduction", "mean", 'how the loss combines the batch: "mean" (torch\'s default; the per-sample '
            'gradient is B·g) or "sum" (it is g).'),
     Option("nonfinite", None, '"raise" (default without a scaler): an inf/NaN in ∇σ\'J raises '
@@ -101,6 +104,7 @@ def options_doc(entry: str) -> str:
 
 
 CODEGENS = ("inductor", "fx")
+VARIANTS = ("paper", "authors")
 T_IMPLS = ("fused", "op")
 # SVGD_FX_CODEGEN=fx runs every transform's graphs without code generation (debugging; the test
 # suite's float64 comparisons); a codegen= given to transform wins
@@ -121,6 +125,7 @@ class SVGDConfig:
     eps: float = 1e-6
     reduction: str = "mean"
     r_shape: str = "full"
+    variant: str = "paper"
     nonfinite: str = "raise"
     distributed: bool | None = None    # None: not given (an error where a process group has several ranks)
     method: str = SVGD
@@ -173,7 +178,8 @@ class SVGDConfig:
             return (f"method='tso-alra', gamma={self.gamma}, t_int={self.t_int}, t_stat={self.t_stat}, "
                     f"damping={self.damping}, switch_at_step={self.switch_at_step}, reduction={self.reduction!r}")
         return (f"s={self.s}, rho={self.rho}, eps={self.eps}, reduction={self.reduction!r}, "
-                f"r_shape={self.r_shape!r}" + (", accumulation=True" if self.accumulation else ""))
+                f"r_shape={self.r_shape!r}" + (", variant='authors'" if self.variant == "authors" else "")
+                + (", accumulation=True" if self.accumulation else ""))
 
     def _check_svgd(self) -> None:
         if self.s is None:
@@ -190,6 +196,9 @@ class SVGDConfig:
         if not (0 < eps < float("inf")):
             raise ValueError(f"svgd_fx: eps must be a finite number > 0 (it keeps sqrt(r + eps) away "
                              f"from zero), got eps={self.eps!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"svgd_fx: variant must be 'paper' (Algorithm 1, the default) or 'authors' (the "
+                             f"authors' TensorFlow code's T), got {self.variant!r}")
         if self.r_shape not in ("full", "channel"):
             raise ValueError(f"svgd_fx: r_shape must be 'full' (r per output element, the default) "
                              f"or 'channel' (r per channel), got {self.r_shape!r}")

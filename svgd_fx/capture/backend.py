@@ -343,13 +343,15 @@ class backend:
 """
 
     def __init__(self, s: float | None = None, *, method: str = "svgd", rho: float | None = None,
-                 eps: float | None = None, r_shape: str | None = None, reduction: str = "mean",
+                 eps: float | None = None, r_shape: str | None = None, variant: str | None = None,
+                 reduction: str = "mean",
                  nonfinite: str | None = None, exclude: ExcludeSpec = None, grad_scaler=None,
                  distributed: bool | None = None, t_impl: str = "fused", gamma: float | None = None,
                  t_int: int | None = None, t_stat: int | None = None, damping: float | None = None,
                  switch_at_step: int | None = None, accumulation: bool = False) -> None:
         self.grad_scaler = check_scaler(grad_scaler)
-        self.config = make_config(s=s, method=method, rho=rho, eps=eps, r_shape=r_shape, reduction=reduction,
+        self.config = make_config(s=s, method=method, rho=rho, eps=eps, r_shape=r_shape, variant=variant,
+                                  reduction=reduction,
                                   nonfinite=nonfinite, grad_scaler=self.grad_scaler, distributed=distributed,
                                   t_impl=t_impl, gamma=gamma, t_int=t_int, t_stat=t_stat,
                                   damping=damping, switch_at_step=switch_at_step, accumulation=accumulation)

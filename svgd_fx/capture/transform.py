@@ -315,6 +315,7 @@ def transform(
     rho: float | None = None,
     eps: float | None = None,
     r_shape: str | None = None,
+    variant: str | None = None,
     reduction: str = "mean",
     nonfinite: str | None = None,
     exclude: ExcludeSpec = None,
@@ -336,7 +337,7 @@ def transform(
 
 """
     codegen = resolve_codegen(codegen)
-    config = make_config(s=s, method=method, rho=rho, eps=eps, r_shape=r_shape, reduction=reduction,
+    config = make_config(s=s, method=method, rho=rho, eps=eps, r_shape=r_shape, variant=variant, reduction=reduction,
                          nonfinite=nonfinite, grad_scaler=grad_scaler, distributed=distributed,
                          t_impl=t_impl if codegen == "inductor" else "op", gamma=gamma, t_int=t_int,
                          t_stat=t_stat, damping=damping, switch_at_step=switch_at_step)

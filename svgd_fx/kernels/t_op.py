@@ -61,6 +61,7 @@ def virtual_grad_reference(
     sync: bool = False,
     acc: torch.Tensor | None = None,
     collect: bool = False,
+    lagged: bool = False,
 ) -> torch.Tensor:
     """The torch implementation of T (also the fallback wherever Triton is not used).
 
@@ -72,6 +73,8 @@ def virtual_grad_reference(
     ``collect`` (gradient accumulation, see :mod:`svgd_fx._accumulate`): r is not updated; the
     batch's raw Σ_b (g/S)² is added to ``acc[:-2]`` and its sample count (all ranks', this
     rank's) to ``acc[-2]``, ``acc[-1]``, for one update of r from all micro-batches later.
+
+    ``lagged`` (``variant="authors"``): T reads r as it was before this step's update.
 
     r is never updated from a non-finite statistic: such elements keep their old value (or,
     with ``raise_nonfinite``, r is left untouched and ``NonFiniteGradientError`` is raised).
@@ -87,6 +90,7 @@ def virtual_grad_reference(
         acc[:-2].add_(torch.where(ok, sums, 0).flatten())
         acc[-2:].add_(acc.new_tensor([count, float(batch)]))
     else:
+        before = r.clone() if lagged else None
         # sums of the per-sample gradient's squares (scaled before squaring: with ``sync`` the count is
         # every rank's), so stat = sums / count
         sums, count = _batch_sums(per_sample(eager, u, batch, mean_reduction), reduce_dims, sync)
@@ -99,7 +103,8 @@ def virtual_grad_reference(
         else:
             r.copy_(updated_r(eager, r, stat, rho, ok))
     # r over the kept dims, broadcast over the batch and the rest
-    denom = denominator(eager, r, eps, broadcast_shape(g.shape, reduce_dims) if g.dim() > 1 else None)
+    read = before if lagged and not collect else r
+    denom = denominator(eager, read, eps, broadcast_shape(g.shape, reduce_dims) if g.dim() > 1 else None)
     return scaled(eager, gr, s, denom).to(g.dtype).contiguous()
 
 
@@ -118,6 +123,7 @@ def virtual_grad(
     sync: bool = False,
     acc: torch.Tensor | None = None,
     collect: torch.Tensor | None = None,
+    lagged: bool = False,
 ) -> torch.Tensor:
     if g.shape[0] == 0 and not sync:  # an empty batch carries no statistics: r stays as it is
         return torch.empty_like(g, memory_format=torch.contiguous_format)
@@ -127,15 +133,15 @@ def virtual_grad(
     if collecting:
         return virtual_grad_reference(g, r, s, rho, eps, mean_reduction, reduce_dims, raise_nonfinite, name,
                                       inv_scale, sync, acc, True)
-    if inv_scale is None and not sync and _kernel_choice(g, reduce_dims) == "triton":
+    if inv_scale is None and not sync and not lagged and _kernel_choice(g, reduce_dims) == "triton":
         if raise_nonfinite and not bool(torch.isfinite(g).all()):
             raise nonfinite_error(name)
         return _triton_impl.virtual_grad_triton(g, r, s, rho, eps, mean_reduction)
     return virtual_grad_reference(g, r, s, rho, eps, mean_reduction, reduce_dims, raise_nonfinite, name,
-                                  inv_scale, sync)
+                                  inv_scale, sync, lagged=lagged)
 
 
 @virtual_grad.register_fake
 def _(g, r, s, rho, eps, mean_reduction, reduce_dims, raise_nonfinite=False, name="", inv_scale=None,
-      sync=False, acc=None, collect=None):
+      sync=False, acc=None, collect=None, lagged=False):
     return torch.empty_like(g, memory_format=torch.contiguous_format)

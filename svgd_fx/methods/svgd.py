@@ -14,7 +14,7 @@ import torch
 from ..config import SVGDConfig
 from ..errors import StateShapeError, option_spelling
 from ..passes.linearity import nodes_in
-from ..passes.locate import Kind, SigmaNode, node_id
+from ..passes.locate import Kind, ParamInput, SigmaNode, node_id
 from ..passes.reroute import RerouteSpec, reroute
 from ..session import SigmaRecord
 from .base import MethodPlan, PlanContext
@@ -30,8 +30,11 @@ class SVGDMethod:
         config, owner, layout = self.config, ctx.owner, ctx.layout
         state, log = owner.svgd_state, owner.log
         routed, r_specs, r_values = [], [], []
+        authors = config.variant == "authors"
         for sigma in ctx.analysis.sigmas:
             log.name(sigma)
+            if authors:
+                sigma.param_inputs = [_authors_input(sigma, p) for p in sigma.param_inputs]
             key = f"{sigma.name}.r" if sigma.routed else None
             record = log.records.setdefault(sigma.name, SigmaRecord(sigma, key, None))
             if not sigma.routed:
@@ -45,7 +48,7 @@ class SVGDMethod:
 
         scaled = isinstance(owner.grad_scaler, torch.amp.GradScaler)
         # the fused T has no GradScaler 1/S and no all-reduce: those use the T op
-        fused = config.t_impl == "fused" and not scaled and not config.distributed
+        fused = config.t_impl == "fused" and not scaled and not config.distributed and not authors
         raising = config.nonfinite == "raise"
         collecting = ctx.accumulating and bool(routed)
         for sigma, key, _ in routed:
@@ -75,7 +78,8 @@ class SVGDMethod:
                 source=sigma.source, name=sigma.name, r_input=layout.index("state", key),
                 routed_inputs=frozenset(ctx.name_to_input[p] for p in sigma.routed_params),
                 s=config.s, rho=config.rho, eps=config.eps,
-                mean_reduction=config.reduction == "mean", reduce_dims=reduce, fused=fused,
+                mean_reduction=config.reduction == "mean" and not authors, reduce_dims=reduce, fused=fused,
+                lagged=authors,
                 raise_nonfinite=raising,
                 flag_input=layout.optional_index("flag", f"{sigma.name}.nonfinite"),
                 scale_input=layout.optional_index("inv_scale", "grad_scaler.inv_scale"),
@@ -95,6 +99,20 @@ class SVGDMethod:
 
     def rewrite(self, joint, plan: MethodPlan, param_sources, param_inputs, entry: str) -> set[str]:
         return reroute(joint, plan.specs, param_sources, param_inputs, option_spelling(entry, "exclude", "[...]"))
+
+
+# the authors' code applies T to the weights of MatMul and Conv2D nodes: these arguments of these ops
+_AUTHORS_WEIGHTS = {"linear": {"weight"}, "conv1d": {"weight"}, "conv2d": {"weight"}, "conv3d": {"weight"},
+                    "matmul": {"input", "other"}, "mm": {"input", "mat2"}, "bmm": {"input", "mat2"},
+                    "addmm": {"mat1", "mat2"}}
+
+
+def _authors_input(sigma: SigmaNode, p: ParamInput) -> ParamInput:
+    """``p`` under ``variant="authors"``: T only on a linear/matmul/conv node's weight."""
+    if p.linear and p.arg not in _AUTHORS_WEIGHTS.get(sigma.op, ()):
+        return ParamInput(p.arg, p.params, False, "variant='authors': T on linear, matmul and conv weights only "
+                          "(the authors' code); plain gradient", p.nodes)
+    return p
 
 
 def _sample_shape(sigma: SigmaNode) -> tuple:

@@ -63,6 +63,7 @@ class RerouteSpec:
     flag_input: int | None = None  # plain-input index of the fused T's non-finite counter
     scale_input: int | None = None  # plain-input index of a GradScaler's 1/S (op path only)
     sync: bool = False             # all-reduce T's batch statistic (torch.distributed; op path only)
+    lagged: bool = False           # T reads r before this step's update (variant="authors"; op path only)
     acc_input: int | None = None      # plain-input index of the accumulation buffer (svgd_fx.accumulate)
     collect_input: int | None = None  # plain-input index of the 0-dim "collect" mode (1: accumulate)
     # the routed parameter-derived operands, for a backward that is the identity: per operand its
@@ -216,7 +217,7 @@ def _insert_t(graph, spec, g, members, placeholders, order) -> Node:
         t_node = graph.create_node(
             "call_function", torch.ops.svgd_fx.virtual_grad.default,
             (g, r, spec.s, spec.rho, spec.eps, spec.mean_reduction, list(spec.reduce_dims),
-             spec.raise_nonfinite, spec.name, inv_scale, spec.sync, acc, collect),
+             spec.raise_nonfinite, spec.name, inv_scale, spec.sync, acc, collect, spec.lagged),
             name=tag,
         )
     t_node.meta.update(meta)
