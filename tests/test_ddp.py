@@ -2,13 +2,11 @@
 distributed=True every rank's r and its virtual gradients after DDP's all-reduce equal one
 process on the joined batch — also with gradient accumulation (two passes, micro-batches)."""
 
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from ranks import run_ranks
 
 RANK_SCRIPT = r"""
 import os, sys, copy, torch, torch.distributed as dist
@@ -80,12 +78,6 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 TSO_RANK_SCRIPT = r"""
 import os, sys, copy, torch, torch.distributed as dist
 sys.path.insert(0, os.environ["TESTS_DIR"])
@@ -143,31 +135,9 @@ dist.destroy_process_group()
 """
 
 
-def _run_ranks(tmp_path, text: str) -> list[str]:
-    """Run ``text`` as 2 gloo ranks on loopback; each rank's stdout."""
-    script = tmp_path / "rank.py"
-    script.write_text(text)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
-               TESTS_DIR=os.path.dirname(__file__), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script)], env=dict(env, RANK=str(rank)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
-    outputs = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=300)
-            outputs.append((proc.returncode, out, err))
-    finally:
-        for proc in procs:
-            proc.kill()
-    for rank, (code, out, err) in enumerate(outputs):
-        assert code == 0, f"rank {rank} failed:\n{out[-2000:]}\n{err[-4000:]}"
-        assert out.strip().startswith(f"ok {rank}"), out
-    return [out for _, out, _ in outputs]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_ddp_two_ranks_match_one_process_on_the_joined_batch(tmp_path):
-    assert not any(out.strip().endswith(" 0") for out in _run_ranks(tmp_path, RANK_SCRIPT))
+    assert not any(out.strip().endswith(" 0") for out in run_ranks(tmp_path, RANK_SCRIPT))
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -175,7 +145,7 @@ def test_tso_ddp_two_ranks_match_one_process_on_the_joined_batch(tmp_path):
     """TSO-ALRA with distributed=True: the factors' statistics are all-reduced, so every rank's
     factors, roots and (after DDP's all-reduce) gradients are one process's on the joined batch;
     also through svgd_fx.accumulate (two passes, and one pass against one process's one pass)."""
-    _run_ranks(tmp_path, TSO_RANK_SCRIPT)
+    run_ranks(tmp_path, TSO_RANK_SCRIPT)
 
 
 def test_distributed_without_a_process_group_is_a_clear_error():

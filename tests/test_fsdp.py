@@ -5,7 +5,6 @@ the graphs is still a CoverageError; DCP checkpoints resume bit-identically. FSD
 parallelism are refused by name."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 import svgd_fx
+from ranks import free_port, run_ranks
 
 COMMON = r"""
 import os, sys, copy, torch, torch.distributed as dist
@@ -158,42 +158,17 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run_ranks(tmp_path, text: str, *args: str) -> None:
-    script = tmp_path / "rank.py"
-    script.write_text(text)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
-               OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script), *args], env=dict(env, RANK=str(rank)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
-    outputs = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=300)
-            outputs.append((proc.returncode, out, err))
-    finally:
-        for proc in procs:
-            proc.kill()
-    for rank, (code, out, err) in enumerate(outputs):
-        assert code == 0 and out.strip().endswith(f"ok {rank}"), f"rank {rank} failed:\n{out[-2000:]}\n{err[-4000:]}"
-
-
 needs_dist = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 
 @needs_dist
 def test_fsdp2_two_ranks_match_one_process_on_the_joined_batch(tmp_path):
-    _run_ranks(tmp_path, EXACT_SCRIPT)
+    run_ranks(tmp_path, EXACT_SCRIPT)
 
 
 @needs_dist
 def test_fsdp2_dcp_checkpoint_resumes_bit_identically(tmp_path):
-    _run_ranks(tmp_path, DCP_SCRIPT, str(tmp_path / "checkpoint"))
+    run_ranks(tmp_path, DCP_SCRIPT, str(tmp_path / "checkpoint"))
 
 
 def test_fsdp1_is_refused_by_name():
@@ -236,7 +211,7 @@ dist.destroy_process_group()
 def test_tensor_parallel_parameters_are_refused(tmp_path):
     script = tmp_path / "tp.py"
     script.write_text(TP_SCRIPT)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.split() == ["REFUSED", "REFUSED"], res.stdout + res.stderr[-3000:]
 

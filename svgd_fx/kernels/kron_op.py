@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import factor_error
+from .t_op import _all_reduce
 
 
 FLOAT32_ROOT_LIMIT = 1e4
@@ -164,16 +165,6 @@ def commit(acc: torch.Tensor, A, A_root, B, B_root, steps, gamma: float, t_int: 
 
     _advance(A, A_root, B, B_root, steps, statistics, gamma, t_int, t_stat, damping, name, skip_nonfinite,
              count=phase == "single")
-
-
-def _all_reduce(buffer: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist   # imported lazily: only ``sync`` needs torch.distributed
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("svgd_fx: distributed=True, but torch.distributed is not initialized "
-                           "(call torch.distributed.init_process_group first)")
-    dist.all_reduce(buffer)
-    return buffer
 
 
 def _is_off(steps: torch.Tensor, switched: torch.Tensor, switch_at_step: int) -> bool:
