@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -151,7 +152,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     t0 = time.time()
     results = run(args.world, args.batch, args.seq, args.dim, args.layers, args.rounds, args.steps, args.warmup)
-    meta = dict(vars(args), command="python3 -m benchmarks.fsdp " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = dict(vars(args), command=shlex.join(["python3", "-m", "benchmarks.fsdp", *(argv if argv is not None else sys.argv[1:])]),
                 seconds=round(time.time() - t0, 1))
     assert results[0]["fired"] > 0, "no T node in the graphs"
     print(to_markdown(results, meta))

@@ -78,6 +78,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -819,7 +820,7 @@ def main(argv=None):
         args.out = os.path.join(os.path.dirname(__file__), "out" if args.quick else "results")
     if args.merge:
         report = merge(args.merge)
-        report["meta"]["merged_by"] = " ".join(["python -m benchmarks.paper_tables", *(argv or sys.argv[1:])])
+        report["meta"]["merged_by"] = shlex.join(["python", "-m", "benchmarks.paper_tables", *(argv or sys.argv[1:])])
         if args.notes:
             with open(args.notes) as fh:
                 report["meta"]["notes"] = fh.read()
@@ -843,7 +844,7 @@ def main(argv=None):
     if bad:
         parser.error(f"unknown optimizer(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
 
-    command = " ".join(["python -m benchmarks.paper_tables", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "-m", "benchmarks.paper_tables", *(argv if argv is not None else sys.argv[1:])])
     start = time.time()
     now = lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")  # noqa: E731
     invocation = {"command": command, "tasks": keys, "started": now(), "finished": None, "wall_seconds": 0.0}
