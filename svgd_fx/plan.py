@@ -118,20 +118,25 @@ class Plan:
         ones with the parameters' common module prefix replaced (``blocks.0.`` → ``blocks.3.``)."""
         names = {id(p): n for n, p in owner.model.named_parameters()}
         new = [names.get(id(p)) for p in params]
+
+        def unnamed(why: str) -> SVGDError:
+            return SVGDError(
+                f"svgd_fx: a graph planned for the parameters {list(self.param_names)[:4]} was called with "
+                f"{new[:4]}, {why}, so the σ' nodes have no names for their state. Please report this model; "
+                "exclude these parameters meanwhile (" + option_spelling(owner.entry, "exclude", "[...]") + ").")
+
         rename = _prefix_map(self.param_names, new)
         if rename is None:
-            raise SVGDError(
-                f"svgd_fx: a graph planned for the parameters {list(self.param_names)[:4]} was called with "
-                f"{new[:4]}, which do not differ from them by one module prefix, so their σ' nodes have no names. "
-                "Please report this model; exclude these parameters meanwhile ("
-                + option_spelling(owner.entry, "exclude", "[...]") + ").")
+            raise unnamed("which do not differ from them by one module prefix")
         old, fresh = rename
         sigmas = sorted(self.sigma_names, key=len, reverse=True)
 
         def moved(key: str) -> str:
             """A key of one of this graph's σ' nodes (its name, or its name and a part), renamed."""
             for name in sigmas:
-                if (key == name or key.startswith(name + ".")) and name.startswith(old):
+                if key == name or key.startswith(name + "."):
+                    if not name.startswith(old):     # its state would be the planned block's
+                        raise unnamed(f"and its σ' node {name!r} is not named after them")
                     return fresh + key[len(old):]
             return key                       # the model's own keys (a GradScaler's, TSO-ALRA's switch)
 
@@ -144,12 +149,13 @@ class Plan:
         feed = dataclasses.replace(self.feed, layout=layout, state_specs=specs, acc_specs=acc_specs)
         for name in self.sigma_names:        # their rows in explain(), as the planned ones'
             record = owner.log.records.get(name)
-            if record is not None and moved(name) not in owner.log.records:
-                owner.log.records[moved(name)] = dataclasses.replace(
-                    record, key=moved(record.key) if record.key else None,
-                    state_keys=tuple(moved(k) for k in record.state_keys),
-                    sigma=copy.copy(record.sigma))
-                owner.log.records[moved(name)].sigma.name = moved(name)
+            if record is None or not name.startswith(old) or moved(name) in owner.log.records:
+                continue
+            sigma = copy.copy(record.sigma)
+            sigma.name = moved(name)
+            owner.log.records[sigma.name] = dataclasses.replace(
+                record, sigma=sigma, key=moved(record.key) if record.key else None,
+                state_keys=tuple(moved(k) for k in record.state_keys))
         owner.log.params_seen |= {n for n in new if n is not None}
         return feeder(feed)
 

@@ -20,6 +20,8 @@ schedule running the model) are refused by name.
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 from .errors import SVGDError
@@ -63,13 +65,16 @@ class ParamIds:
         return self._alias.get(pid, pid)
 
     def refresh(self) -> None:
-        """Re-read FSDP2's records: an unsharded tensor exists from its unit's first all-gather on."""
+        """Re-read FSDP2's records: an unsharded tensor exists from its unit's first all-gather on.
+        The model's other parameters (none of FSDP2's) are noted too, so that looking them up does
+        not walk the model again at every backward."""
         for fp in fsdp2_params(self._model):
             sharded = id(fp.sharded_param)
             self._known.add(sharded)
             unsharded = getattr(fp, "_unsharded_param", None)
             if unsharded is not None:
                 self._alias[id(unsharded)] = sharded
+        self._known.update(id(p) for p in self._model.parameters())
 
 
 def refuse_unsupported(model: nn.Module) -> None:
@@ -83,9 +88,8 @@ def refuse_unsupported(model: nn.Module) -> None:
             "which σ' node. Use FSDP2 (torch.distributed.fsdp.fully_shard), which keeps one tensor per "
             "parameter, with distributed=True; or DDP with distributed=True.")
     managed = {id(fp.sharded_param) for fp in fsdp2_params(model)}
-    parallel = [n for n, p in model.named_parameters()
-                if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"]
-    parallel = [n for n, p in model.named_parameters() if n in parallel and id(p) not in managed]
+    parallel = [n for n, p in model.named_parameters() if id(p) not in managed
+                and "DTensor" in (type(p).__name__, type(getattr(p, "data", None)).__name__)]
     if parallel:
         raise SVGDError(
             f"svgd_fx: tensor-parallel parameters (DTensors not managed by FSDP2: {parallel[:4]}) are not "
@@ -96,8 +100,6 @@ def refuse_unsupported(model: nn.Module) -> None:
 def refuse_pipelining() -> None:
     """At a graph's compile: a ``torch.distributed.pipelining`` schedule on the stack is refused (it
     runs the micro-batches of a step as separate backward passes: r would be updated from each)."""
-    import sys
-
     frame = sys._getframe(1)
     while frame is not None:
         if "torch/distributed/pipelining/" in frame.f_code.co_filename.replace("\\", "/"):

@@ -227,3 +227,16 @@ def test_a_graph_compiled_under_a_pipelining_schedule_is_refused():
     with pytest.raises(svgd_fx.SVGDError, match=r"pipeline parallelism \(torch.distributed.pipelining\) is not "
                                                 r"supported"):
         namespace["schedule_step"](model_t, torch.randn(2, 4))
+
+
+def test_a_reused_graph_renames_state_by_the_parameters_module_prefix():
+    """The names a graph reused for another block gets: its parameters' common module prefix swapped;
+    parameters that do not differ by one prefix have none (the call is then an error, not shared state)."""
+    from svgd_fx.plan import _prefix_map
+
+    assert _prefix_map(("blocks.0.ln1.weight", "blocks.0.qkv.weight"),
+                       ["blocks.1.ln1.weight", "blocks.1.qkv.weight"]) == ("blocks.0.", "blocks.1.")
+    assert _prefix_map(("lin.weight",), ["blocks.2.lin.weight"]) == ("", "blocks.2.")
+    assert _prefix_map(("a.weight", "b.weight"), ["c.weight", "d.weight"]) is None
+    assert _prefix_map(("a.weight",), [None]) is None
+    assert _prefix_map(("a.weight",), ["a.bias"]) is None
