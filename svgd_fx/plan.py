@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from ._torch_internals import default_partition
 from .errors import SVGDError, option_spelling
+from .guard import _backward_node
 from .methods import Method, MethodPlan, PlanContext, method_for
 from .passes.composites import expand_composites
 from .passes.locate import Kind, locate, tag_nodes
@@ -50,11 +51,15 @@ class Plan:
     sigma_names: frozenset[str] = frozenset()            # the σ' nodes of this graph (routed or not)
     t_names: set[str] = field(default_factory=set)       # those its backward got a T for (rewrite)
     param_names: tuple[str, ...] = ()                    # the parameter inputs' names, in input order
+    steady: bool = False                                 # compiling the method's steady variant (wrap)
 
     def rewrite(self, joint: torch.fx.GraphModule) -> None:
         """The method's pass on AOTAutograd's joint graph (in place), logged per σ'."""
-        changed = self.method.rewrite(joint, self.planned, self.param_derived_sources, self.param_inputs,
-                                      self.owner.entry)
+        args = (joint, self.planned, self.param_derived_sources, self.param_inputs, self.owner.entry)
+        if self.steady:
+            self.method.rewrite(*args, steady=True)
+            return
+        changed = self.method.rewrite(*args)
         for spec in self.planned.specs:
             if spec.name in changed:
                 self.owner.log.records[spec.name].t_graphs += 1
@@ -75,8 +80,20 @@ class Plan:
         all be off for the owner's state (TSO-ALRA after the switch to SGD) runs that graph then, and
         costs what a plain step costs. It is compiled here, with the other: Dynamo's context (the
         symbolic sizes of a dynamic graph) is gone by the first call after a switch.
+        A method's ``steady_variant`` (TSO-ALRA with ``t_stat > 1``) gets a third graph, compiled with
+        ``steady=True`` here too, for the calls whose state it says are steady; its ``count`` runs when a
+        backward passes that graph.
         """
         compiled = aot_backend(self.gm, self.example_inputs)
+        steady_variant = getattr(self.method, "steady_variant", None)
+        steady_variant = steady_variant(self.planned) if steady_variant is not None else None
+        if steady_variant is not None:
+            is_steady, count = steady_variant
+            self.steady = True
+            try:
+                steady_compiled = aot_backend(self.gm, self.example_inputs)
+            finally:
+                self.steady = False
         state_tensors = feeder(self.feed)
         param_idx = sorted(self.param_inputs)
         planned_ids = [None]          # the parameters this graph was planned for (their ids, at the first call)
@@ -92,10 +109,17 @@ class Plan:
                 planned_ids[0] = ids
             if ids == planned_ids[0]:
                 key, feed = plan_key, state_tensors
-                if off is not None and off(owner.svgd_state):
+                state = owner.svgd_state
+                if off is not None and off(state):
                     outputs = plain(*args)
                 else:
-                    outputs = compiled(*args, *feed(owner))
+                    extra = feed(owner)      # (first: it rolls the state back after a step the scaler skipped)
+                    if steady_variant is not None and is_steady(state):
+                        outputs = steady_compiled(*args, *extra)
+                        if torch.is_grad_enabled() and (node := _backward_node(outputs)) is not None:
+                            node.register_prehook(lambda grad_outputs: count(state))
+                    else:
+                        outputs = compiled(*args, *extra)
             else:                     # Dynamo reuses this graph for another module of the same class
                 if ids not in others:
                     others[ids] = (object(), self._feeder_for(owner, [args[i] for i in param_idx]))

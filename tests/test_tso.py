@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import svgd_fx
+from svgd_fx.kernels import kron_op
 from reference_tso import TSOReference
 
 KRON_CALL = "torch.ops.svgd_fx.kron_t.default("
@@ -90,6 +91,60 @@ def test_factors_updated_every_t_stat_steps_match_the_reference(name, kind):
     _follows_the_reference(name, kind, t_stat=3)
 
 
+def _kron_calls(run) -> int:
+    """How many times the T custom ops ran during ``run()``."""
+    with torch.profiler.profile() as prof:
+        run()
+    return sum(e.count for e in prof.key_averages() if e.key in ("svgd_fx::kron_t", "svgd_fx::kron_t_conv"))
+
+
+@pytest.mark.parametrize("kind", KINDS + ["transform-fx"])
+@pytest.mark.parametrize("name", ["cnn", "seq"])
+def test_steady_steps_precondition_in_aten_and_match_the_reference(name, kind):
+    """t_stat=3, t_int=4: the steps that neither update the factors (t = 1, 4, 7) nor refresh the
+    roots (t = 1, 5, 9) run a graph of their own whose T is aten matmuls reading the roots (no custom
+    op call), and still follow the reference, step counters included; the other steps run the ops."""
+    make, shape, kron, _ = MODELS[name]
+    opts = dict(gamma=0.2, t_int=4, t_stat=3, damping=1e-3)
+    torch.manual_seed(0)
+    model = make().double()
+    ref_model = copy.deepcopy(model)
+    wrapped = (svgd_fx.transform(model, method="tso-alra", codegen="fx", **opts) if kind == "transform-fx"
+               else _wrap(model, kind, **opts, switch_at_step=None))
+    ref = TSOReference(ref_model, **opts)
+    opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, ref_model))
+    state = _state(wrapped, model)
+    calls = []
+    for step, batch in enumerate((8, 8, 8, 5, 3, 8, 8, 6, 8)):    # dynamic from t = 4 (not steady)
+        x, y = torch.randn(batch, *shape, dtype=torch.float64), torch.randint(0, 3, (batch,))
+        opt.zero_grad()
+        calls.append(_kron_calls(lambda: F.cross_entropy(wrapped(x), y).backward()))
+        want = ref.grads(x, y, F.cross_entropy)
+        for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.grad, want[n], rtol=1e-9, atol=1e-11, msg=lambda m: f"step {step} {n}: {m}")
+            q.grad = want[n]
+        opt.step()
+        opt_ref.step()
+    steady = [t in (2, 3, 6, 8) for t in range(1, 10)]
+    assert [c == 0 for c in calls] == steady, calls     # (a step that compiles counts fake calls too)
+    assert all(c >= len(kron) for c, s in zip(calls, steady) if not s), calls
+    for layer in kron:
+        assert int(state[f"{layer}.steps"]) == ref.state[_module(layer)]["steps"] == 9
+        for part in ("A", "B", "A_root", "B_root"):
+            torch.testing.assert_close(state[f"{layer}.{part}"], ref.state[_module(layer)][part], rtol=1e-9, atol=1e-12)
+    if kind == "transform-fx":    # the steady graph: each layer's Δ from aten.mm nodes that read its roots
+        graphs = [gm.graph for gm in wrapped.log.backward_graphs]
+        steady_graphs = [g for g in graphs if not any(isinstance(n.target, torch._ops.OpOverload)
+                                                      and n.target.namespace == "svgd_fx" for n in g.nodes)]
+        assert 2 * len(steady_graphs) == len(graphs) == 4    # (a static and a dynamic graph) × (op, steady)
+        for graph in steady_graphs:
+            mms = [n for n in graph.nodes if n.target is torch.ops.aten.mm.default and n.name.startswith("tso_T_")]
+            for layer in kron:       # every Kronecker layer has its matmuls (node names: tso_T_<σ'>...)
+                assert any(n.name.startswith("tso_T_" + layer.replace(".", "_")) for n in mms), (layer, mms)
+            roots = {a.target for n in mms for a in n.args if a.op == "placeholder"}
+            assert len(roots) == 2 * len(kron), roots
+
+
 def _follows_the_reference(name, kind, backward=None, ref_kw=None, wrap_kw=None, **extra):
     """Six SGD steps against the reference; ``backward(wrapped, x, y)`` runs the model's backward
     (default: one mean loss), the reference always takes the whole batch."""
@@ -144,21 +199,23 @@ def test_grad_scaler_factors_come_from_the_unscaled_gradient(name, kind):
     assert scaler.get_scale() > 2.0 ** 12      # it grew: the scale changed between steps
 
 
+@pytest.mark.parametrize("t_stat", [1, 3])
 @pytest.mark.parametrize("kind", KINDS)
-def test_steps_the_scaler_skips_leave_the_factors_as_they_were(kind):
+def test_steps_the_scaler_skips_leave_the_factors_as_they_were(kind, t_stat):
     """fp16 autocast, a scale that overflows at first: the skipped steps do not count, and the
-    factors and roots are those of an fp32 run on the kept steps' batches (to fp16's accuracy)."""
+    factors and roots are those of an fp32 run on the kept steps' batches (to fp16's accuracy).
+    With t_stat=3 some steps run the steady graph, chosen after the roll-back of a skipped step."""
     from cases import PaperMLP
     torch.manual_seed(0)
     model16 = PaperMLP(widths=(20, 16, 12, 5))
     model32 = copy.deepcopy(model16)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=4)
-    kw = dict(gamma=0.2, t_int=2, damping=1e-3, switch_at_step=None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20, growth_interval=4)
+    kw = dict(gamma=0.2, t_int=2, damping=1e-3, switch_at_step=None, t_stat=t_stat)
     wrapped16, wrapped32 = _wrap(model16, kind, grad_scaler=scaler, **kw), _wrap(model32, kind, **kw)
     opt16 = torch.optim.SGD(model16.parameters(), lr=0.0)     # parameters fixed: only the factors evolve
     gen = torch.Generator().manual_seed(1)
-    skipped, kept = 0, 0
-    for step in range(14):
+    skipped, kept, first_skipped = 0, 0, None
+    for step in range(20):
         x, y = torch.randn(16, 20, generator=gen), torch.randint(0, 5, (16,), generator=gen)
         opt16.zero_grad()
         with torch.autocast("cpu", dtype=torch.float16):
@@ -168,6 +225,7 @@ def test_steps_the_scaler_skips_leave_the_factors_as_they_were(kind):
         scaler.step(opt16)
         scaler.update()
         if scaler.get_scale() < scale:          # inf found: the step was skipped
+            first_skipped = first_skipped or kept + 1
             skipped += 1
             continue
         kept += 1
@@ -175,7 +233,7 @@ def test_steps_the_scaler_skips_leave_the_factors_as_they_were(kind):
         F.cross_entropy(wrapped32(x), y).backward()
     with torch.no_grad():                       # the forward that rolls back a last skipped step
         wrapped16(torch.randn(4, 20))
-    assert skipped >= 1 and kept >= 4, (skipped, kept)
+    assert skipped >= 1 and kept >= 4 and first_skipped == 1, (skipped, kept, first_skipped)
     svgd_fx.switch_to_sgd(wrapped16)            # after the switch: autocast's plain gradients
     x, y = torch.randn(16, 20, generator=gen), torch.randint(0, 5, (16,), generator=gen)
     grads = []
@@ -441,14 +499,25 @@ def test_float32_roots_come_from_float32_eigh_only_where_accurate(monkeypatch):
     factor = x.mT @ x / 64                                       # λ_max ≈ 3.5
     want = inverse_root(factor, 1e-2)
     assert seen == [torch.float64]
-    for damping, dtypes in ((1e-2, [torch.float32]), (1e-5, [torch.float32, torch.float64])):
+    for damping, dtypes in ((1e-2, [torch.float32]), (1e-5, [torch.float64])):
         seen.clear()
         got = inverse_root(factor.float(), damping)
         assert seen == dtypes and got.dtype == torch.float32
         if damping == 1e-2:
             assert float((got.double() - want).norm() / want.norm()) < 1e-3
-        else:
+        else:                            # λ_max surely above the limit: no float32 eigh tried in vain
             torch.testing.assert_close(got, inverse_root(factor, damping).float())
+    monkeypatch.setattr(kron_op, "_above", lambda factor, limit: False)   # bounds inconclusive:
+    seen.clear()                                                          # float32 tried, then float64
+    torch.testing.assert_close(inverse_root(factor.float(), 1e-5), inverse_root(factor, 1e-5).float())
+    assert seen == [torch.float32, torch.float64, torch.float64]
+
+
+def test_the_lower_bounds_on_the_largest_eigenvalue():
+    ones = torch.ones(50, 50)                      # diagonal 1, λ_max = 50
+    assert kron_op._above(ones, 40.0) and not kron_op._above(ones, 60.0)
+    assert kron_op._above(torch.diag(torch.tensor([1.0, 20.0])), 10.0)     # from the diagonal
+    assert not kron_op._above(torch.zeros(3, 3), 1e-9)
 
 
 def test_the_paper_mlp_trains_at_damping_1e_3():

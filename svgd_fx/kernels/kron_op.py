@@ -38,7 +38,7 @@ def inverse_root(factor: torch.Tensor, damping: float, name: str = "", side: str
     float32 factor whose largest eigenvalue is at most ``FLOAT32_ROOT_LIMIT``·ε, else in float64."""
     if not bool(torch.isfinite(factor).all()):
         raise factor_error(name, side, "holds inf/NaN")
-    if factor.dtype == torch.float32:
+    if factor.dtype == torch.float32 and not _above(factor, FLOAT32_ROOT_LIMIT * damping):
         sym = (factor + factor.mT) / 2      # symmetric by construction; keep eigh's input exactly so
         try:
             lam, u = torch.linalg.eigh(sym)
@@ -53,6 +53,22 @@ def inverse_root(factor: torch.Tensor, damping: float, name: str = "", side: str
     except RuntimeError as failure:   # torch.linalg.LinAlgError: eigh did not converge
         raise factor_error(name, side, f"could not be decomposed ({failure})") from None
     return _damped_root(lam, u, damping, name, side).to(factor.dtype)
+
+
+def _above(factor: torch.Tensor, limit: float, iterations: int = 8) -> bool:
+    """Whether the largest eigenvalue of the symmetric factor is surely above ``limit``, from lower
+    bounds that cost a few matrix-vector products (so that float32 eigh is not tried in vain): the
+    largest diagonal entry, and the Rayleigh quotient after power iterations from the ones vector."""
+    if float(factor.diagonal().max()) > limit:
+        return True
+    v = factor.new_ones(factor.shape[0])
+    for _ in range(iterations):
+        w = factor @ v
+        norm = w.norm()
+        if not bool(norm > 0):
+            return False
+        v = w / norm
+    return float(v @ (factor @ v)) > limit * (1 + 1e-3)     # (a margin for float32 rounding)
 
 
 def _damped_root(lam: torch.Tensor, u: torch.Tensor, damping: float, name: str, side: str) -> torch.Tensor:

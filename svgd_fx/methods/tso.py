@@ -120,8 +120,39 @@ class TSOMethod:
         k = self.config.switch_at_step
         return lambda state: switched_off(state, k, step_keys)
 
-    def rewrite(self, joint, plan: MethodPlan, param_sources, param_inputs, entry: str) -> set[str]:
-        return precondition(joint, plan.specs, param_sources, param_inputs, option_spelling(entry, "exclude", "[...]"))
+    def steady_variant(self, plan: MethodPlan):
+        """``(is_steady(state), count(state))`` for a graph of Kronecker layers when ``t_stat > 1``, else
+        None. A *steady* step neither updates the factors nor refreshes the roots (t ≢ 1 mod ``t_stat``
+        and mod ``t_int``, before the switch, every layer of the graph at the same t): its graph forms
+        ``R_B·Ĝ·R_A`` in aten matmuls (``precondition(..., steady=True)``) and ``count`` advances the
+        layers' step counters when a backward runs through it. Graphs that collect statistics for
+        ``svgd_fx.accumulate`` always run the T nodes."""
+        config = self.config
+        if config.t_stat == 1 or config.t_int == 1 or not plan.specs or plan.acc_specs:
+            return None
+        step_keys = [f"{spec.name}.steps" for spec in plan.specs]
+        t_stat, t_int, k = config.t_stat, config.t_int, config.switch_at_step
+
+        def is_steady(state) -> bool:
+            steps = [state.peek(key) for key in step_keys]
+            if any(t is None for t in steps):
+                return False
+            t = int(steps[0]) + 1
+            if t == 1 or (t - 1) % t_stat == 0 or (t - 1) % t_int == 0:
+                return False
+            return all(int(s) + 1 == t for s in steps[1:]) and not switched_off(state, k, step_keys)
+
+        def count(state) -> None:
+            with torch.no_grad():
+                for key in step_keys:
+                    state.peek(key).add_(1)
+
+        return is_steady, count
+
+    def rewrite(self, joint, plan: MethodPlan, param_sources, param_inputs, entry: str,
+                steady: bool = False) -> set[str]:
+        return precondition(joint, plan.specs, param_sources, param_inputs, option_spelling(entry, "exclude", "[...]"),
+                            steady=steady)
 
 
 def switched_off(state, switch_at_step: int | None, step_keys: list[str]) -> bool:

@@ -112,8 +112,13 @@ class KronSpec:
 
 
 def precondition(gm: GraphModule, specs: list[KronSpec], param_derived_sources: set[str],
-                 param_inputs: set[int], exclude_hint: str = "exclude=[...]") -> dict[str, str]:
-    """Insert the two-sided T for every spec; return ``{σ' name: T node name}`` for those rewritten."""
+                 param_inputs: set[int], exclude_hint: str = "exclude=[...]", steady: bool = False) -> dict[str, str]:
+    """Insert the two-sided T for every spec; return ``{σ' name: T node name}`` for those rewritten.
+
+    ``steady``: the graph for the steps that neither update the factors nor refresh the roots
+    (``t_stat > 1``): T is ``R_B·Ĝ·R_A`` in aten matmuls that read the roots, which inductor
+    schedules with the rest of the backward; no custom op, the state is only read (the caller
+    counts the step)."""
     graph = gm.graph
     view = joint_view(gm)
     done: dict[str, str] = {}
@@ -144,7 +149,7 @@ def precondition(gm: GraphModule, specs: list[KronSpec], param_derived_sources: 
         meta.update(partitioner_tag="is_backward", svgd_sigma=spec.name)
         anchor = first if spec.layer.kind == "linear" else max(edges, key=view.order.__getitem__).next
         with graph.inserting_before(anchor):
-            grads, t_node = _emit(graph, spec, g, x, plain, view.placeholders, meta)
+            grads, t_node = _emit(graph, spec, g, x, plain, view.placeholders, meta, steady)
         for o, part in edges.items():
             new = grads[part]
             if tuple(new.meta["val"].shape) != tuple(o.meta["val"].shape):
@@ -175,7 +180,8 @@ def _layer_input(spec: KronSpec, forward_group: list[Node], placeholders: dict, 
     return batchy[0]
 
 
-def _emit(graph, spec: KronSpec, g: Node, x: Node, plain: dict[str, Node], placeholders: dict, meta: dict):
+def _emit(graph, spec: KronSpec, g: Node, x: Node, plain: dict[str, Node], placeholders: dict, meta: dict,
+          steady: bool = False):
     """The T node and the weight/bias gradients (see the module docstring)."""
     aten = torch.ops.aten
     layer = spec.layer
@@ -193,6 +199,9 @@ def _emit(graph, spec: KronSpec, g: Node, x: Node, plain: dict[str, Node], place
         return emit(aten.clone.default, node, memory_format=torch.contiguous_format)
 
     state = [placeholders[i] for i in spec.state_inputs] + [placeholders[spec.switched_input]]
+    if steady:
+        t_node = _steady_delta(emit, spec, g, x, plain, state[1], state[3], contiguous)
+        return _split(emit, layer, t_node), t_node
     common = (spec.gamma, spec.t_int, spec.t_stat, spec.damping)
     inv_scale, acc, collect = (None if i is None else placeholders[i]
                                for i in (spec.scale_input, spec.acc_input, spec.collect_input))
@@ -211,7 +220,48 @@ def _emit(graph, spec: KronSpec, g: Node, x: Node, plain: dict[str, Node], place
         t_node = emit(torch.ops.svgd_fx.kron_t_conv.default, g, x, grad, *state, list(layer.weight_shape[2:]),
                       list(layer.dilation), list(layer.padding), list(layer.stride), layer.bias is not None,
                       *common, spec.mean_reduction, spec.switch_at_step, spec.name, **extra)
-    delta = t_node                                                                   # [m, n] = R_B·Ĝ·R_A
+    return _split(emit, layer, t_node), t_node
+
+
+def _steady_delta(emit, spec: KronSpec, g: Node, x: Node, plain: dict[str, Node], a_root: Node, b_root: Node,
+                  contiguous) -> Node:
+    """``R_B·Ĝ·R_A`` ``[m, n]`` in aten ops, as the custom ops form it (``svgd_fx.kernels.kron_op``):
+    a linear layer from its rows in the cheaper association for the traced row count, a conv layer
+    from the graph's own weight (and bias) gradient."""
+    aten = torch.ops.aten
+    layer = spec.layer
+    n, m = layer.sizes
+    dtype = a_root.meta["val"].dtype
+    out_dtype = g.meta["val"].dtype
+
+    def cast(node, to):
+        return node if node.meta["val"].dtype == to else emit(torch.ops.prims.convert_element_type.default, node, to)
+
+    if layer.kind == "linear":
+        rows_g = cast(emit(aten.view.default, contiguous(g), [-1, m]), dtype)
+        rows_x = cast(emit(aten.view.default, contiguous(x), [-1, layer.weight_shape[1]]), dtype)
+        if layer.bias is not None:
+            rows_x = emit(aten.constant_pad_nd.default, rows_x, [0, 1], 1.0)
+        rows = rows_g.meta["val"].shape[0]
+        rows = rows if isinstance(rows, int) else rows.node.hint
+        if rows is not None and rows * (m * m + n * n) <= m * n * (m + n):
+            delta = emit(aten.mm.default, emit(aten.permute.default, emit(aten.mm.default, rows_g, b_root), [1, 0]),
+                         emit(aten.mm.default, rows_x, a_root))
+        else:
+            grad = emit(aten.mm.default, emit(aten.permute.default, rows_g, [1, 0]), rows_x)
+            delta = emit(aten.mm.default, emit(aten.mm.default, b_root, grad), a_root)
+    else:
+        grad = emit(aten.view.default, contiguous(plain["weight"]), [m, -1])
+        if layer.bias is not None:
+            grad = emit(aten.cat.default, [grad, emit(aten.view.default, plain["bias"], [m, 1])], 1)
+        delta = emit(aten.mm.default, emit(aten.mm.default, b_root, cast(grad, dtype)), a_root)
+    return cast(delta, out_dtype)
+
+
+def _split(emit, layer: KronLayer, delta: Node) -> dict[str, Node]:
+    """The weight and bias gradients from Δ ``[m, n]`` (bias: its last column)."""
+    aten = torch.ops.aten
+    n = layer.sizes[0]
     grads = {}
     if layer.bias is not None:
         grads["bias"] = emit(aten.clone.default, emit(aten.select.int, delta, 1, n - 1),
@@ -219,4 +269,4 @@ def _emit(graph, spec: KronSpec, g: Node, x: Node, plain: dict[str, Node], place
         delta = emit(aten.slice.Tensor, delta, 1, 0, n - 1)
     grads["weight"] = emit(aten.view.default, emit(aten.clone.default, delta, memory_format=torch.contiguous_format),
                            list(layer.weight_shape))
-    return grads, t_node
+    return grads
