@@ -51,13 +51,13 @@ class Plan:
     sigma_names: frozenset[str] = frozenset()            # the σ' nodes of this graph (routed or not)
     t_names: set[str] = field(default_factory=set)       # those its backward got a T for (rewrite)
     param_names: tuple[str, ...] = ()                    # the parameter inputs' names, in input order
-    steady: bool = False                                 # compiling the method's steady variant (wrap)
+    variant: str | None = None                           # compiling one of the method's variants (wrap)
 
     def rewrite(self, joint: torch.fx.GraphModule) -> None:
         """The method's pass on AOTAutograd's joint graph (in place), logged per σ'."""
         args = (joint, self.planned, self.param_derived_sources, self.param_inputs, self.owner.entry)
-        if self.steady:
-            self.method.rewrite(*args, steady=True)
+        if self.variant is not None:
+            self.method.rewrite(*args, variant=self.variant)
             return
         changed = self.method.rewrite(*args)
         for spec in self.planned.specs:
@@ -80,20 +80,19 @@ class Plan:
         all be off for the owner's state (TSO-ALRA after the switch to SGD) runs that graph then, and
         costs what a plain step costs. It is compiled here, with the other: Dynamo's context (the
         symbolic sizes of a dynamic graph) is gone by the first call after a switch.
-        A method's ``steady_variant`` (TSO-ALRA with ``t_stat > 1``) gets a third graph, compiled with
-        ``steady=True`` here too, for the calls whose state it says are steady; its ``count`` runs when a
-        backward passes that graph.
+        A method's ``variants`` (TSO-ALRA's graphs for the steps that do less) are compiled here too,
+        with the method's rewrite for each, and run for the calls whose state they are chosen for.
         """
         compiled = aot_backend(self.gm, self.example_inputs)
-        steady_variant = getattr(self.method, "steady_variant", None)
-        steady_variant = steady_variant(self.planned) if steady_variant is not None else None
-        if steady_variant is not None:
-            is_steady, count = steady_variant
-            self.steady = True
+        variants = getattr(self.method, "variants", None)
+        variants = variants(self.planned) if variants is not None else None
+        by_name = {}
+        for name in variants.names if variants is not None else ():
+            self.variant = name
             try:
-                steady_compiled = aot_backend(self.gm, self.example_inputs)
+                by_name[name] = aot_backend(self.gm, self.example_inputs)
             finally:
-                self.steady = False
+                self.variant = None
         state_tensors = feeder(self.feed)
         param_idx = sorted(self.param_inputs)
         planned_ids = [None]          # the parameters this graph was planned for (their ids, at the first call)
@@ -114,12 +113,14 @@ class Plan:
                     outputs = plain(*args)
                 else:
                     extra = feed(owner)      # (first: it rolls the state back after a step the scaler skipped)
-                    if steady_variant is not None and is_steady(state):
-                        outputs = steady_compiled(*args, *extra)
-                        if torch.is_grad_enabled() and (node := _backward_node(outputs)) is not None:
-                            node.register_prehook(lambda grad_outputs: count(state))
-                    else:
+                    name = variants.choose(state) if variants is not None else None
+                    if name is None:
                         outputs = compiled(*args, *extra)
+                    else:
+                        outputs = by_name[name](*args, *extra)
+                        if torch.is_grad_enabled() and (node := _backward_node(outputs)) is not None:
+                            starts = variants.backward_starts
+                            node.register_prehook(lambda grad_outputs: starts(state, name))
             else:                     # Dynamo reuses this graph for another module of the same class
                 if ids not in others:
                     others[ids] = (object(), self._feeder_for(owner, [args[i] for i in param_idx]))

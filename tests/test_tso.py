@@ -100,10 +100,11 @@ def _kron_calls(run) -> int:
 
 @pytest.mark.parametrize("kind", KINDS + ["transform-fx"])
 @pytest.mark.parametrize("name", ["cnn", "seq"])
-def test_steady_steps_precondition_in_aten_and_match_the_reference(name, kind):
-    """t_stat=3, t_int=4: the steps that neither update the factors (t = 1, 4, 7) nor refresh the
-    roots (t = 1, 5, 9) run a graph of their own whose T is aten matmuls reading the roots (no custom
-    op call), and still follow the reference, step counters included; the other steps run the ops."""
+def test_steps_without_a_refresh_run_aten_graphs_and_match_the_reference(name, kind):
+    """t_stat=3, t_int=4: the steps that refresh the roots (t = 1, 5, 9) run the T ops; the others run
+    graphs of their own whose T is aten matmuls reading the roots ("steady": t = 2, 3, 6, 8), with the
+    statistics folded into A and B by aten ops where the factors update ("fold": t = 4, 7). No custom
+    op is called on those steps, and all follow the reference, step counters included."""
     make, shape, kron, _ = MODELS[name]
     opts = dict(gamma=0.2, t_int=4, t_stat=3, damping=1e-3)
     torch.manual_seed(0)
@@ -115,7 +116,7 @@ def test_steady_steps_precondition_in_aten_and_match_the_reference(name, kind):
     opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, ref_model))
     state = _state(wrapped, model)
     calls = []
-    for step, batch in enumerate((8, 8, 8, 5, 3, 8, 8, 6, 8)):    # dynamic from t = 4 (not steady)
+    for step, batch in enumerate((8, 8, 8, 8, 5, 3, 8, 6, 8)):    # dynamic from t = 5 (a refresh step)
         x, y = torch.randn(batch, *shape, dtype=torch.float64), torch.randint(0, 3, (batch,))
         opt.zero_grad()
         calls.append(_kron_calls(lambda: F.cross_entropy(wrapped(x), y).backward()))
@@ -125,24 +126,29 @@ def test_steady_steps_precondition_in_aten_and_match_the_reference(name, kind):
             q.grad = want[n]
         opt.step()
         opt_ref.step()
-    steady = [t in (2, 3, 6, 8) for t in range(1, 10)]
-    assert [c == 0 for c in calls] == steady, calls     # (a step that compiles counts fake calls too)
-    assert all(c >= len(kron) for c, s in zip(calls, steady) if not s), calls
+    refresh = [t in (1, 5, 9) for t in range(1, 10)]
+    assert [c != 0 for c in calls] == refresh, calls     # (a step that compiles counts fake calls too)
+    assert all(c >= len(kron) for c, r in zip(calls, refresh) if r), calls
     for layer in kron:
         assert int(state[f"{layer}.steps"]) == ref.state[_module(layer)]["steps"] == 9
         for part in ("A", "B", "A_root", "B_root"):
             torch.testing.assert_close(state[f"{layer}.{part}"], ref.state[_module(layer)][part], rtol=1e-9, atol=1e-12)
-    if kind == "transform-fx":    # the steady graph: each layer's Δ from aten.mm nodes that read its roots
+    if kind == "transform-fx":    # the aten graphs: each layer's Δ from aten.mm nodes that read its roots
         graphs = [gm.graph for gm in wrapped.log.backward_graphs]
-        steady_graphs = [g for g in graphs if not any(isinstance(n.target, torch._ops.OpOverload)
-                                                      and n.target.namespace == "svgd_fx" for n in g.nodes)]
-        assert 2 * len(steady_graphs) == len(graphs) == 4    # (a static and a dynamic graph) × (op, steady)
-        for graph in steady_graphs:
+        ours = [g for g in graphs if not any(isinstance(n.target, torch._ops.OpOverload)
+                                             and n.target.namespace == "svgd_fx" for n in g.nodes)]
+        assert 3 * len(ours) == 2 * len(graphs) == 12    # (a static and a dynamic graph) × (ops, steady, fold)
+        folds = 0
+        for graph in ours:
             mms = [n for n in graph.nodes if n.target is torch.ops.aten.mm.default and n.name.startswith("tso_T_")]
             for layer in kron:       # every Kronecker layer has its matmuls (node names: tso_T_<σ'>...)
                 assert any(n.name.startswith("tso_T_" + layer.replace(".", "_")) for n in mms), (layer, mms)
-            roots = {a.target for n in mms for a in n.args if a.op == "placeholder"}
-            assert len(roots) == 2 * len(kron), roots
+            copied = [n.args[0] for n in graph.nodes if n.target is torch.ops.aten.copy_.default]
+            assert len(copied) in (0, 3 * len(kron))        # fold: A, B and the flag of every layer
+            folds += bool(copied)
+            read = {a for n in mms for a in n.args if a.op == "placeholder"}
+            assert len(read) == 2 * len(kron) and not read & set(copied)    # the roots, only read
+        assert folds == 2
 
 
 def _follows_the_reference(name, kind, backward=None, ref_kw=None, wrap_kw=None, **extra):
@@ -375,8 +381,9 @@ def test_after_the_switch_the_step_runs_a_graph_without_t_nodes(kind):
     torch.manual_seed(5)
     model = CNN()
     plain = copy.deepcopy(model)
-    wrapped = (svgd_fx.transform(model, method="tso-alra", codegen="inductor") if kind == "transform"
-               else torch.compile(model, backend=svgd_fx.backend(method="tso-alra")))
+    opts = dict(method="tso-alra", t_int=1)     # every step refreshes: the T ops run (not the aten graphs)
+    wrapped = (svgd_fx.transform(model, codegen="inductor", **opts) if kind == "transform"
+               else torch.compile(model, backend=svgd_fx.backend(**opts)))
     x, y = torch.randn(4, 2, 6, 6), torch.randint(0, 4, (4,))
 
     def t_calls():
@@ -475,6 +482,30 @@ def test_a_nan_in_a_factor_is_an_error_naming_the_layer():
         F.cross_entropy(model_t(x), torch.randint(0, 3, (8,))).backward()
     assert int(model_t.svgd_state["fc3.linear.steps"]) == 0
     assert model_t.svgd_state["fc3.linear.A"].abs().sum() == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_nan_at_a_step_that_folds_the_factors_in_the_graph_is_an_error_too(kind):
+    """t = 2 folds the statistics in aten ops (no custom op): a NaN there raises the same error at the
+    end of that backward, leaves every factor and counter as it was, and the next step trains."""
+    model = MLP()
+    wrapped = _wrap(model, kind, switch_at_step=None, t_int=20)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    F.cross_entropy(wrapped(x), y).backward()
+    state = _state(wrapped, model)
+    before = {k: v.clone() for k, v in state.tensors.items()}
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+
+    def fails():
+        with pytest.raises(svgd_fx.FactorError, match=r"factor A of layer 'fc3\.linear'.*non-finite"):
+            F.cross_entropy(wrapped(bad), y).backward()
+
+    assert _kron_calls(fails) == 0                  # the fold graph ran (it compiled at the first step)
+    assert all(torch.equal(v, before[k]) for k, v in state.tensors.items())
+    model.zero_grad()
+    assert _kron_calls(lambda: F.cross_entropy(wrapped(x), y).backward()) == 0     # t = 2 again: the fold graph
+    assert int(state["fc1.linear.steps"]) == 2 and not torch.equal(state["fc1.linear.A"], before["fc1.linear.A"])
 
 
 def test_a_factor_not_positive_definite_after_damping_is_an_error():

@@ -120,7 +120,7 @@ def _advance(A, A_root, B, B_root, steps, statistics, gamma: float, t_int: int, 
             if not bool(torch.isfinite(stat).all()):
                 if skip_nonfinite:
                     return
-                raise _nonfinite_statistic(name, side)
+                raise nonfinite_statistic(name, side)
         if t == 1:
             A.copy_(stat_a)
             B.copy_(stat_b)
@@ -134,7 +134,7 @@ def _advance(A, A_root, B, B_root, steps, statistics, gamma: float, t_int: int, 
         steps.fill_(t)
 
 
-def _nonfinite_statistic(name: str, side: str):
+def nonfinite_statistic(name: str, side: str):
     return factor_error(name, side, "would be updated from a non-finite statistic (inf/NaN in "
                         + ("the layer's input)" if side == "A" else "∇σ'J)"))
 
@@ -150,7 +150,7 @@ def _collect(acc: torch.Tensor, steps: torch.Tensor, t_stat: int, samples: int, 
         if side is not None:
             if skip_nonfinite:
                 return
-            raise _nonfinite_statistic(name, side)
+            raise nonfinite_statistic(name, side)
         n2 = got.aa.numel()
         acc[:n2].add_(got.aa.flatten())
         acc[n2:-2].add_(got.gg.flatten())

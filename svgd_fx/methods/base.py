@@ -36,6 +36,16 @@ class MethodPlan:
     acc_specs: list[tuple[str, str, int | None]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Variants:
+    """Graphs a method compiles beside its main one, for the calls whose state ``choose`` names
+    (``choose(state)``: one of ``names``, or None for the main graph); ``backward_starts(state,
+    name)`` runs when a backward passes a graph of that name (before its nodes run)."""
+    names: tuple[str, ...]
+    choose: Any
+    backward_starts: Any
+
+
 class Method(Protocol):
     supports: frozenset[str]
 

@@ -13,11 +13,11 @@ import torch
 
 from ..config import SVGDConfig
 from ..errors import option_spelling
-from ..kernels.kron_op import commit
+from ..kernels.kron_op import commit, nonfinite_statistic
 from ..passes.kronecker import STATE_PARTS, KronSpec, kronecker_layer, precondition
 from ..passes.locate import ParamInput
 from ..session import SigmaRecord
-from .base import MethodPlan, PlanContext
+from .base import MethodPlan, PlanContext, Variants
 
 SWITCHED_KEY = "tso.switched"
 
@@ -61,6 +61,12 @@ class TSOMethod:
             layout.add("state", spec[0])
         scaled = isinstance(owner.grad_scaler, torch.amp.GradScaler)
         collecting = ctx.accumulating and bool(layers)
+        # the fold graph (variants) marks a non-finite statistic here; the T ops raise it themselves
+        flagged = (config.nonfinite == "raise" and not config.distributed and not ctx.accumulating
+                   and config.t_int > 1)
+        flags = [(f"{sigma.name}.nonfinite", sigma.device) for sigma, _, _ in layers] if flagged else []
+        for key, _ in flags:
+            layout.add("flag", key)
         acc_specs = []
         for sigma, layer, keys in layers:        # [Σāāᵀ, Σĝĝᵀ] (+ rows, samples): svgd_fx.accumulate
             if ctx.accumulating:
@@ -85,12 +91,14 @@ class TSOMethod:
                 sync=bool(config.distributed), skip_nonfinite=config.nonfinite == "skip",
                 acc_input=layout.optional_index("acc", f"{sigma.name}.kron"),
                 collect_input=layout.optional_index("collect", "collect"),
+                flag_input=layout.optional_index("flag", f"{sigma.name}.nonfinite"),
             )
             for sigma, layer, keys in layers
         ]
         state = owner.svgd_state
         examples = [state.get_or_create(*spec) for spec in state_specs]
         by_key = dict(zip((spec[0] for spec in state_specs), examples))
+        examples += [state.flag(key, device) for key, device in flags]
         examples += [state.acc(key, numel, by_key[like].dtype, by_key[like].device)
                      for key, like, numel in acc_specs]
         if scaled:
@@ -120,39 +128,65 @@ class TSOMethod:
         k = self.config.switch_at_step
         return lambda state: switched_off(state, k, step_keys)
 
-    def steady_variant(self, plan: MethodPlan):
-        """``(is_steady(state), count(state))`` for a graph of Kronecker layers when ``t_stat > 1``, else
-        None. A *steady* step neither updates the factors nor refreshes the roots (t ≢ 1 mod ``t_stat``
-        and mod ``t_int``, before the switch, every layer of the graph at the same t): its graph forms
-        ``R_B·Ĝ·R_A`` in aten matmuls (``precondition(..., steady=True)``) and ``count`` advances the
-        layers' step counters when a backward runs through it. Graphs that collect statistics for
-        ``svgd_fx.accumulate`` always run the T nodes."""
+    def variants(self, plan: MethodPlan):
+        """The graphs for some steps only (``docs/tso-alra.md``, "Which graph runs a step"), as
+        ``Variants``, or None. ``"steady"`` (``t_stat > 1``): steps that neither update the factors
+        nor refresh the roots; ``"fold"`` (``nonfinite="raise"``, one process): steps that update the
+        factors without a refresh. Chosen per call from the layers' step counters (all at the same t,
+        before the switch); the counters advance when a backward runs through the graph, and after a
+        fold a statistic found non-finite raises at the end of that backward. Graphs that collect
+        statistics for ``svgd_fx.accumulate`` always run the T nodes."""
         config = self.config
-        if config.t_stat == 1 or config.t_int == 1 or not plan.specs or plan.acc_specs:
+        if config.t_int == 1 or not plan.specs or plan.acc_specs:
             return None
-        step_keys = [f"{spec.name}.steps" for spec in plan.specs]
+        fold = all(spec.flag_input is not None for spec in plan.specs)
+        names = (("steady",) if config.t_stat > 1 else ()) + (("fold",) if fold else ())
+        if not names:
+            return None
+        names_of = [spec.name for spec in plan.specs]
+        step_keys = [f"{name}.steps" for name in names_of]
         t_stat, t_int, k = config.t_stat, config.t_int, config.switch_at_step
 
-        def is_steady(state) -> bool:
+        def choose(state) -> str | None:
             steps = [state.peek(key) for key in step_keys]
             if any(t is None for t in steps):
-                return False
+                return None
             t = int(steps[0]) + 1
-            if t == 1 or (t - 1) % t_stat == 0 or (t - 1) % t_int == 0:
-                return False
-            return all(int(s) + 1 == t for s in steps[1:]) and not switched_off(state, k, step_keys)
+            if t == 1 or (t - 1) % t_int == 0:
+                return None
+            name = "fold" if (t - 1) % t_stat == 0 else "steady"
+            if name not in names or not all(int(s) + 1 == t for s in steps[1:]) or switched_off(state, k, step_keys):
+                return None
+            return name
 
-        def count(state) -> None:
+        def backward_starts(state, name: str) -> None:
             with torch.no_grad():
                 for key in step_keys:
                     state.peek(key).add_(1)
+            if name == "fold":
+                torch.autograd.Variable._execution_engine.queue_callback(lambda: _raise_if_flagged(state, names_of))
 
-        return is_steady, count
+        return Variants(names, choose, backward_starts)
 
     def rewrite(self, joint, plan: MethodPlan, param_sources, param_inputs, entry: str,
-                steady: bool = False) -> set[str]:
+                variant: str | None = None) -> set[str]:
         return precondition(joint, plan.specs, param_sources, param_inputs, option_spelling(entry, "exclude", "[...]"),
-                            steady=steady)
+                            variant=variant)
+
+
+def _raise_if_flagged(state, names: list[str]) -> None:
+    """The end of a backward through a fold graph: the layers whose statistic was non-finite (their
+    factors were left as they were) get their step uncounted, and the one the backward reached first
+    (the last in the forward) is named in a ``FactorError``, as its T op would have raised."""
+    codes = {name: int(state.flags[f"{name}.nonfinite"].item()) for name in names}
+    if not any(codes.values()):
+        return
+    for name, code in codes.items():
+        state.flags[f"{name}.nonfinite"].zero_()
+        if code:
+            state.peek(f"{name}.steps").sub_(1)
+    name = next(name for name in reversed(names) if codes[name])
+    raise nonfinite_statistic(name, "A" if codes[name] & 1 else "B")
 
 
 def switched_off(state, switch_at_step: int | None, step_keys: list[str]) -> bool:

@@ -109,16 +109,21 @@ class KronSpec:
     skip_nonfinite: bool = False     # a non-finite statistic leaves the state alone (nonfinite="skip")
     acc_input: int | None = None     # svgd_fx.accumulate: the layer's accumulator ...
     collect_input: int | None = None  # ... and the "collect" mode input
+    flag_input: int | None = None    # the fold graph's non-finite marker (+1: stat_A, +2: stat_B)
 
 
 def precondition(gm: GraphModule, specs: list[KronSpec], param_derived_sources: set[str],
-                 param_inputs: set[int], exclude_hint: str = "exclude=[...]", steady: bool = False) -> dict[str, str]:
+                 param_inputs: set[int], exclude_hint: str = "exclude=[...]",
+                 variant: str | None = None) -> dict[str, str]:
     """Insert the two-sided T for every spec; return ``{σ' name: T node name}`` for those rewritten.
 
-    ``steady``: the graph for the steps that neither update the factors nor refresh the roots
-    (``t_stat > 1``): T is ``R_B·Ĝ·R_A`` in aten matmuls that read the roots, which inductor
-    schedules with the rest of the backward; no custom op, the state is only read (the caller
-    counts the step)."""
+    ``variant`` (graphs for some steps only, chosen per call by ``TSOMethod.variants``; the caller
+    counts their steps): ``"steady"``, for the steps that neither update the factors nor refresh
+    the roots: T is ``R_B·Ĝ·R_A`` in aten matmuls that read the roots, which inductor schedules
+    with the rest of the backward; ``"fold"``, for the steps that update the factors without a
+    refresh: the same, and the statistics folded into A and B by aten ops (``copy_`` into the
+    state inputs), a non-finite statistic leaving both as they were and marking the layer's flag.
+    None: the custom ops, which do every step's work."""
     graph = gm.graph
     view = joint_view(gm)
     done: dict[str, str] = {}
@@ -149,7 +154,7 @@ def precondition(gm: GraphModule, specs: list[KronSpec], param_derived_sources: 
         meta.update(partitioner_tag="is_backward", svgd_sigma=spec.name)
         anchor = first if spec.layer.kind == "linear" else max(edges, key=view.order.__getitem__).next
         with graph.inserting_before(anchor):
-            grads, t_node = _emit(graph, spec, g, x, plain, view.placeholders, meta, steady)
+            grads, t_node = _emit(graph, spec, g, x, plain, view.placeholders, meta, variant)
         for o, part in edges.items():
             new = grads[part]
             if tuple(new.meta["val"].shape) != tuple(o.meta["val"].shape):
@@ -181,7 +186,7 @@ def _layer_input(spec: KronSpec, forward_group: list[Node], placeholders: dict, 
 
 
 def _emit(graph, spec: KronSpec, g: Node, x: Node, plain: dict[str, Node], placeholders: dict, meta: dict,
-          steady: bool = False):
+          variant: str | None = None):
     """The T node and the weight/bias gradients (see the module docstring)."""
     aten = torch.ops.aten
     layer = spec.layer
@@ -199,7 +204,10 @@ def _emit(graph, spec: KronSpec, g: Node, x: Node, plain: dict[str, Node], place
         return emit(aten.clone.default, node, memory_format=torch.contiguous_format)
 
     state = [placeholders[i] for i in spec.state_inputs] + [placeholders[spec.switched_input]]
-    if steady:
+    if variant is not None:
+        if variant == "fold":
+            scale = placeholders[spec.scale_input] if spec.scale_input is not None else None
+            _fold(emit, spec, g, x, batch, state, placeholders[spec.flag_input], scale, contiguous)
         t_node = _steady_delta(emit, spec, g, x, plain, state[1], state[3], contiguous)
         return _split(emit, layer, t_node), t_node
     common = (spec.gamma, spec.t_int, spec.t_stat, spec.damping)
@@ -256,6 +264,76 @@ def _steady_delta(emit, spec: KronSpec, g: Node, x: Node, plain: dict[str, Node]
             grad = emit(aten.cat.default, [grad, emit(aten.view.default, plain["bias"], [m, 1])], 1)
         delta = emit(aten.mm.default, emit(aten.mm.default, b_root, cast(grad, dtype)), a_root)
     return cast(delta, out_dtype)
+
+
+def _fold(emit, spec: KronSpec, g: Node, x: Node, batch, state: list[Node], flag: Node, inv_scale: Node | None,
+          contiguous) -> None:
+    """A ← (1−γ)·A + γ·stat_A, B likewise (Eqs. 17–18, t > 1), in aten ops on the state inputs, with
+    the statistics of ``docs/tso-alra.md`` (the custom ops' ``Sums`` and ``_pooled``): Σ āāᵀ over the
+    rows (a linear layer's, or the conv input's patches as ``kron_op.patches`` forms them), Σ ĝĝᵀ,
+    divided by the row and sample counts. A non-finite statistic leaves A and B as they were and adds
+    1 (A) and/or 2 (B) to ``flag`` (the caller raises at the end of the backward)."""
+    aten = torch.ops.aten
+    layer = spec.layer
+    A, _, B = state[0], state[1], state[2]
+    dtype = A.meta["val"].dtype
+    n, m = layer.sizes
+
+    def cast(node):
+        return node if node.meta["val"].dtype == dtype else emit(torch.ops.prims.convert_element_type.default, node, dtype)
+
+    def gram(rows_first):                      # [N, k] -> Σ rows rowsᵀ, [k, k]
+        return emit(aten.mm.default, emit(aten.permute.default, rows_first, [1, 0]), rows_first)
+
+    if layer.kind == "linear":
+        rows_g = cast(emit(aten.view.default, contiguous(g), [-1, m]))
+        rows_x = cast(emit(aten.view.default, contiguous(x), [-1, layer.weight_shape[1]]))
+    else:
+        rows_x = _patch_rows(emit, cast(x), layer)
+        rows_g = emit(aten.view.default, emit(aten.clone.default, emit(aten.permute.default, cast(g), [0, 2, 3, 1]),
+                                              memory_format=torch.contiguous_format), [-1, m])
+    if layer.bias is not None:
+        rows_x = emit(aten.constant_pad_nd.default, rows_x, [0, 1], 1.0)          # ā = [a, 1]
+    rows = rows_x.meta["val"].shape[0]
+    rows = rows if isinstance(rows, int) else emit(aten.sym_size.int, rows_x, 0)
+    gg = gram(rows_g)
+    if inv_scale is not None:                                                      # Σ ĝĝᵀ, ĝ = g/S
+        gg = emit(aten.mul.Tensor, gg, cast(emit(aten.mul.Tensor, inv_scale, inv_scale)))
+    stat_a = emit(aten.div.Tensor, gram(rows_x), rows)
+    # stat_B = Σ ββᵀ / samples: β = B·ĝ for a mean loss (so Σ ĝĝᵀ·B), ĝ for a sum (Σ ĝĝᵀ / B)
+    stat_b = emit(aten.mul.Tensor if spec.mean_reduction else aten.div.Tensor, gg, batch)
+    # all finite ⇔ Σ 0·x = 0 (0·inf and 0·NaN are NaN): one reduction inductor lowers
+    finite = [emit(aten.eq.Scalar, emit(aten.sum.default, emit(aten.mul.Tensor, stat, 0.0)), 0.0)
+              for stat in (stat_a, stat_b)]
+    both = emit(aten.logical_and.default, *finite)
+    for factor, stat in ((A, stat_a), (B, stat_b)):
+        folded = emit(aten.add.Tensor, emit(aten.mul.Tensor, factor, 1.0 - spec.gamma),
+                      emit(aten.mul.Tensor, stat, spec.gamma))
+        emit(aten.copy_.default, factor, emit(aten.where.self, both, folded, factor))
+    marks = [emit(aten.add.Tensor, emit(aten.mul.Tensor, emit(torch.ops.prims.convert_element_type.default, ok,
+                                                             torch.float32), -float(code)), float(code))
+             for ok, code in zip(finite, (1, 2))]                                   # code·(1 − ok)
+    emit(aten.copy_.default, flag, emit(aten.add.Tensor, flag, emit(aten.add.Tensor, *marks)))
+
+
+def _patch_rows(emit, x: Node, layer: KronLayer) -> Node:
+    """The conv input's patches as rows ``[B·L, C_in·kh·kw]`` (W's flattening; ``kron_op.patches``,
+    transposed) from kh·kw strided slices of the padded input: ops inductor lowers and fuses."""
+    aten = torch.ops.aten
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = layer.weight_shape[2:], layer.dilation, layer.padding, layer.stride
+    shape = x.meta["val"].shape
+    ho = (shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    xp = emit(aten.constant_pad_nd.default, x, [pw, pw, ph, ph], 0.0) if ph or pw else x
+    xp = emit(aten.permute.default, xp, [0, 2, 3, 1])                               # [B, H, W, C]
+    cols = []
+    for i in range(kh):
+        for j in range(kw):
+            rows = emit(aten.slice.Tensor, xp, 1, i * dh, i * dh + sh * (ho - 1) + 1, sh)
+            cols.append(emit(aten.unsqueeze.default,
+                             emit(aten.slice.Tensor, rows, 2, j * dw, j * dw + sw * (wo - 1) + 1, sw), 4))
+    stacked = emit(aten.cat.default, cols, 4)                                         # [B, Ho, Wo, C, kh·kw]
+    return emit(aten.view.default, stacked, [-1, shape[1] * kh * kw])
 
 
 def _split(emit, layer: KronLayer, delta: Node) -> dict[str, Node]:
