@@ -151,6 +151,47 @@ def test_steps_without_a_refresh_run_aten_graphs_and_match_the_reference(name, k
         assert folds == 2
 
 
+class Pooled(nn.Module):
+    """A conv net whose input may change size (global pooling before the head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 3, stride=2), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).mean((2, 3)))
+
+
+def test_the_fold_graph_takes_images_of_changing_size():
+    """Images of changing height and width (symbolic in the graph from the third step): the fold
+    graph's patches follow the sizes, and the factors follow the reference. (codegen="fx": torch
+    2.13's inductor itself fails on this model once H and W are dynamic, without svgd_fx.)"""
+    torch.manual_seed(0)
+    model = Pooled().double()
+    ref_model = copy.deepcopy(model)
+    opts = dict(gamma=0.2, t_int=20, damping=1e-3)
+    wrapped = svgd_fx.transform(model, method="tso-alra", codegen="fx", **opts)
+    ref = TSOReference(ref_model, **opts)
+    opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, ref_model))
+    calls = []
+    for step, hw in enumerate((6, 6, 8, 7, 9, 6)):
+        x, y = torch.randn(4, 2, hw, hw, dtype=torch.float64), torch.randint(0, 3, (4,))
+        opt.zero_grad()
+        calls.append(_kron_calls(lambda: F.cross_entropy(wrapped(x), y).backward()))
+        want = ref.grads(x, y, F.cross_entropy)
+        for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.grad, want[n], rtol=1e-9, atol=1e-11, msg=lambda m: f"step {step} {n}: {m}")
+            q.grad = want[n]
+        opt.step()
+        opt_ref.step()
+    assert calls[1] == 0 and calls[3:] == [0] * 3   # t = 2…6 fold (t = 3 compiles: fake calls count)
+    state = wrapped.svgd_state
+    for layer in ("c1.conv2d", "c2.conv2d", "fc.linear"):
+        assert int(state[f"{layer}.steps"]) == 6
+        torch.testing.assert_close(state[f"{layer}.A"], ref.state[_module(layer)]["A"], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(state[f"{layer}.B"], ref.state[_module(layer)]["B"], rtol=1e-9, atol=1e-12)
+
+
 def _follows_the_reference(name, kind, backward=None, ref_kw=None, wrap_kw=None, **extra):
     """Six SGD steps against the reference; ``backward(wrapped, x, y)`` runs the model's backward
     (default: one mean loss), the reference always takes the whole batch."""

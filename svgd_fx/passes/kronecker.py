@@ -20,6 +20,7 @@ narrowed away (``convolution_backward`` computes only the input gradient).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -322,16 +323,29 @@ def _patch_rows(emit, x: Node, layer: KronLayer) -> Node:
     aten = torch.ops.aten
     (kh, kw), (dh, dw), (ph, pw), (sh, sw) = layer.weight_shape[2:], layer.dilation, layer.padding, layer.stride
     shape = x.meta["val"].shape
-    ho = (shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def size(d):        # an int, or a node for a symbolic size (a graph takes no raw SymInt arguments)
+        return shape[d] if isinstance(shape[d], int) else emit(aten.sym_size.int, x, d)
+
+    def arith(op, a, b):
+        return op(a, b) if isinstance(a, int) and isinstance(b, int) else emit(op, a, b)
+
+    def out_size(d, k, dil, pad, stride):                   # (in + 2·pad − dil·(k−1) − 1) // stride + 1
+        return arith(operator.add, arith(operator.floordiv, arith(operator.add, size(d), 2 * pad - dil * (k - 1) - 1),
+                                         stride), 1)
+
+    def end(offset, stride, out):                           # offset + stride·(out − 1) + 1
+        return arith(operator.add, arith(operator.mul, arith(operator.sub, out, 1), stride), offset + 1)
+
+    ho, wo = out_size(2, kh, dh, ph, sh), out_size(3, kw, dw, pw, sw)
     xp = emit(aten.constant_pad_nd.default, x, [pw, pw, ph, ph], 0.0) if ph or pw else x
     xp = emit(aten.permute.default, xp, [0, 2, 3, 1])                               # [B, H, W, C]
     cols = []
     for i in range(kh):
         for j in range(kw):
-            rows = emit(aten.slice.Tensor, xp, 1, i * dh, i * dh + sh * (ho - 1) + 1, sh)
+            rows = emit(aten.slice.Tensor, xp, 1, i * dh, end(i * dh, sh, ho), sh)
             cols.append(emit(aten.unsqueeze.default,
-                             emit(aten.slice.Tensor, rows, 2, j * dw, j * dw + sw * (wo - 1) + 1, sw), 4))
+                             emit(aten.slice.Tensor, rows, 2, j * dw, end(j * dw, sw, wo), sw), 4))
     stacked = emit(aten.cat.default, cols, 4)                                         # [B, Ho, Wo, C, kh·kw]
     return emit(aten.view.default, stacked, [-1, shape[1] * kh * kw])
 
