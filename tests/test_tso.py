@@ -91,6 +91,28 @@ def test_factors_updated_every_t_stat_steps_match_the_reference(name, kind):
     _follows_the_reference(name, kind, t_stat=3)
 
 
+def _beside_the_reference(model, wrapped, ref_model, ref, batches, backward=None, count=False) -> list[int]:
+    """SGD steps (lr 0.05) of ``wrapped`` and of the reference on ``batches`` of (x, y), the gradients
+    equal at every step; with ``count``, the T custom ops' calls per step. ``backward(wrapped, x, y)`` runs the
+    model's backward (default: one mean loss); the reference always takes the whole batch."""
+    opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, ref_model))
+    backward = backward or (lambda wrapped, x, y: F.cross_entropy(wrapped(x), y).backward())
+    calls = []
+    for step, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        if count:
+            calls.append(_kron_calls(lambda: backward(wrapped, x, y)))
+        else:
+            backward(wrapped, x, y)
+        want = ref.grads(x, y, F.cross_entropy)
+        for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.grad, want[n], rtol=1e-9, atol=1e-11, msg=lambda m: f"step {step} {n}: {m}")
+            q.grad = want[n]          # the reference returns its gradients; SGD steps on them
+        opt.step()
+        opt_ref.step()
+    return calls
+
+
 def _kron_calls(run) -> int:
     """How many times the T custom ops ran during ``run()``."""
     with torch.profiler.profile() as prof:
@@ -113,19 +135,10 @@ def test_steps_without_a_refresh_run_aten_graphs_and_match_the_reference(name, k
     wrapped = (svgd_fx.transform(model, method="tso-alra", codegen="fx", **opts) if kind == "transform-fx"
                else _wrap(model, kind, **opts, switch_at_step=None))
     ref = TSOReference(ref_model, **opts)
-    opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, ref_model))
     state = _state(wrapped, model)
-    calls = []
-    for step, batch in enumerate((8, 8, 8, 8, 5, 3, 8, 6, 8)):    # dynamic from t = 5 (a refresh step)
-        x, y = torch.randn(batch, *shape, dtype=torch.float64), torch.randint(0, 3, (batch,))
-        opt.zero_grad()
-        calls.append(_kron_calls(lambda: F.cross_entropy(wrapped(x), y).backward()))
-        want = ref.grads(x, y, F.cross_entropy)
-        for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
-            torch.testing.assert_close(p.grad, want[n], rtol=1e-9, atol=1e-11, msg=lambda m: f"step {step} {n}: {m}")
-            q.grad = want[n]
-        opt.step()
-        opt_ref.step()
+    batches = [(torch.randn(b, *shape, dtype=torch.float64), torch.randint(0, 3, (b,)))
+               for b in (8, 8, 8, 8, 5, 3, 8, 6, 8)]                # dynamic from t = 5 (a refresh step)
+    calls = _beside_the_reference(model, wrapped, ref_model, ref, batches, count=True)
     refresh = [t in (1, 5, 9) for t in range(1, 10)]
     assert [c != 0 for c in calls] == refresh, calls     # (a step that compiles counts fake calls too)
     assert all(c >= len(kron) for c, r in zip(calls, refresh) if r), calls
@@ -172,18 +185,8 @@ def test_the_fold_graph_takes_images_of_changing_size():
     opts = dict(gamma=0.2, t_int=20, damping=1e-3)
     wrapped = svgd_fx.transform(model, method="tso-alra", codegen="fx", **opts)
     ref = TSOReference(ref_model, **opts)
-    opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, ref_model))
-    calls = []
-    for step, hw in enumerate((6, 6, 8, 7, 9, 6)):
-        x, y = torch.randn(4, 2, hw, hw, dtype=torch.float64), torch.randint(0, 3, (4,))
-        opt.zero_grad()
-        calls.append(_kron_calls(lambda: F.cross_entropy(wrapped(x), y).backward()))
-        want = ref.grads(x, y, F.cross_entropy)
-        for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
-            torch.testing.assert_close(p.grad, want[n], rtol=1e-9, atol=1e-11, msg=lambda m: f"step {step} {n}: {m}")
-            q.grad = want[n]
-        opt.step()
-        opt_ref.step()
+    batches = [(torch.randn(4, 2, hw, hw, dtype=torch.float64), torch.randint(0, 3, (4,))) for hw in (6, 6, 8, 7, 9, 6)]
+    calls = _beside_the_reference(model, wrapped, ref_model, ref, batches, count=True)
     assert calls[1] == 0 and calls[3:] == [0] * 3   # t = 2…6 fold (t = 3 compiles: fake calls count)
     state = wrapped.svgd_state
     for layer in ("c1.conv2d", "c2.conv2d", "fc.linear"):
@@ -201,20 +204,8 @@ def _follows_the_reference(name, kind, backward=None, ref_kw=None, wrap_kw=None,
     ref_model = copy.deepcopy(model)
     wrapped = _wrap(model, kind, **extra, **(wrap_kw or {}))
     ref = TSOReference(ref_model, **OPTS, **extra, **(ref_kw or {}))
-    opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, ref_model))
-    for step, batch in enumerate((8, 8, 5, 8, 3, 8)):
-        x, y = torch.randn(batch, *shape, dtype=torch.float64), torch.randint(0, 3, (batch,))
-        opt.zero_grad()
-        if backward is None:
-            F.cross_entropy(wrapped(x), y).backward()
-        else:
-            backward(wrapped, x, y)
-        want = ref.grads(x, y, F.cross_entropy)
-        for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
-            torch.testing.assert_close(p.grad, want[n], rtol=1e-9, atol=1e-11, msg=lambda m: f"step {step} {n}: {m}")
-            q.grad = want[n]          # the reference returns its gradients; SGD steps on them
-        opt.step()
-        opt_ref.step()
+    batches = [(torch.randn(b, *shape, dtype=torch.float64), torch.randint(0, 3, (b,))) for b in (8, 8, 5, 8, 3, 8)]
+    _beside_the_reference(model, wrapped, ref_model, ref, batches, backward)
     state = _state(wrapped, model)
     assert _fired(wrapped) == kron
     rows = {row["node"]: row for row in svgd_fx.explain(wrapped).rows}
