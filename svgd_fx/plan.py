@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ._torch_internals import default_partition
+from ._torch_internals import default_partition, functorch_config
 from .errors import SVGDError, option_spelling
 from .guard import _backward_node
 from .methods import Method, MethodPlan, PlanContext, method_for
@@ -89,8 +89,9 @@ class Plan:
         by_name = {}
         for name in variants.names if variants is not None else ():
             self.variant = name
-            try:
-                by_name[name] = aot_backend(self.gm, self.example_inputs)
+            try:     # backward too, now: not at the first step that runs it (one in t_stat, maybe)
+                with functorch_config.patch(force_non_lazy_backward_lowering=True):
+                    by_name[name] = aot_backend(self.gm, self.example_inputs)
             finally:
                 self.variant = None
         state_tensors = feeder(self.feed)
