@@ -115,13 +115,10 @@ class Plan:
                 else:
                     extra = feed(owner)      # (first: it rolls the state back after a step the scaler skipped)
                     name = variants.choose(state) if variants is not None else None
-                    if name is None:
-                        outputs = compiled(*args, *extra)
-                    else:
-                        outputs = by_name[name](*args, *extra)
-                        if torch.is_grad_enabled() and (node := _backward_node(outputs)) is not None:
-                            starts = variants.backward_starts
-                            node.register_prehook(lambda grad_outputs: starts(state, name))
+                    outputs = compiled(*args, *extra) if name is None else by_name[name](*args, *extra)
+                    if variants is not None and torch.is_grad_enabled() \
+                            and (node := _backward_node(outputs)) is not None:
+                        variants.ran(state, name, node)
             else:                     # Dynamo reuses this graph for another module of the same class
                 if ids not in others:
                     others[ids] = (object(), self._feeder_for(owner, [args[i] for i in param_idx]))

@@ -164,6 +164,62 @@ def test_steps_without_a_refresh_run_aten_graphs_and_match_the_reference(name, k
         assert folds == 2
 
 
+@pytest.mark.parametrize("pattern", ["siamese", "forward without backward"])
+def test_a_model_called_again_before_its_backward_runs_as_the_t_ops_do(monkeypatch, pattern):
+    """A siamese loss from the first step (two calls, one backward), or a forward with grad that never
+    gets a backward (at t = 4, a fold step): from the repeated call on, the graph with the T ops runs
+    (they take their t at the backward), and gradients, factors and counters stay those of a model
+    that runs the T ops at every step."""
+    torch.manual_seed(0)
+    model = Seq().double()
+    plain_model = copy.deepcopy(model)
+    opts = dict(method="tso-alra", gamma=0.2, t_int=4, t_stat=3, damping=1e-3)
+    with monkeypatch.context() as patch:           # the T ops at every step: no variants compiled
+        patch.setattr(svgd_fx.methods.tso.TSOMethod, "variants", lambda self, plan: None)
+        ops = svgd_fx.transform(plain_model, **opts)
+        ops(torch.randn(8, 4, 5, dtype=torch.float64))
+    wrapped = svgd_fx.transform(model, **opts)
+    gen = torch.Generator().manual_seed(1)
+    calls = []
+    for step in range(9):
+        x1, x2 = (torch.randn(8, 4, 5, dtype=torch.float64, generator=gen) for _ in range(2))
+        y = torch.randint(0, 3, (8,), generator=gen)
+        grads = []
+        for m, w in ((model, wrapped), (plain_model, ops)):
+            m.zero_grad()
+
+            def run():
+                if pattern == "siamese":
+                    (F.cross_entropy(w(x1), y) + F.cross_entropy(w(x2), y)).backward()
+                    return
+                if step == 3:
+                    w(x2)
+                F.cross_entropy(w(x1), y).backward()
+
+            if w is wrapped:
+                calls.append(_kron_calls(run))
+            else:
+                run()
+            grads.append([p.grad.clone() for p in m.parameters()])
+        for mine, want in zip(*grads):
+            torch.testing.assert_close(mine, want, rtol=1e-10, atol=1e-12, msg=lambda m: f"step {step}: {m}")
+    for key, value in ops.svgd_state.tensors.items():
+        torch.testing.assert_close(wrapped.svgd_state[key], value, rtol=1e-10, atol=1e-12)
+    assert int(wrapped.svgd_state["inp.linear.steps"]) == (18 if pattern == "siamese" else 9)
+    if pattern == "forward without backward":     # the fold and steady graphs ran until then
+        assert calls[1:3] == [0, 0] and all(c > 0 for c in calls[3:])
+
+
+def test_a_call_whose_step_another_call_took_is_an_error():
+    """A model called once per step and then twice before a backward: the first call ran the graph of
+    t = 2 (fold), the second's T ops took t = 2 in the backward (they run first): an error."""
+    wrapped = svgd_fx.transform(Seq(), method="tso-alra", t_int=4)
+    x, y = torch.randn(8, 4, 5), torch.randint(0, 3, (8,))
+    F.cross_entropy(wrapped(x), y).backward()                  # t = 1: the T ops
+    with pytest.raises(svgd_fx.SVGDError, match="ran the 'fold' graph of step t = 2.*another call"):
+        (F.cross_entropy(wrapped(x), y) + F.cross_entropy(wrapped(x), y)).backward()
+
+
 class Pooled(nn.Module):
     """A conv net whose input may change size (global pooling before the head)."""
 

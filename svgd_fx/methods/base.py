@@ -39,11 +39,11 @@ class MethodPlan:
 @dataclass(frozen=True)
 class Variants:
     """Graphs a method compiles beside its main one, for the calls whose state ``choose`` names
-    (``choose(state)``: one of ``names``, or None for the main graph); ``backward_starts(state,
-    name)`` runs when a backward passes a graph of that name (before its nodes run)."""
+    (``choose(state)``: one of ``names``, or None for the main graph); ``ran(state, name, node)``
+    follows every call with grad enabled (``node``: the call's backward node, for hooks)."""
     names: tuple[str, ...]
     choose: Any
-    backward_starts: Any
+    ran: Any
 
 
 class Method(Protocol):

@@ -9,10 +9,12 @@ Kronecker layer ``<σ'>`` is ``<σ'>.A``, ``.A_root``, ``.B``, ``.B_root``, ``.s
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..config import SVGDConfig
-from ..errors import option_spelling
+from ..errors import SVGDError, option_spelling
 from ..kernels.kron_op import commit, nonfinite_statistic
 from ..passes.kronecker import STATE_PARTS, KronSpec, kronecker_layer, precondition
 from ..passes.locate import ParamInput
@@ -133,9 +135,16 @@ class TSOMethod:
         ``Variants``, or None. ``"steady"`` (``t_stat > 1``): steps that neither update the factors
         nor refresh the roots; ``"fold"`` (``nonfinite="raise"``, one process): steps that update the
         factors without a refresh. Chosen per call from the layers' step counters (all at the same t,
-        before the switch); the counters advance when a backward runs through the graph, and after a
-        fold a statistic found non-finite raises at the end of that backward. Graphs that collect
-        statistics for ``svgd_fx.accumulate`` always run the T nodes."""
+        before the switch), i.e. for t = counter + 1; the counters advance when a backward runs
+        through the graph, and after a fold a statistic found non-finite raises at the end of that
+        backward. Graphs that collect statistics for ``svgd_fx.accumulate`` always run the T nodes.
+
+        A graph called again before the backward of an earlier call (a siamese loss; a forward
+        with grad enabled that never gets a backward) runs the T nodes from then on, for this model:
+        the T ops take their t when their backward runs, in whatever order. A call that ran a
+        variant and finds, when its backward starts, that another call took its t meanwhile raises
+        (its graph did the work of a t that is not its own).
+        """
         config = self.config
         if config.t_int == 1 or not plan.specs or plan.acc_specs:
             return None
@@ -146,8 +155,17 @@ class TSOMethod:
         names_of = [spec.name for spec in plan.specs]
         step_keys = [f"{name}.steps" for name in names_of]
         t_stat, t_int, k = config.t_stat, config.t_int, config.switch_at_step
+        calls = weakref.WeakKeyDictionary()    # state -> _Calls of this graph for that model
+
+        def count(state) -> None:
+            with torch.no_grad():
+                for key in step_keys:
+                    state.peek(key).add_(1)
 
         def choose(state) -> str | None:
+            mine = calls.get(state)
+            if mine is not None and (mine.several or mine.pending):
+                return None
             steps = [state.peek(key) for key in step_keys]
             if any(t is None for t in steps):
                 return None
@@ -159,19 +177,54 @@ class TSOMethod:
                 return None
             return name
 
-        def backward_starts(state, name: str) -> None:
-            with torch.no_grad():
-                for key in step_keys:
-                    state.peek(key).add_(1)
-            if name == "fold":
-                torch.autograd.Variable._execution_engine.queue_callback(lambda: _raise_if_flagged(state, names_of))
+        def ran(state, name: str | None, node) -> None:
+            """A call with grad enabled whose backward node is ``node``: pending until its backward
+            starts, which counts a variant's step."""
+            mine = calls.setdefault(state, _Calls())
+            mine.several = mine.several or bool(mine.pending)   # called again before a backward
+            call = _Call(name, int(state.peek(step_keys[0])))
+            mine.pending.append(call)
 
-        return Variants(names, choose, backward_starts)
+            def backward_starts(grad_outputs) -> None:   # (retain_graph: refused by AOTAutograd's donated buffers)
+                if call in mine.pending:
+                    mine.pending.remove(call)
+                if call.name is None:
+                    return
+                if int(state.peek(step_keys[0])) != call.steps:
+                    raise SVGDError(
+                        f"svgd_fx: TSO-ALRA's layers {names_of[:3]} ran the {call.name!r} graph of step "
+                        f"t = {call.steps + 1} (docs/tso-alra.md, \"Which graph runs a step\"), but another call "
+                        "of the model took that step before this backward: the T ops would take the next step "
+                        "here. Call the model once per backward, or several times from the first step on (it then "
+                        "runs the T ops at every step), or pass t_int=1.")
+                count(state)
+                if call.name == "fold":
+                    torch.autograd.Variable._execution_engine.queue_callback(
+                        lambda: _raise_if_flagged(state, names_of))
+
+            node.register_prehook(backward_starts)
+
+        return Variants(names, choose, ran)
+
 
     def rewrite(self, joint, plan: MethodPlan, param_sources, param_inputs, entry: str,
                 variant: str | None = None) -> set[str]:
         return precondition(joint, plan.specs, param_sources, param_inputs, option_spelling(entry, "exclude", "[...]"),
                             variant=variant)
+
+
+class _Calls:
+    """One TSO-ALRA graph's calls for one model whose backward has not started yet, and whether
+    the graph was ever called again before such a backward."""
+
+    def __init__(self) -> None:
+        self.pending: list[_Call] = []
+        self.several = False
+
+
+class _Call:
+    def __init__(self, name: str | None, steps: int) -> None:
+        self.name, self.steps = name, steps       # the variant (None: the T ops), the counter it saw
 
 
 def _raise_if_flagged(state, names: list[str]) -> None:
