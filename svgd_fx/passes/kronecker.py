@@ -194,7 +194,6 @@ def _emit(graph, spec: KronSpec, g: Node, x: Node, plain: dict[str, Node], place
     tag = node_tag("tso_T_", spec.name)
     g_val = g.meta["val"]
     emit = emitter(graph, tag, meta, g_val)
-    n, m = layer.sizes
     batch = g_val.shape[0] if isinstance(g_val.shape[0], int) else emit(aten.sym_size.int, g, 0)
 
     def contiguous(node):
@@ -206,101 +205,108 @@ def _emit(graph, spec: KronSpec, g: Node, x: Node, plain: dict[str, Node], place
 
     state = [placeholders[i] for i in spec.state_inputs] + [placeholders[spec.switched_input]]
     if variant is not None:
+        dtype = state[0].meta["val"].dtype           # the factors' (float32, or float64)
+        rows = _linear_rows(emit, layer, g, x, contiguous, dtype) if layer.kind == "linear" else None
         if variant == "fold":
             scale = placeholders[spec.scale_input] if spec.scale_input is not None else None
-            _fold(emit, spec, g, x, batch, state, placeholders[spec.flag_input], scale, contiguous)
-        t_node = _steady_delta(emit, spec, g, x, plain, state[1], state[3], contiguous)
+            _fold(emit, spec, g, x, rows, batch, state, placeholders[spec.flag_input], scale)
+        t_node = _steady_delta(emit, layer, rows, plain, state[1], state[3], g_val.dtype, contiguous)
         return _split(emit, layer, t_node), t_node
     common = (spec.gamma, spec.t_int, spec.t_stat, spec.damping)
     inv_scale, acc, collect = (None if i is None else placeholders[i]
                                for i in (spec.scale_input, spec.acc_input, spec.collect_input))
     extra = dict(inv_scale=inv_scale, sync=spec.sync, skip_nonfinite=spec.skip_nonfinite, acc=acc, collect=collect)
     if layer.kind == "linear":
-        rows_g = emit(aten.view.default, contiguous(g), [-1, m])
-        rows_x = emit(aten.view.default, contiguous(x), [-1, layer.weight_shape[1]])
-        if layer.bias is not None:
-            rows_x = emit(aten.constant_pad_nd.default, rows_x, [0, 1], 1.0)     # ā = [a, 1]
-        t_node = emit(torch.ops.svgd_fx.kron_t.default, rows_g, rows_x, *state, *common, batch,
-                      spec.mean_reduction, spec.switch_at_step, spec.name, **extra)
-    else:   # Ĝ from the graph's own gradients: [∇W as [m, n-1] | ∇b]
-        grad = emit(aten.view.default, contiguous(plain["weight"]), [m, -1])
-        if layer.bias is not None:
-            grad = emit(aten.cat.default, [grad, emit(aten.view.default, plain["bias"], [m, 1])], 1)
-        t_node = emit(torch.ops.svgd_fx.kron_t_conv.default, g, x, grad, *state, list(layer.weight_shape[2:]),
-                      list(layer.dilation), list(layer.padding), list(layer.stride), layer.bias is not None,
+        t_node = emit(torch.ops.svgd_fx.kron_t.default, *_linear_rows(emit, layer, g, x, contiguous), *state, *common,
+                      batch, spec.mean_reduction, spec.switch_at_step, spec.name, **extra)
+    else:
+        t_node = emit(torch.ops.svgd_fx.kron_t_conv.default, g, x, _plain_grad(emit, layer, plain, contiguous), *state,
+                      list(layer.weight_shape[2:]), list(layer.dilation), list(layer.padding), list(layer.stride),
+                      layer.bias is not None,
                       *common, spec.mean_reduction, spec.switch_at_step, spec.name, **extra)
     return _split(emit, layer, t_node), t_node
 
 
-def _steady_delta(emit, spec: KronSpec, g: Node, x: Node, plain: dict[str, Node], a_root: Node, b_root: Node,
-                  contiguous) -> Node:
-    """``R_B·Ĝ·R_A`` ``[m, n]`` in aten ops, as the custom ops form it (``svgd_fx.kernels.kron_op``):
-    a linear layer from its rows in the cheaper association for the traced row count, a conv layer
-    from the graph's own weight (and bias) gradient."""
+def _cast(emit, node: Node, dtype: torch.dtype) -> Node:
+    return node if node.meta["val"].dtype == dtype else emit(torch.ops.prims.convert_element_type.default, node, dtype)
+
+
+def _linear_rows(emit, layer: KronLayer, g: Node, x: Node, contiguous, dtype: torch.dtype | None = None):
+    """A linear layer's rows: ∇σ'J as ``[N, m]`` and its input as ``[N, n]`` (ā = [a, 1] with a bias),
+    cast to ``dtype`` if given (the T ops cast inside)."""
     aten = torch.ops.aten
-    layer = spec.layer
+    rows_g = emit(aten.view.default, contiguous(g), [-1, layer.sizes[1]])
+    rows_x = emit(aten.view.default, contiguous(x), [-1, layer.weight_shape[1]])
+    if dtype is not None:
+        rows_g, rows_x = _cast(emit, rows_g, dtype), _cast(emit, rows_x, dtype)
+    if layer.bias is not None:
+        rows_x = emit(aten.constant_pad_nd.default, rows_x, [0, 1], 1.0)
+    return rows_g, rows_x
+
+
+def _plain_grad(emit, layer: KronLayer, plain: dict[str, Node], contiguous) -> Node:
+    """Ĝ from the graph's own gradients: ``[∇W as [m, n-1] | ∇b]``."""
+    aten = torch.ops.aten
+    m = layer.sizes[1]
+    grad = emit(aten.view.default, contiguous(plain["weight"]), [m, -1])
+    if layer.bias is not None:
+        grad = emit(aten.cat.default, [grad, emit(aten.view.default, plain["bias"], [m, 1])], 1)
+    return grad
+
+
+def _steady_delta(emit, layer: KronLayer, rows, plain: dict[str, Node], a_root: Node, b_root: Node,
+                  out_dtype: torch.dtype, contiguous) -> Node:
+    """``R_B·Ĝ·R_A`` ``[m, n]`` in aten ops, as the custom ops form it (``svgd_fx.kernels.kron_op``):
+    a linear layer from its ``rows`` (:func:`_linear_rows`, in the roots' dtype) in the cheaper
+    association for the traced row count, a conv layer from the graph's own weight (and bias) gradient."""
+    aten = torch.ops.aten
     n, m = layer.sizes
-    dtype = a_root.meta["val"].dtype
-    out_dtype = g.meta["val"].dtype
-
-    def cast(node, to):
-        return node if node.meta["val"].dtype == to else emit(torch.ops.prims.convert_element_type.default, node, to)
-
     if layer.kind == "linear":
-        rows_g = cast(emit(aten.view.default, contiguous(g), [-1, m]), dtype)
-        rows_x = cast(emit(aten.view.default, contiguous(x), [-1, layer.weight_shape[1]]), dtype)
-        if layer.bias is not None:
-            rows_x = emit(aten.constant_pad_nd.default, rows_x, [0, 1], 1.0)
-        rows = rows_g.meta["val"].shape[0]
-        rows = rows if isinstance(rows, int) else rows.node.hint
-        if rows is not None and rows * (m * m + n * n) <= m * n * (m + n):
+        rows_g, rows_x = rows
+        count = rows_g.meta["val"].shape[0]
+        count = count if isinstance(count, int) else count.node.hint
+        if count is not None and count * (m * m + n * n) <= m * n * (m + n):
             delta = emit(aten.mm.default, emit(aten.permute.default, emit(aten.mm.default, rows_g, b_root), [1, 0]),
                          emit(aten.mm.default, rows_x, a_root))
         else:
             grad = emit(aten.mm.default, emit(aten.permute.default, rows_g, [1, 0]), rows_x)
             delta = emit(aten.mm.default, emit(aten.mm.default, b_root, grad), a_root)
     else:
-        grad = emit(aten.view.default, contiguous(plain["weight"]), [m, -1])
-        if layer.bias is not None:
-            grad = emit(aten.cat.default, [grad, emit(aten.view.default, plain["bias"], [m, 1])], 1)
-        delta = emit(aten.mm.default, emit(aten.mm.default, b_root, cast(grad, dtype)), a_root)
-    return cast(delta, out_dtype)
+        grad = _cast(emit, _plain_grad(emit, layer, plain, contiguous), a_root.meta["val"].dtype)
+        delta = emit(aten.mm.default, emit(aten.mm.default, b_root, grad), a_root)
+    return _cast(emit, delta, out_dtype)
 
 
-def _fold(emit, spec: KronSpec, g: Node, x: Node, batch, state: list[Node], flag: Node, inv_scale: Node | None,
-          contiguous) -> None:
+def _fold(emit, spec: KronSpec, g: Node, x: Node, rows, batch, state: list[Node], flag: Node,
+          inv_scale: Node | None) -> None:
     """A ← (1−γ)·A + γ·stat_A, B likewise (Eqs. 17–18, t > 1), in aten ops on the state inputs, with
     the statistics of ``docs/tso-alra.md`` (the custom ops' ``Sums`` and ``_pooled``): Σ āāᵀ over the
-    rows (a linear layer's, or the conv input's patches as ``kron_op.patches`` forms them), Σ ĝĝᵀ,
-    divided by the row and sample counts. A non-finite statistic leaves A and B as they were and adds
-    1 (A) and/or 2 (B) to ``flag`` (the caller raises at the end of the backward)."""
+    rows (a linear layer's ``rows``, or the conv input's patches as ``kron_op.patches`` forms them),
+    Σ ĝĝᵀ, divided by the row and sample counts. A non-finite statistic leaves A and B as they were and
+    adds 1 (A) and/or 2 (B) to ``flag`` (the caller raises at the end of the backward)."""
     aten = torch.ops.aten
     layer = spec.layer
-    A, _, B = state[0], state[1], state[2]
+    A, B = state[0], state[2]
     dtype = A.meta["val"].dtype
-    n, m = layer.sizes
-
-    def cast(node):
-        return node if node.meta["val"].dtype == dtype else emit(torch.ops.prims.convert_element_type.default, node, dtype)
 
     def gram(rows_first):                      # [N, k] -> Σ rows rowsᵀ, [k, k]
         return emit(aten.mm.default, emit(aten.permute.default, rows_first, [1, 0]), rows_first)
 
     if layer.kind == "linear":
-        rows_g = cast(emit(aten.view.default, contiguous(g), [-1, m]))
-        rows_x = cast(emit(aten.view.default, contiguous(x), [-1, layer.weight_shape[1]]))
+        rows_g, rows_x = rows
     else:
-        rows_x = _patch_rows(emit, cast(x), layer)
-        rows_g = emit(aten.view.default, emit(aten.clone.default, emit(aten.permute.default, cast(g), [0, 2, 3, 1]),
-                                              memory_format=torch.contiguous_format), [-1, m])
-    if layer.bias is not None:
-        rows_x = emit(aten.constant_pad_nd.default, rows_x, [0, 1], 1.0)          # ā = [a, 1]
-    rows = rows_x.meta["val"].shape[0]
-    rows = rows if isinstance(rows, int) else emit(aten.sym_size.int, rows_x, 0)
+        rows_x = _patch_rows(emit, _cast(emit, x, dtype), layer)
+        rows_g = emit(aten.view.default, emit(aten.clone.default, emit(aten.permute.default, _cast(emit, g, dtype),
+                                                                       [0, 2, 3, 1]),
+                                              memory_format=torch.contiguous_format), [-1, layer.sizes[1]])
+        if layer.bias is not None:
+            rows_x = emit(aten.constant_pad_nd.default, rows_x, [0, 1], 1.0)      # ā = [a, 1]
+    count = rows_x.meta["val"].shape[0]
+    count = count if isinstance(count, int) else emit(aten.sym_size.int, rows_x, 0)
     gg = gram(rows_g)
     if inv_scale is not None:                                                      # Σ ĝĝᵀ, ĝ = g/S
-        gg = emit(aten.mul.Tensor, gg, cast(emit(aten.mul.Tensor, inv_scale, inv_scale)))
-    stat_a = emit(aten.div.Tensor, gram(rows_x), rows)
+        gg = emit(aten.mul.Tensor, gg, _cast(emit, emit(aten.mul.Tensor, inv_scale, inv_scale), dtype))
+    stat_a = emit(aten.div.Tensor, gram(rows_x), count)
     # stat_B = Σ ββᵀ / samples: β = B·ĝ for a mean loss (so Σ ĝĝᵀ·B), ĝ for a sum (Σ ĝĝᵀ / B)
     stat_b = emit(aten.mul.Tensor if spec.mean_reduction else aten.div.Tensor, gg, batch)
     # all finite ⇔ Σ 0·x = 0 (0·inf and 0·NaN are NaN): one reduction inductor lowers
@@ -311,8 +317,7 @@ def _fold(emit, spec: KronSpec, g: Node, x: Node, batch, state: list[Node], flag
         folded = emit(aten.add.Tensor, emit(aten.mul.Tensor, factor, 1.0 - spec.gamma),
                       emit(aten.mul.Tensor, stat, spec.gamma))
         emit(aten.copy_.default, factor, emit(aten.where.self, both, folded, factor))
-    marks = [emit(aten.add.Tensor, emit(aten.mul.Tensor, emit(torch.ops.prims.convert_element_type.default, ok,
-                                                             torch.float32), -float(code)), float(code))
+    marks = [emit(aten.add.Tensor, emit(aten.mul.Tensor, _cast(emit, ok, torch.float32), -float(code)), float(code))
              for ok, code in zip(finite, (1, 2))]                                   # code·(1 − ok)
     emit(aten.copy_.default, flag, emit(aten.add.Tensor, flag, emit(aten.add.Tensor, *marks)))
 
