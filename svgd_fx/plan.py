@@ -236,7 +236,8 @@ def build_plan(owner: Session, gm: torch.fx.GraphModule, example_inputs: list[An
     state = planned.examples[:len(layout.keys("state"))]
     feed = Feed(layout, planned.state_specs, [(tuple(t.shape), t.dtype, t.device) for t in state],
                 device=planned.state_specs[0][3] if planned.state_specs else None,
-                collect_device=planned.collect_device, accumulating=accumulating, acc_specs=planned.acc_specs)
+                collect_device=planned.collect_device, accumulating=accumulating, acc_specs=planned.acc_specs,
+                raise_flags=planned.flags_raised_at_next_call)
     return Plan(owner, method, _with_state_inputs(gm, layout), _with_state_examples(example_inputs, planned.examples),
                 planned, feed, _param_sources(analysis), param_inputs, analysis.params_seen,
                 sigma_names=frozenset(sigma.name for sigma in analysis.sigmas),

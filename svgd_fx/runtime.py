@@ -67,6 +67,7 @@ class Feed:
     collect_device: Any               # where the "collect" mode input lives
     accumulating: bool = False        # built for svgd_fx.accumulate (with or without σ' nodes to collect)
     acc_specs: list = field(default_factory=list)   # the method's accumulators (MethodPlan.acc_specs)
+    raise_flags: bool = True          # raise a flag set in the previous backward (MethodPlan.flags_raised_at_next_call)
 
 
 def feeder(feed: Feed) -> Callable[[Any], list[torch.Tensor]]:
@@ -104,7 +105,8 @@ def feeder(feed: Feed) -> Callable[[Any], list[torch.Tensor]]:
         out = [own_version(r) for r in rs]
         if flag_keys:
             flags = [state.flag(k, device) for k in flag_keys]
-            raise_if_flagged(state, flag_keys, flags)
+            if feed.raise_flags:
+                raise_if_flagged(state, flag_keys, flags)
             out += flags
         if feed.acc_specs:
             by_key = dict(zip(keys, rs))

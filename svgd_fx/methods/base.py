@@ -34,6 +34,9 @@ class MethodPlan:
     # svgd_fx.accumulate's accumulators: (key in state.accs, the state key whose dtype and device
     # it takes, its size less the two counts; None: that state tensor's numel)
     acc_specs: list[tuple[str, str, int | None]] = field(default_factory=list)
+    # the "flag" inputs: raised at the next call (SVGD's fused T), or by the method itself (TSO-ALRA,
+    # at the end of the backward that set them)
+    flags_raised_at_next_call: bool = True
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,8 @@ class TSOMethod:
             examples.append(torch.ones((), device=state_specs[0][3]))
         if collecting:
             examples.append(state.collect_flag(torch.device("cpu")))     # read on the host by the T nodes
-        return MethodPlan(specs, state_specs, examples, torch.device("cpu"), acc_specs=acc_specs)
+        return MethodPlan(specs, state_specs, examples, torch.device("cpu"), acc_specs=acc_specs,
+                          flags_raised_at_next_call=False)
 
     def commit(self, state, phase: str) -> None:
         """The end of an ``svgd_fx.accumulate`` block: each layer folds its micro-batches' pooled
@@ -231,9 +232,10 @@ def _raise_if_flagged(state, names: list[str]) -> None:
     """The end of a backward through a fold graph: the layers whose statistic was non-finite (their
     factors were left as they were) get their step uncounted, and the one the backward reached first
     (the last in the forward) is named in a ``FactorError``, as its T op would have raised."""
-    codes = {name: int(state.flags[f"{name}.nonfinite"].item()) for name in names}
-    if not any(codes.values()):
+    flags = [state.flags[f"{name}.nonfinite"] for name in names]
+    if not bool(torch.stack(flags).any()):          # one device sync, not one per layer
         return
+    codes = {name: int(flag) for name, flag in zip(names, flags)}
     for name, code in codes.items():
         state.flags[f"{name}.nonfinite"].zero_()
         if code:
