@@ -161,6 +161,13 @@ def test_steps_without_a_refresh_run_aten_graphs_and_match_the_reference(name, k
             folds += bool(copied)
             read = {a for n in mms for a in n.args if a.op == "placeholder"}
             assert len(read) == 2 * len(kron) and not read & set(copied)    # the roots, only read
+            if copied and name == "cnn":   # Σ ppᵀ: c1 (stride 1) from shifted products, c2 (stride 2) from patches
+                def layer_nodes(layer, target):
+                    return [n for n in graph.nodes if n.name.startswith("tso_T_" + layer) and n.target is target]
+                patch_rows = [n for n in layer_nodes("c2_conv2d", torch.ops.aten.cat.default) if n.meta["val"].dim() == 5]
+                assert len(patch_rows) == 1 and len(patch_rows[0].args[0]) == 9
+                assert not any(n.meta["val"].dim() == 5 for n in layer_nodes("c1_conv2d", torch.ops.aten.cat.default))
+                assert len(layer_nodes("c1_conv2d", torch.ops.aten.mm.default)) >= 13 + 3   # 13 shifts, Σ ĝĝᵀ, Δ
         assert folds == 2
 
 

@@ -12,11 +12,12 @@ preconditioned weight gradient with the bias as its last column, ``Δ = R_B·Ĝ�
   call: ``(g·R_B)ᵀ(a·R_A)`` costs N·(m² + n² + m·n), ``R_B·(gᵀa)·R_A`` N·m·n + m·n·(m + n) — the
   first wins for few rows (an MLP's layers).
 - ``kron_t_conv`` takes Ĝ from the graph's own weight (and bias) gradient, so a step that leaves
-  the factors alone costs two small matmuls, m·n·(m + n); the input's patches (N = samples ×
-  locations rows, 25,088 for a 28×28 conv at B=32) are formed only for the statistics, from
-  strided slices (:func:`patches`). The statistic stat_A costs N·n², several times the layer's
-  own forward (n/m times: 9× for a 3×3 conv with as many output as input channels): ``t_stat``
-  is the knob K-FAC implementations use for it.
+  the factors alone costs two small matmuls, m·n·(m + n). The statistic Σ ppᵀ over the input's
+  patches (N = samples × locations of them, 25,088 for a 28×28 conv at B=32) would cost N·n², 9× a
+  3×3 conv's own forward; for a stride-1 conv it comes from the input's shifted products instead
+  (:mod:`.patch_gram`: 13 matmuls of the input with itself for a 3×3 kernel, about 1.4× the
+  forward), for other convs from the patches, formed from strided slices (:func:`patches`).
+  ``t_stat`` is the knob K-FAC implementations use for the rest.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import factor_error
+from . import patch_gram
 from .t_op import _all_reduce
 
 
@@ -264,14 +266,19 @@ def patches(x: torch.Tensor, kernel, dilation, padding, stride) -> torch.Tensor:
 
 
 def _conv_sums(g: torch.Tensor, x: torch.Tensor, has_bias: bool, geometry, inv_scale, dtype) -> Sums:
-    """Σ āāᵀ over samples and locations (ā = [patch, 1] with a bias) without forming ā: Σ aaᵀ by one
-    matmul of the patches, the bias row and column from Σ a and the count; Σ ĝĝᵀ likewise."""
-    p = patches(x.to(dtype), *geometry)                                  # [k, N]
-    count = p.shape[1]
-    aa = p @ p.mT
-    if has_bias:
-        sums = p.sum(1)
-        aa = torch.cat([torch.cat([aa, sums[:, None]], 1), torch.cat([sums, sums.new_full((1,), count)])[None]], 0)
+    """Σ āāᵀ over samples and locations (ā = [patch, 1] with a bias) without forming ā: for a stride-1
+    conv from the input's shifted products (:mod:`.patch_gram`), else by one matmul of the patches,
+    the bias row and column from Σ a and the count; Σ ĝĝᵀ by one matmul."""
+    kernel, dilation, padding, stride = geometry
+    if patch_gram.applies(x.shape, stride):
+        aa, count = patch_gram.patch_statistic(patch_gram.eager, x.to(dtype), kernel, dilation, padding, has_bias)
+    else:
+        p = patches(x.to(dtype), *geometry)                              # [k, N]
+        count = p.shape[1]
+        aa = p @ p.mT
+        if has_bias:
+            sums = p.sum(1)
+            aa = torch.cat([torch.cat([aa, sums[:, None]], 1), torch.cat([sums, sums.new_full((1,), count)])[None]], 0)
     gc = g.to(dtype).transpose(0, 1).reshape(g.shape[1], -1)              # [m, N]
     return Sums(aa, float(count), _unscaled(gc @ gc.mT, inv_scale), float(g.shape[0]))
 

@@ -28,6 +28,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import RerouteError
 from ..kernels import kron_t  # noqa: F401  (registers torch.ops.svgd_fx.kron_t)
+from ..kernels import patch_gram
 from .joint import emitter, finish, incoming_gradient, joint_view, node_tag, parameter_edge
 from .linearity import bind_args, sigma_rule
 from .locate import example_value
@@ -281,7 +282,8 @@ def _fold(emit, spec: KronSpec, g: Node, x: Node, rows, batch, state: list[Node]
           inv_scale: Node | None) -> None:
     """A ← (1−γ)·A + γ·stat_A, B likewise (Eqs. 17–18, t > 1), in aten ops on the state inputs, with
     the statistics of ``docs/tso-alra.md`` (the custom ops' ``Sums`` and ``_pooled``): Σ āāᵀ over the
-    rows (a linear layer's ``rows``, or the conv input's patches as ``kron_op.patches`` forms them),
+    rows (a linear layer's ``rows``; a conv input's patches, by :mod:`..kernels.patch_gram` for a stride-1
+    conv, else as ``kron_op.patches`` forms them),
     Σ ĝĝᵀ, divided by the row and sample counts. A non-finite statistic leaves A and B as they were and
     adds 1 (A) and/or 2 (B) to ``flag`` (the caller raises at the end of the backward)."""
     aten = torch.ops.aten
@@ -295,18 +297,24 @@ def _fold(emit, spec: KronSpec, g: Node, x: Node, rows, batch, state: list[Node]
     if layer.kind == "linear":
         rows_g, rows_x = rows
     else:
-        rows_x = _patch_rows(emit, _cast(emit, x, dtype), layer)
         rows_g = emit(aten.view.default, emit(aten.clone.default, emit(aten.permute.default, _cast(emit, g, dtype),
                                                                        [0, 2, 3, 1]),
                                               memory_format=torch.contiguous_format), [-1, layer.sizes[1]])
-        if layer.bias is not None:
-            rows_x = emit(aten.constant_pad_nd.default, rows_x, [0, 1], 1.0)      # ā = [a, 1]
-    count = rows_x.meta["val"].shape[0]
-    count = count if isinstance(count, int) else emit(aten.sym_size.int, rows_x, 0)
     gg = gram(rows_g)
     if inv_scale is not None:                                                      # Σ ĝĝᵀ, ĝ = g/S
         gg = emit(aten.mul.Tensor, gg, _cast(emit, emit(aten.mul.Tensor, inv_scale, inv_scale), dtype))
-    stat_a = emit(aten.div.Tensor, gram(rows_x), count)
+    geometry = (layer.weight_shape[2:], layer.dilation, layer.padding) if layer.kind == "conv2d" else None
+    if geometry is not None and patch_gram.applies(x.meta["val"].shape, layer.stride):
+        aa, count = patch_gram.patch_statistic(emit, _cast(emit, x, dtype), *geometry, layer.bias is not None)
+    else:
+        if geometry is not None:
+            rows_x = _patch_rows(emit, _cast(emit, x, dtype), layer)
+            if layer.bias is not None:
+                rows_x = emit(aten.constant_pad_nd.default, rows_x, [0, 1], 1.0)      # ā = [a, 1]
+        count = rows_x.meta["val"].shape[0]
+        count = count if isinstance(count, int) else emit(aten.sym_size.int, rows_x, 0)
+        aa = gram(rows_x)
+    stat_a = emit(aten.div.Tensor, aa, count)
     # stat_B = Σ ββᵀ / samples: β = B·ĝ for a mean loss (so Σ ĝĝᵀ·B), ĝ for a sum (Σ ĝĝᵀ / B)
     stat_b = emit(aten.mul.Tensor if spec.mean_reduction else aten.div.Tensor, gg, batch)
     # all finite ⇔ Σ 0·x = 0 (0·inf and 0·NaN are NaN): one reduction inductor lowers
