@@ -153,7 +153,7 @@ def patch_gram(op, x, kernel, dilation, padding) -> object:
     k = len(taps)
     ordered = [blocks[a, b] if a <= b else op(aten.permute.default, blocks[b, a], [1, 0])
                for a in range(k) for b in range(k)]
-    stacked = op(aten.view.default, _stack(op, ordered, 0), [k, k, c, c])
+    stacked = op(aten.view.default, op(aten.cat.default, ordered), [k, k, c, c])
     return op(aten.view.default, op(aten.clone.default, op(aten.permute.default, stacked, [2, 0, 3, 1]),
                                     memory_format=torch.contiguous_format), [c * k, c * k])
 
