@@ -9,7 +9,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 # the rewrite itself, and compile in milliseconds); test_transform_inductor.py and the backend
 # tests run them through inductor. Subprocesses spawned by tests inherit this.
 os.environ.setdefault("SVGD_FX_CODEGEN", "fx")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (the default, see pyproject.toml) the cores are shared among the workers.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(autouse=True)
