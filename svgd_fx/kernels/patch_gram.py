@@ -95,11 +95,18 @@ def patch_gram(op, x, kernel, dilation, padding) -> object:
     xz = op(aten.constant_pad_nd.default, x, [0, zc, 1, 1], 0.0)           # [B, C, H + 2, W + zc]
     flat = op(aten.view.default, op(aten.clone.default, op(aten.permute.default, xz, [1, 2, 3, 0]),
                                     memory_format=torch.contiguous_format), [c, -1])
-    # the same for the transposed image (its rows are x's columns): column strips as whole rows
     zr = (kh - 1) * dh
-    xt = op(aten.constant_pad_nd.default, op(aten.permute.default, x, [0, 1, 3, 2]), [0, zr, 1, 1], 0.0)
-    flat_t = op(aten.view.default, op(aten.clone.default, op(aten.permute.default, xt, [1, 2, 3, 0]),
-                                      memory_format=torch.contiguous_format), [c, -1])
+    transposed = []
+
+    def flat_t():
+        """The same layout of the transposed image (its rows are x's columns), formed where a column
+        strip needs it: column strips are then whole rows."""
+        if not transposed:
+            xt = op(aten.constant_pad_nd.default, op(aten.permute.default, x, [0, 1, 3, 2]), [0, zr, 1, 1], 0.0)
+            transposed.append(op(aten.view.default, op(aten.clone.default, op(aten.permute.default, xt, [1, 2, 3, 0]),
+                                                       memory_format=torch.contiguous_format), [c, -1]))
+        return transposed[0]
+
     grid = op(aten.view.default, flat, [c, h + 2, wz, -1])
 
     def rows_product(src, width, rows, shift):
@@ -142,7 +149,7 @@ def patch_gram(op, x, kernel, dilation, padding) -> object:
                 block = op(aten.sub.Tensor, block, row_strip[rows, sr, sc])
             for cols in ex_c:                               # the transposed image: shift (sc, sr)
                 if (cols, sr, sc) not in col_strip:
-                    col_strip[cols, sr, sc] = rows_product(flat_t, h + zr, cols, (sc, sr))
+                    col_strip[cols, sr, sc] = rows_product(flat_t(), h + zr, cols, (sc, sr))
                 block = op(aten.sub.Tensor, block, col_strip[cols, sr, sc])
             for rows in ex_r:
                 for cols in ex_c:
