@@ -270,15 +270,15 @@ def _conv_sums(g: torch.Tensor, x: torch.Tensor, has_bias: bool, geometry, inv_s
     conv from the input's shifted products (:mod:`.patch_gram`), else by one matmul of the patches,
     the bias row and column from Σ a and the count; Σ ĝĝᵀ by one matmul."""
     kernel, dilation, padding, stride = geometry
+    x = x.to(dtype)
     if patch_gram.applies(x.shape, stride):
-        aa, count = patch_gram.patch_statistic(patch_gram.eager, x.to(dtype), kernel, dilation, padding, has_bias)
+        aa, count = patch_gram.patch_statistic(patch_gram.eager, x, kernel, dilation, padding, has_bias)
     else:
-        p = patches(x.to(dtype), *geometry)                              # [k, N]
+        p = patches(x, *geometry)                                        # [k, N]
         count = p.shape[1]
         aa = p @ p.mT
         if has_bias:
-            sums = p.sum(1)
-            aa = torch.cat([torch.cat([aa, sums[:, None]], 1), torch.cat([sums, sums.new_full((1,), count)])[None]], 0)
+            aa = patch_gram.bordered(patch_gram.eager, aa, p.sum(1), count)
     gc = g.to(dtype).transpose(0, 1).reshape(g.shape[1], -1)              # [m, N]
     return Sums(aa, float(count), _unscaled(gc @ gc.mT, inv_scale), float(g.shape[0]))
 

@@ -54,14 +54,24 @@ def _stack(op, parts: list, dim: int):
     return op(aten.cat.default, [op(aten.unsqueeze.default, p, dim) for p in parts], dim)
 
 
-def _batch(op, x):
-    """The batch size: an int, or a node for a symbolic one (a graph takes no raw SymInt arguments)."""
-    n = _shape(x)[0]
-    return n if isinstance(n, int) else op(aten.sym_size.int, x, 0)
+def size(op, x, d: int):
+    """``x``'s size along ``d``: an int, or a ``sym_size`` node for a symbolic one (a graph takes no
+    raw SymInt arguments)."""
+    n = _shape(x)[d]
+    return n if isinstance(n, int) else op(aten.sym_size.int, x, d)
 
 
-def _times(op, a, b):
-    return a * b if isinstance(a, int) and isinstance(b, int) else op(operator.mul, a, b)
+def arith(op, fn, a, b):
+    """``fn(a, b)`` on sizes: computed for two ints, a node where either is one."""
+    return fn(a, b) if isinstance(a, int) and isinstance(b, int) else op(fn, a, b)
+
+
+def bordered(op, aa, sums, count):
+    """``[[aa, sums], [sumsᵀ, count]]``: Σ āāᵀ for ā = [p, 1] from Σ ppᵀ, Σ p and the count of p."""
+    column = op(aten.view.default, sums, [-1, 1])
+    corner = op(aten.mul.Tensor, _full(op, sums, [1, 1], 1.0), count)
+    return op(aten.cat.default, [op(aten.cat.default, [aa, column], 1),
+                                 op(aten.cat.default, [op(aten.permute.default, column, [1, 0]), corner], 1)], 0)
 
 
 def applies(shape, stride) -> bool:
@@ -89,7 +99,7 @@ def patch_gram(op, x, kernel, dilation, padding) -> object:
     flattening (channel-major, then the taps): ``[C·kh·kw, C·kh·kw]``, in ``x``'s dtype."""
     (kh, kw), (dh, dw), (ph, pw) = kernel, dilation, padding
     _, c, h, w = _shape(x)
-    n = _batch(op, x)
+    n = size(op, x, 0)
     zc = (kw - 1) * dw                                  # zero columns: room for a shifted product to wrap into
     wz = w + zc
     xz = op(aten.constant_pad_nd.default, x, [0, zc, 1, 1], 0.0)           # [B, C, H + 2, W + zc]
@@ -117,8 +127,9 @@ def patch_gram(op, x, kernel, dilation, padding) -> object:
         start = (r0 + 1) * width
         stop = (r1 + 1) * width
         off = sr * width + sc
-        left = op(aten.slice.Tensor, src, 1, _times(op, start, n), _times(op, stop, n))
-        right = op(aten.slice.Tensor, src, 1, _times(op, start + off, n), _times(op, stop + off, n))
+        left = op(aten.slice.Tensor, src, 1, arith(op, operator.mul, start, n), arith(op, operator.mul, stop, n))
+        right = op(aten.slice.Tensor, src, 1, arith(op, operator.mul, start + off, n),
+                     arith(op, operator.mul, stop + off, n))
         return op(aten.mm.default, left, op(aten.permute.default, right, [1, 0]))
 
     def box_product(rows, cols, shift):
@@ -184,12 +195,8 @@ def patch_statistic(op, x, kernel, dilation, padding, has_bias: bool) -> tuple[o
     of patches, samples × output locations (an int, or a node for a symbolic batch size)."""
     (kh, kw), (dh, dw), (ph, pw) = kernel, dilation, padding
     _, _, h, w = _shape(x)
-    count = _times(op, _batch(op, x), (h + 2 * ph - dh * (kh - 1)) * (w + 2 * pw - dw * (kw - 1)))
+    count = arith(op, operator.mul, size(op, x, 0), (h + 2 * ph - dh * (kh - 1)) * (w + 2 * pw - dw * (kw - 1)))
     aa = patch_gram(op, x, kernel, dilation, padding)
     if has_bias:
-        sums = patch_sums(op, x, kernel, dilation, padding)
-        column = op(aten.view.default, sums, [-1, 1])
-        corner = op(aten.mul.Tensor, _full(op, sums, [1, 1], 1.0), count)
-        aa = op(aten.cat.default, [op(aten.cat.default, [aa, column], 1),
-                                   op(aten.cat.default, [op(aten.permute.default, column, [1, 0]), corner], 1)], 0)
+        aa = bordered(op, aa, patch_sums(op, x, kernel, dilation, padding), count)
     return aa, count

@@ -195,7 +195,7 @@ def _emit(graph, spec: KronSpec, g: Node, x: Node, plain: dict[str, Node], place
     tag = node_tag("tso_T_", spec.name)
     g_val = g.meta["val"]
     emit = emitter(graph, tag, meta, g_val)
-    batch = g_val.shape[0] if isinstance(g_val.shape[0], int) else emit(aten.sym_size.int, g, 0)
+    batch = patch_gram.size(emit, g, 0)
 
     def contiguous(node):
         """``node`` itself, or a contiguous copy (``view`` needs one; inductor lowers clone/view directly,
@@ -311,9 +311,7 @@ def _fold(emit, spec: KronSpec, g: Node, x: Node, rows, batch, state: list[Node]
             rows_x = _patch_rows(emit, _cast(emit, x, dtype), layer)
             if layer.bias is not None:
                 rows_x = emit(aten.constant_pad_nd.default, rows_x, [0, 1], 1.0)      # ā = [a, 1]
-        count = rows_x.meta["val"].shape[0]
-        count = count if isinstance(count, int) else emit(aten.sym_size.int, rows_x, 0)
-        aa = gram(rows_x)
+        count, aa = patch_gram.size(emit, rows_x, 0), gram(rows_x)
     stat_a = emit(aten.div.Tensor, aa, count)
     # stat_B = Σ ββᵀ / samples: β = B·ĝ for a mean loss (so Σ ĝĝᵀ·B), ĝ for a sum (Σ ĝĝᵀ / B)
     stat_b = emit(aten.mul.Tensor if spec.mean_reduction else aten.div.Tensor, gg, batch)
@@ -337,15 +335,12 @@ def _patch_rows(emit, x: Node, layer: KronLayer) -> Node:
     (kh, kw), (dh, dw), (ph, pw), (sh, sw) = layer.weight_shape[2:], layer.dilation, layer.padding, layer.stride
     shape = x.meta["val"].shape
 
-    def size(d):        # an int, or a node for a symbolic size (a graph takes no raw SymInt arguments)
-        return shape[d] if isinstance(shape[d], int) else emit(aten.sym_size.int, x, d)
-
-    def arith(op, a, b):
-        return op(a, b) if isinstance(a, int) and isinstance(b, int) else emit(op, a, b)
+    def arith(fn, a, b):
+        return patch_gram.arith(emit, fn, a, b)
 
     def out_size(d, k, dil, pad, stride):                   # (in + 2·pad − dil·(k−1) − 1) // stride + 1
-        return arith(operator.add, arith(operator.floordiv, arith(operator.add, size(d), 2 * pad - dil * (k - 1) - 1),
-                                         stride), 1)
+        return arith(operator.add, arith(operator.floordiv, arith(operator.add, patch_gram.size(emit, x, d),
+                                                                  2 * pad - dil * (k - 1) - 1), stride), 1)
 
     def end(offset, stride, out):                           # offset + stride·(out − 1) + 1
         return arith(operator.add, arith(operator.mul, arith(operator.sub, out, 1), stride), offset + 1)
