@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
-from torch._dynamo.eval_frame import OptimizedModule
+from torch._dynamo.eval_frame import OptimizedModule, skip_code
+from torch._dynamo.external_utils import wrap_inline
 from torch._dynamo.utils import counters
 from torch._functorch import config as functorch_config
 from torch._functorch._aot_autograd.descriptors import GradAOTOutput, PlainAOTInput
@@ -16,7 +17,8 @@ from torch._functorch.partitioners import default_partition
 from torch._guards import detect_fake_mode
 
 __all__ = ["make_boxed_func", "aot_autograd", "OptimizedModule", "counters", "functorch_config", "GradAOTOutput",
-           "PlainAOTInput", "default_partition", "detect_fake_mode", "compile_fx", "compiling_frame"]
+           "PlainAOTInput", "default_partition", "detect_fake_mode", "compile_fx", "compiling_frame", "skip_code",
+           "wrap_inline"]
 
 
 def compile_fx(gm, example_inputs, config_patches: dict):

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import eager_layers
-from .._torch_internals import OptimizedModule, compiling_frame, counters
+from .._torch_internals import OptimizedModule, compiling_frame, counters, skip_code, wrap_inline
 from ..state import SVGDState
 from .common import TRANSFORMED, check_model, compile_inductor, compile_plain
 from ..sharding import refuse_unsupported
@@ -105,7 +105,7 @@ def lookup_binding(model: Any, inner: Any, caller: str, create: bool = True) -> 
         if not create and binding is not None and binding.log.graphs == 0:
             binding = None           # bound at its first call, but no graph of it reached the backend
         if binding is not None:
-            if binding.config is None and inner is not model and (b := _svgd_backend_of(model)) is not None:
+            if binding.config is None and (b := _svgd_backend_of(model)) is not None:
                 binding.configure_with(b.config, b.exclude, b.grad_scaler)   # the options torch.compile was given
             return binding
     if not create and isinstance(inner, nn.Module) and hasattr(model, "_orig_mod"):
@@ -226,34 +226,40 @@ def _on_module_registered(module, name, submodule) -> None:
 
 
 def _bind_at_first_call(module, args) -> None:
-    """The first call of a ``torch.compile``\\ d module: if it was compiled with backend 'svgd',
-    bind the model and arm its gradient guard before anything runs, so that a forward TorchDynamo
-    never compiles (disabled, or given up on before any compile starts) raises at its backward
-    instead of training on plain gradients. Removes itself."""
+    """The first call of a module compiled with backend 'svgd' (``torch.compile``\\ d, or
+    ``model.compile`` in place): bind the model and arm its gradient guard before anything runs, so
+    that a forward TorchDynamo never compiles (disabled, or given up on before any compile starts)
+    raises at its backward instead of training on plain gradients. Removes itself."""
+    if torch.compiler.is_compiling():      # traced inside the graph (a compiled torch.nn module)
+        return
     for key, hook in list(module._forward_pre_hooks.items()):
         if hook is _bind_at_first_call:
             del module._forward_pre_hooks[key]
-    if _svgd_backend_of(module) is not None and module._orig_mod not in TRANSFORMED:
+    if _svgd_backend_of(module) is not None and _unwrap(module) not in TRANSFORMED:
         lookup_binding(module, module, "torch.compile")
 
 
 def _enter_call(module, args) -> None:
     """An svgd-compiled model's call starts: torch.nn layers that the call runs outside its graphs
     get graphs of their own (see :mod:`svgd_fx.capture.eager_layers`)."""
-    if _svgd_backend_of(module) is not None:
+    if not torch.compiler.is_compiling() and _svgd_backend_of(module) is not None:
         eager_layers.enter(functools.partial(_layer_graph, module))
 
 
 def _leave_call(module, args, output) -> None:
-    if _svgd_backend_of(module) is not None:
+    if not torch.compiler.is_compiling() and _svgd_backend_of(module) is not None:
         eager_layers.leave()
 
 
 def _layer_graph(compiled, layer: nn.Module):
     # bound by _bind_at_first_call; lookup_binding (which re-registers every parameter) only if not
-    binding = _bound(compiled._orig_mod) or lookup_binding(compiled, compiled, "torch.compile")
+    binding = _bound(_unwrap(compiled)) or lookup_binding(compiled, compiled, "torch.compile")
     return binding.layer_graph(layer, _svgd_backend_of(compiled))
 
+
+# a call of ``model.compile`` in place runs the model's hooks under TorchDynamo: never as frames of their own
+for _hook in (_bind_at_first_call, _enter_call, _leave_call):
+    skip_code(_hook.__code__)
 
 torch.nn.modules.module.register_module_module_registration_hook(_on_module_registered)
 
@@ -383,13 +389,18 @@ class backend:
 
 def svgd(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **kwargs):
     """The ``"svgd"`` backend registered under ``torch_dynamo_backends`` (see ``backend``)."""
-    if kwargs.get("mode") is not None:
+    return _configured(options, kwargs.get("mode"))(gm, example_inputs)
+
+
+def _configured(options: dict | None, mode: str | None = None) -> backend:
+    """The backend ``torch.compile(..., backend="svgd", options=options, mode=mode)`` asks for."""
+    if mode is not None:
         raise ValueError("svgd_fx: the svgd backend takes no mode=; pass options={'s': ...}")
     options = dict(options or {})
     unknown = sorted(set(options) - set(names(BACKEND)))
     if unknown:
         raise ValueError(f"svgd_fx: unknown svgd backend options {unknown}; known: {list(names(BACKEND))}")
-    return backend(**options)(gm, example_inputs)
+    return backend(**options)
 
 
 backend.__doc__ += options_doc(BACKEND)
@@ -436,7 +447,10 @@ def _svgd_backend_of(compiled: Any) -> backend | None:
 
     Reads Dynamo's wrappers (``OptimizedModule.dynamo_ctx.callback`` → ``ConvertFrame`` →
     ``WrapBackendDebug`` → what ``torch.compile`` was given): private attributes, hence the
-    defensive reads. ``backend="svgd"`` with ``options`` gives one ``backend(**options)``."""
+    defensive reads. ``backend="svgd"`` with ``options`` gives one ``backend(**options)``.
+    A model compiled in place (``model.compile``) has its backend recorded at that call."""
+    if isinstance(compiled, nn.Module) and compiled in _IN_PLACE:
+        return _IN_PLACE[compiled][0] if compiled._compiled_call_impl is not None else None
     try:
         given = compiled.dynamo_ctx.callback._torchdynamo_orig_backend._torchdynamo_orig_backend
         given = getattr(given, "_torchdynamo_orig_backend", given)
@@ -450,7 +464,7 @@ def _svgd_backend_of(compiled: Any) -> backend | None:
         found = compiler
     elif compiler is svgd:
         try:
-            found = backend(**(getattr(given, "kwargs", {}).get("options") or {}))
+            found = _configured(getattr(given, "kwargs", {}).get("options"))
         except (TypeError, ValueError):
             found = None       # the real compile will say what is wrong with the options
     try:
@@ -467,9 +481,10 @@ def _svgd_models_on_stack() -> list[tuple[nn.Module, backend]]:
     found, frame = [], sys._getframe(1)
     while frame is not None:
         for value in frame.f_locals.values():
-            if isinstance(value, OptimizedModule) and "_orig_mod" in value._modules:
+            if isinstance(value, OptimizedModule) and "_orig_mod" in value._modules \
+                    or isinstance(value, nn.Module) and value in _IN_PLACE:
                 b = _svgd_backend_of(value)
-                inner = value._orig_mod
+                inner = _unwrap(value)
                 if b is not None and isinstance(inner, nn.Module) and not any(inner is m for m, _ in found):
                     found.append((inner, b))
         frame = frame.f_back
@@ -532,3 +547,81 @@ def _install_compile_callbacks() -> None:
 
 
 _install_compile_callbacks()
+
+
+# ----------------------------------------------------------------------------- model.compile(backend="svgd")
+
+# a model compiled in place with backend 'svgd' -> (that backend, the call's keyword arguments)
+_IN_PLACE: "weakref.WeakKeyDictionary[nn.Module, tuple[backend, dict]]" = weakref.WeakKeyDictionary()
+
+
+def _given_backend(kwargs: dict) -> backend | None:
+    """The svgd backend that ``torch.compile`` keyword arguments ask for, or None for another one.
+    Options it cannot take raise here, at the ``model.compile`` call."""
+    given = kwargs.get("backend")
+    if isinstance(given, backend):
+        return given
+    if given is svgd or isinstance(given, str) and given == "svgd":
+        return _configured(kwargs.get("options"), kwargs.get("mode"))
+    return None
+
+
+def _watch_in_place(module: nn.Module, kwargs: dict) -> None:
+    """``module.compile(**kwargs)`` was called: for backend 'svgd', the hooks ``torch.compile(model)``
+    gives its wrapper go on the model itself, and a model whose forward is torch's own is compiled
+    whole (:func:`_compile_whole`)."""
+    found = _given_backend(kwargs)
+    if found is None:
+        _IN_PLACE.pop(module, None)
+        return
+    _IN_PLACE[module] = (found, dict(kwargs))
+    _compile_whole(module)
+    hooks = list(module._forward_pre_hooks.values())
+    if _enter_call not in hooks:
+        module.register_forward_pre_hook(_enter_call)
+        module.register_forward_hook(_leave_call, always_call=True)
+    if _bind_at_first_call not in hooks:
+        module.register_forward_pre_hook(_bind_at_first_call)
+
+
+def _compile_whole(module: nn.Module) -> None:
+    """``model.compile`` compiles ``_call_impl``, whose frame TorchDynamo skips for the forward's
+    frame below it; a forward in torch's files (``nn.Sequential``, ``nn.TransformerEncoder``, a
+    torch.nn layer) is skipped too, and nothing is compiled: the model would train on plain
+    gradients (any other backend only runs slower). Such a model's ``_call_impl`` is compiled
+    through a frame Dynamo traces, as ``torch.compile(model)`` does for it."""
+    _, kwargs = _IN_PLACE.get(module, (None, None))
+    call = module._compiled_call_impl
+    if kwargs is None or call is None or getattr(call, "_svgd_fx_whole", False) or not eager_layers.in_torch(module):
+        return
+    whole = torch.compile(wrap_inline(module._call_impl), **kwargs)
+    whole._svgd_fx_whole = True
+    module._compiled_call_impl = whole
+
+
+def _patch_module_compile() -> None:
+    """Wrap ``nn.Module.compile`` (once) so that an in-place compile with backend 'svgd' is watched.
+    This import may itself be the entry point's, run from inside a ``model.compile(backend="svgd")``
+    in progress: that model is watched now. (That call sets ``_compiled_call_impl`` after this
+    returns, so a torch.nn model is not compiled whole; with the hooks, TorchDynamo compiles the
+    forward's frame below them instead, and what it does not compile goes through
+    :mod:`~svgd_fx.capture.eager_layers`.)"""
+    original = nn.Module.compile
+    if getattr(original, "_svgd_fx", False):
+        return
+
+    @functools.wraps(original)
+    def compile(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        _watch_in_place(self, kwargs)
+
+    compile._svgd_fx = True
+    nn.Module.compile = compile
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is original.__code__ and isinstance(frame.f_locals.get("self"), nn.Module):
+            _watch_in_place(frame.f_locals["self"], frame.f_locals.get("kwargs") or {})
+        frame = frame.f_back
+
+
+_patch_module_compile()

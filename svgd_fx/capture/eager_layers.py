@@ -33,12 +33,17 @@ _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _STATE = threading.local()      # .running: [compile_layer]; .saved: {id(layer): buffers before the call}
 
 
-def outside_dynamo(module: nn.Module) -> bool:
+def in_torch(module: nn.Module) -> bool:
     """Whether ``module``'s forward lives in torch's files, which TorchDynamo does not compile as
-    a frame of its own, and the module holds trainable parameters itself."""
+    a frame of its own (it traces them only where a compiled frame calls them)."""
     forward = getattr(type(module).forward, "__code__", None)
-    return forward is not None and forward.co_filename.startswith(_TORCH_DIR) and \
-        any(p.requires_grad for p in module.parameters(recurse=False))
+    return forward is not None and forward.co_filename.startswith(_TORCH_DIR)
+
+
+def outside_dynamo(module: nn.Module) -> bool:
+    """Whether ``module`` is one of torch's layers (:func:`in_torch`) that holds trainable
+    parameters itself."""
+    return in_torch(module) and any(p.requires_grad for p in module.parameters(recurse=False))
 
 
 def install(model: nn.Module) -> None:
