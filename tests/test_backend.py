@@ -280,6 +280,43 @@ def test_rnns_train_under_the_backend_without_allow_rnn():
     assert {n for n, t in rows.items() if t} == case.t_nodes and rows["lstm.lstm"] is False
 
 
+class _LSTMFirst(torch.nn.Module):
+    """An LSTM that reads the data (its input needs no gradient): on CPU in float32 its
+    decomposition picks oneDNN's LSTM layer, which inductor's own lowering cannot run."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(4, 6, batch_first=True)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h, _ = self.lstm(x)
+        return self.head(h[:, -1])
+
+
+@pytest.mark.parametrize("entry", ["transform-fx", "transform-inductor", "backend"])
+def test_an_lstm_reading_the_data_compiles_in_float32(entry):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _LSTMFirst()
+    twin = copy.deepcopy(model)
+    ref = SVGDReference(twin, s=0.1)
+    wrapped = svgd_fx.transform(model, s=0.1, codegen=entry.split("-")[1]) if entry != "backend" else \
+        torch.compile(model, backend="svgd", options={"s": 0.1})
+    gen = torch.Generator().manual_seed(1)
+    for step in range(2):
+        x, y = torch.randn(3, 5, 4, generator=gen), torch.randint(0, 3, (3,), generator=gen)
+        model.zero_grad()
+        twin.zero_grad()
+        torch.nn.functional.cross_entropy(wrapped(x), y).backward()
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+        for (n, p), q in zip(model.named_parameters(), twin.parameters()):    # decomposed vs fused LSTM: rounding
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{step} {n}: {m}")
+    rows = {row["node"]: row["t_in_graph"] for row in svgd_fx.explain(wrapped).rows}
+    assert {n for n, t in rows.items() if t} == {"head.linear"} and rows["lstm.lstm"] is False
+    assert torch._C._get_mkldnn_enabled() == torch.backends.mkldnn.is_available()   # restored after the compile
+
+
 def test_no_cache_returns_a_graph_without_the_rewrite(tmp_path, monkeypatch):
     """With inductor's caches on, compiling the same model first with plain inductor, then with
     svgd (twice, after a reset) must give T every time and the same gradients."""

@@ -3,6 +3,7 @@ inductor with the plan's rewrite as its joint-graph pass."""
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -47,7 +48,8 @@ class JointPass:
 
 def compile_plain(gm, example_inputs):
     """inductor on Dynamo's graph as it is (no rewrite, so inductor's caches may serve it)."""
-    return compile_fx(gm, example_inputs, config_patches={})
+    with lstm_without_onednn(gm):
+        return compile_fx(gm, example_inputs, config_patches={})
 
 
 def compile_inductor(gm, example_inputs, plan):
@@ -57,5 +59,25 @@ def compile_inductor(gm, example_inputs, plan):
     patches = {"fx_graph_cache": False}
     if plan is not None:
         patches["joint_custom_pre_pass"] = JointPass(plan)
-    with functorch_config.patch(enable_autograd_cache=False):
+    with functorch_config.patch(enable_autograd_cache=False), lstm_without_onednn(gm):
         return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+@contextlib.contextmanager
+def lstm_without_onednn(gm):
+    """On CPU, a float32 ``torch.lstm`` whose input needs no gradient (an LSTM that reads the data)
+    decomposes into oneDNN's ``aten.mkldnn_rnn_layer``, which torch 2.13 cannot train compiled:
+    inductor lowers it into code that fails at its first call ("expected Tensor() for op:
+    aten.mkldnn_rnn_layer", with inductor's own backend too), AOTAutograd's FX graphs save a None
+    for its backward. A graph holding an LSTM is compiled with oneDNN off, so the LSTM decomposes
+    into aten ops as it does when its input needs a gradient; other graphs keep oneDNN (inductor
+    also reads it to lay out convolutions)."""
+    if not any(node.op == "call_function" and node.target is torch.lstm for node in gm.graph.nodes):
+        yield
+        return
+    before = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(before)

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import eager_layers
 from . import backend as compile_backend
-from .common import TRANSFORMED, check_model, compile_inductor, compile_plain
+from .common import TRANSFORMED, check_model, compile_inductor, compile_plain, lstm_without_onednn
 from .._torch_internals import aot_autograd, make_boxed_func
 from ..guard import GradientGuard
 from ..state import SVGDState
@@ -298,11 +298,17 @@ class _Backend:
             return plan.wrap(lambda g, xs: compile_inductor(g, xs, plan),
                              plain_backend=lambda: compile_plain(gm, example_inputs))
         plan = build_plan(self.owner.session, gm, example_inputs, accumulating=self.accumulating)
-        return plan.wrap(aot_autograd(
+        trace = aot_autograd(
             fw_compiler=_nop_compiler(self.owner.log.forward_graphs),
             bw_compiler=_nop_compiler(self.owner.log.backward_graphs),
             partition_fn=plan.partition,
-        ))
+        )
+
+        def compile_fx_graphs(g, xs):
+            with lstm_without_onednn(g):
+                return trace(g, xs)
+
+        return plan.wrap(compile_fx_graphs)
 
 
 # ----------------------------------------------------------------------------- the entry point
