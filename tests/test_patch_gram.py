@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from svgd_fx.kernels import kron_op
-from svgd_fx.kernels.patch_gram import applies, eager, patch_gram, patch_statistic, patch_sums
+from svgd_fx.kernels.applier import eager
+from svgd_fx.kernels.patch_gram import applies, patch_gram, patch_statistic, patch_sums
 
 GEOMETRIES = [  # kernel, dilation, padding, input height × width
     ((3, 3), (1, 1), (1, 1), (6, 6)),        # the common 'same' 3×3

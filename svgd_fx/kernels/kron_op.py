@@ -26,7 +26,7 @@ import torch
 
 from ..errors import factor_error
 from . import patch_gram
-from .t_op import _all_reduce
+from .applier import all_reduce, eager
 
 
 FLOAT32_ROOT_LIMIT = 1e4
@@ -105,7 +105,7 @@ def _pooled(sums: Sums, mean_reduction: bool, sync: bool) -> tuple[torch.Tensor,
     if not sync:
         return sums.aa / sums.rows, bb / sums.samples
     n, m = sums.aa.shape[0], bb.shape[0]
-    buffer = _all_reduce(torch.cat([sums.aa.flatten(), bb.flatten(), bb.new_tensor([sums.rows, sums.samples])]))
+    buffer = all_reduce(torch.cat([sums.aa.flatten(), bb.flatten(), bb.new_tensor([sums.rows, sums.samples])]))
     return buffer[:n * n].view(n, n) / buffer[-2], buffer[n * n:n * n + m * m].view(m, m) / buffer[-1]
 
 
@@ -169,7 +169,7 @@ def commit(acc: torch.Tensor, A, A_root, B, B_root, steps, gamma: float, t_int: 
     ``"gradients"``: count the step. A layer no micro-batch reached is left alone."""
     samples = float(acc[-1])
     if sync:   # whether any rank's micro-batch reached the layer (every rank takes part in the same sums)
-        samples = float(_all_reduce(acc[-1:].clone()))
+        samples = float(all_reduce(acc[-1:].clone()))
     if samples == 0:
         return
     if phase == "gradients":
@@ -272,13 +272,13 @@ def _conv_sums(g: torch.Tensor, x: torch.Tensor, has_bias: bool, geometry, inv_s
     kernel, dilation, padding, stride = geometry
     x = x.to(dtype)
     if patch_gram.applies(x.shape, stride):
-        aa, count = patch_gram.patch_statistic(patch_gram.eager, x, kernel, dilation, padding, has_bias)
+        aa, count = patch_gram.patch_statistic(eager, x, kernel, dilation, padding, has_bias)
     else:
         p = patches(x, *geometry)                                        # [k, N]
         count = p.shape[1]
         aa = p @ p.mT
         if has_bias:
-            aa = patch_gram.bordered(patch_gram.eager, aa, p.sum(1), count)
+            aa = patch_gram.bordered(eager, aa, p.sum(1), count)
     gc = g.to(dtype).transpose(0, 1).reshape(g.shape[1], -1)              # [m, N]
     return Sums(aa, float(count), _unscaled(gc @ gc.mT, inv_scale), float(g.shape[0]))
 

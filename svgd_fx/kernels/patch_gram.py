@@ -28,42 +28,18 @@ import operator
 
 import torch
 
+from .applier import arith, shape, size, value
+
 aten = torch.ops.aten
 
 
-def eager(target, *args, **kwargs):
-    """``op`` for running the functions below on tensors."""
-    return target(*args, **kwargs)
-
-
-def _value(x) -> torch.Tensor:
-    """A tensor, or a graph node's fake value."""
-    return x.meta["val"] if isinstance(x, torch.fx.Node) else x
-
-
-def _shape(x) -> tuple[int, ...]:
-    return tuple(_value(x).shape)
-
-
-def _full(op, like, size: list[int], value: float):
-    return op(aten.full.default, size, value, dtype=_value(like).dtype, device=_value(like).device)
+def _full(op, like, sizes: list[int], fill: float):
+    return op(aten.full.default, sizes, fill, dtype=value(like).dtype, device=value(like).device)
 
 
 def _stack(op, parts: list, dim: int):
     """``torch.stack`` as core aten ops (the joint graph is decomposed: no ``aten.stack`` there)."""
     return op(aten.cat.default, [op(aten.unsqueeze.default, p, dim) for p in parts], dim)
-
-
-def size(op, x, d: int):
-    """``x``'s size along ``d``: an int, or a ``sym_size`` node for a symbolic one (a graph takes no
-    raw SymInt arguments)."""
-    n = _shape(x)[d]
-    return n if isinstance(n, int) else op(aten.sym_size.int, x, d)
-
-
-def arith(op, fn, a, b):
-    """``fn(a, b)`` on sizes: computed for two ints, a node where either is one."""
-    return fn(a, b) if isinstance(a, int) and isinstance(b, int) else op(fn, a, b)
 
 
 def bordered(op, aa, sums, count):
@@ -98,7 +74,7 @@ def patch_gram(op, x, kernel, dilation, padding) -> object:
     """Σ over samples and output locations of p·pᵀ, p a patch of ``x`` ``[B, C, H, W]`` in W's own
     flattening (channel-major, then the taps): ``[C·kh·kw, C·kh·kw]``, in ``x``'s dtype."""
     (kh, kw), (dh, dw), (ph, pw) = kernel, dilation, padding
-    _, c, h, w = _shape(x)
+    _, c, h, w = shape(x)
     n = size(op, x, 0)
     zc = (kw - 1) * dw                                  # zero columns: room for a shifted product to wrap into
     wz = w + zc
@@ -179,7 +155,7 @@ def patch_gram(op, x, kernel, dilation, padding) -> object:
 def patch_sums(op, x, kernel, dilation, padding) -> object:
     """Σ p over samples and output locations, ``[C·kh·kw]`` (the bias row of Σ āāᵀ)."""
     (kh, kw), (dh, dw), (ph, pw) = kernel, dilation, padding
-    _, c, h, w = _shape(x)
+    _, c, h, w = shape(x)
     image = op(aten.sum.dim_IntList, x, [0])                                   # [C, H, W]
     sums = []
     for lo_r, hi_r in _windows(h, kh, dh, ph):
@@ -194,7 +170,7 @@ def patch_statistic(op, x, kernel, dilation, padding, has_bias: bool) -> tuple[o
     """Σ āāᵀ (ā = [p, 1] with a bias: the row and column Σ p, the corner the count) and the count
     of patches, samples × output locations (an int, or a node for a symbolic batch size)."""
     (kh, kw), (dh, dw), (ph, pw) = kernel, dilation, padding
-    _, _, h, w = _shape(x)
+    _, _, h, w = shape(x)
     count = arith(op, operator.mul, size(op, x, 0), (h + 2 * ph - dh * (kh - 1)) * (w + 2 * pw - dw * (kw - 1)))
     aa = patch_gram(op, x, kernel, dilation, padding)
     if has_bias:

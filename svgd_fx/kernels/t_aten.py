@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
+from .applier import size
 from .t_formula import broadcast_shape, denominator, finite, scaled, square_sums, statistic, updated_r
 
 aten = torch.ops.aten
@@ -35,7 +36,7 @@ def fused_t(emit, g: Node, r: Node, *, s: float, rho: float, eps: float, mean_re
     for rewrites of T's users that factor the scaling out of a batch sum.
     """
     g_val, r_val = g.meta["val"], r.meta["val"]
-    batch = g_val.shape[0] if isinstance(g_val.shape[0], int) else emit(aten.sym_size.int, g, 0)
+    batch = size(emit, g, 0)
     gr = g if g_val.dtype == r_val.dtype else emit(_convert, g, r_val.dtype)
     # r over the kept dims: the mean over the reduced ones comes first
     sums = square_sums(emit, gr, reduce_dims, reduce_first=True)

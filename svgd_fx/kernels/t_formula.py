@@ -7,7 +7,7 @@ For one σ' node with incoming gradient g = ∇σ'J (batch B, dim 0) and state r
     r    ← ρ·r + (1−ρ)·stat     where stat is finite; elsewhere r keeps its value
     T(g)  = s·g / sqrt(r + ε)    r broadcast over the batch and reduce_dims
 
-Each piece is written against ``op(target, *args, **kwargs)`` with aten targets: :func:`eager`
+Each piece is written against ``op(target, *args, **kwargs)`` with aten targets: :func:`~svgd_fx.kernels.applier.eager`
 calls them on tensors (:func:`svgd_fx.kernels.t_op.virtual_grad_reference`, the torch
 implementation of the custom op), the joint-graph emitter of :mod:`svgd_fx.passes.joint` adds
 them as FX nodes (:func:`svgd_fx.kernels.t_aten.fused_t`, T spelled in aten ops for inductor to
@@ -37,11 +37,6 @@ from __future__ import annotations
 import torch
 
 aten = torch.ops.aten
-
-
-def eager(target, *args, **kwargs):
-    """The op-applier that runs ``target`` on tensors."""
-    return target(*args, **kwargs)
 
 
 def broadcast_shape(shape, reduce_dims) -> list:

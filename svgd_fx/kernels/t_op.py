@@ -8,7 +8,8 @@ import torch
 
 from ..errors import nonfinite_error
 from . import _triton_impl
-from .t_formula import (broadcast_shape, denominator, eager, finite, per_sample, scaled, square_sums, statistic,
+from .applier import all_reduce, eager
+from .t_formula import (broadcast_shape, denominator, finite, per_sample, scaled, square_sums, statistic,
                         update_r_in_place, updated_r)
 
 triton_available = _triton_impl.available
@@ -27,23 +28,13 @@ def _kernel_choice(g: torch.Tensor, reduce_dims: list[int]) -> str:
     return "torch"
 
 
-def _all_reduce(buffer: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist   # imported lazily: only ``sync`` needs torch.distributed
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("svgd_fx: distributed=True, but torch.distributed is not initialized "
-                           "(call torch.distributed.init_process_group first)")
-    dist.all_reduce(buffer)
-    return buffer
-
-
 def _batch_sums(u: torch.Tensor, reduce_dims: list[int], sync: bool) -> tuple[torch.Tensor, float]:
     """Σ_b u[b]² (per-sample shape; averaged over ``reduce_dims`` of u) and the number of
     samples; with ``sync``, summed over torch.distributed's default group."""
     summed = square_sums(eager, u, reduce_dims)
     if not sync:
         return summed, float(u.shape[0])
-    buffer = _all_reduce(torch.cat([summed.flatten(), summed.new_tensor([float(u.shape[0])])]))
+    buffer = all_reduce(torch.cat([summed.flatten(), summed.new_tensor([float(u.shape[0])])]))
     return buffer[:-1].view_as(summed), float(buffer[-1])
 
 

@@ -28,7 +28,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import RerouteError
 from ..kernels import kron_t  # noqa: F401  (registers torch.ops.svgd_fx.kron_t)
-from ..kernels import patch_gram
+from ..kernels import applier, patch_gram
 from .joint import emitter, finish, incoming_gradient, joint_view, node_tag, parameter_edge
 from .linearity import bind_args, sigma_rule
 from .locate import example_value
@@ -195,7 +195,7 @@ def _emit(graph, spec: KronSpec, g: Node, x: Node, plain: dict[str, Node], place
     tag = node_tag("tso_T_", spec.name)
     g_val = g.meta["val"]
     emit = emitter(graph, tag, meta, g_val)
-    batch = patch_gram.size(emit, g, 0)
+    batch = applier.size(emit, g, 0)
 
     def contiguous(node):
         """``node`` itself, or a contiguous copy (``view`` needs one; inductor lowers clone/view directly,
@@ -311,7 +311,7 @@ def _fold(emit, spec: KronSpec, g: Node, x: Node, rows, batch, state: list[Node]
             rows_x = _patch_rows(emit, _cast(emit, x, dtype), layer)
             if layer.bias is not None:
                 rows_x = emit(aten.constant_pad_nd.default, rows_x, [0, 1], 1.0)      # ā = [a, 1]
-        count, aa = patch_gram.size(emit, rows_x, 0), gram(rows_x)
+        count, aa = applier.size(emit, rows_x, 0), gram(rows_x)
     stat_a = emit(aten.div.Tensor, aa, count)
     # stat_B = Σ ββᵀ / samples: β = B·ĝ for a mean loss (so Σ ĝĝᵀ·B), ĝ for a sum (Σ ĝĝᵀ / B)
     stat_b = emit(aten.mul.Tensor if spec.mean_reduction else aten.div.Tensor, gg, batch)
@@ -336,10 +336,10 @@ def _patch_rows(emit, x: Node, layer: KronLayer) -> Node:
     shape = x.meta["val"].shape
 
     def arith(fn, a, b):
-        return patch_gram.arith(emit, fn, a, b)
+        return applier.arith(emit, fn, a, b)
 
     def out_size(d, k, dil, pad, stride):                   # (in + 2·pad − dil·(k−1) − 1) // stride + 1
-        return arith(operator.add, arith(operator.floordiv, arith(operator.add, patch_gram.size(emit, x, d),
+        return arith(operator.add, arith(operator.floordiv, arith(operator.add, applier.size(emit, x, d),
                                                                   2 * pad - dil * (k - 1) - 1), stride), 1)
 
     def end(offset, stride, out):                           # offset + stride·(out − 1) + 1

@@ -1,0 +1,51 @@
+"""The op-applier the kernels are written against, and what goes with it.
+
+A kernel function takes ``op(target, *args, **kwargs)`` with aten targets: :func:`eager` runs
+them on tensors (the custom ops' torch implementations), the joint-graph emitter of
+:mod:`svgd_fx.passes.joint` adds them to a graph as FX nodes. Sizes are ints, or, where a graph's
+size is symbolic, ``sym_size`` nodes (a graph takes no raw SymInt arguments): :func:`size` and
+:func:`arith` keep that choice in one place. :func:`all_reduce` is the one collective of the
+eager paths (``distributed=True``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+aten = torch.ops.aten
+
+
+def eager(target, *args, **kwargs):
+    """The op-applier that runs ``target`` on tensors."""
+    return target(*args, **kwargs)
+
+
+def value(x) -> torch.Tensor:
+    """A tensor, or a graph node's fake value."""
+    return x.meta["val"] if isinstance(x, torch.fx.Node) else x
+
+
+def shape(x) -> tuple:
+    return tuple(value(x).shape)
+
+
+def size(op, x, d: int):
+    """``x``'s size along ``d``: an int, or a ``sym_size`` node for a symbolic one."""
+    n = shape(x)[d]
+    return n if isinstance(n, int) else op(aten.sym_size.int, x, d)
+
+
+def arith(op, fn, a, b):
+    """``fn(a, b)`` on sizes: computed for two ints, a node where either is one."""
+    return fn(a, b) if isinstance(a, int) and isinstance(b, int) else op(fn, a, b)
+
+
+def all_reduce(buffer: torch.Tensor) -> torch.Tensor:
+    """Sum ``buffer`` over torch.distributed's default group, in place."""
+    import torch.distributed as dist   # imported lazily: only distributed=True needs torch.distributed
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("svgd_fx: distributed=True, but torch.distributed is not initialized "
+                           "(call torch.distributed.init_process_group first)")
+    dist.all_reduce(buffer)
+    return buffer
