@@ -10,6 +10,7 @@ backend's entry point during it.
 """
 
 import copy
+import io
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import svgd_fx
@@ -97,6 +99,50 @@ def test_in_place_compile_is_exact(name):
     assert all(r.abs().sum() > 0 for r in svgd_fx.state_of(model).tensors.values())
     # torch.nn's own models are compiled whole, not layer by layer
     assert len(layer_warnings) == (1 if name == "user_disabled" else 0), [str(w.message) for w in layer_warnings]
+
+
+class _FunctionalNet(nn.Module):
+    """A parameter used by functional code (no torch.nn layer to send through a graph of its own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 4) / 2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(F.linear(x, self.w)))
+
+
+def _saved_and_loaded(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("name", ["sequential", "functional"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_continues_compiled(name, how):
+    """torch drops the compiled call from a model's copies; the copy of a model compiled in place
+    with backend 'svgd' is compiled again as it is made, and continues from the same r: exact from
+    its first step (a functional parameter would otherwise train on a plain gradient there), with
+    its own state (the original's r does not move)."""
+    make, inputs = (MODELS["sequential"][:2] if name == "sequential"
+                    else (_FunctionalNet, lambda g: torch.randn(5, 4, generator=g)))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = make().double().train()
+    ref = SVGDReference(copy.deepcopy(model), s=0.1)
+    model.compile(backend="svgd", options={"s": 0.1})
+    _train(model, ref, inputs, steps=2)
+    copied = copy.deepcopy(model) if how == "deepcopy" else _saved_and_loaded(model)
+    assert copied._compiled_call_impl is not None
+    before = {k: r.clone() for k, r in svgd_fx.state_of(model).tensors.items()}
+    layer_warnings = _train(copied, ref, inputs, steps=2)           # the reference goes on where the original stopped
+    assert not layer_warnings
+    assert t_fired(copied) == t_fired(model)
+    assert all(torch.equal(r, before[k]) for k, r in svgd_fx.state_of(model).tensors.items())
+    assert not any(torch.equal(r, before[k]) for k, r in svgd_fx.state_of(copied).tensors.items())
 
 
 def test_options_are_checked_at_the_call():

@@ -242,8 +242,24 @@ def _bind_at_first_call(module, args) -> None:
 def _enter_call(module, args) -> None:
     """An svgd-compiled model's call starts: torch.nn layers that the call runs outside its graphs
     get graphs of their own (see :mod:`svgd_fx.capture.eager_layers`)."""
-    if not torch.compiler.is_compiling() and _svgd_backend_of(module) is not None:
+    if torch.compiler.is_compiling():
+        return
+    _compile_copy(module)
+    if _svgd_backend_of(module) is not None:
         eager_layers.enter(functools.partial(_layer_graph, module))
+
+
+def _compile_copy(module: nn.Module) -> None:
+    """A model compiled in place whose compiled call is gone without its :class:`_InPlace` record
+    (a shallow ``copy.copy``, which shares the record; a deep copy is compiled as it is made):
+    compile it again at its first call, with the same arguments, and arm its gradient guard. That
+    first call itself runs uncompiled: its torch.nn layers go through graphs of their own, and any
+    other parameter's plain gradient is an error at its backward."""
+    entry = _in_place(module)
+    if entry is None or module._compiled_call_impl is not None or _unwrap(module) in TRANSFORMED:
+        return
+    module.compile(**entry.kwargs)
+    lookup_binding(module, module, "torch.compile").guard.arm(module)
 
 
 def _leave_call(module, args, output) -> None:
@@ -449,8 +465,8 @@ def _svgd_backend_of(compiled: Any) -> backend | None:
     ``WrapBackendDebug`` → what ``torch.compile`` was given): private attributes, hence the
     defensive reads. ``backend="svgd"`` with ``options`` gives one ``backend(**options)``.
     A model compiled in place (``model.compile``) has its backend recorded at that call."""
-    if isinstance(compiled, nn.Module) and compiled in _IN_PLACE:
-        return _IN_PLACE[compiled][0] if compiled._compiled_call_impl is not None else None
+    if (entry := _in_place(compiled)) is not None:
+        return entry.backend if compiled._compiled_call_impl is not None else None
     try:
         given = compiled.dynamo_ctx.callback._torchdynamo_orig_backend._torchdynamo_orig_backend
         given = getattr(given, "_torchdynamo_orig_backend", given)
@@ -482,7 +498,7 @@ def _svgd_models_on_stack() -> list[tuple[nn.Module, backend]]:
     while frame is not None:
         for value in frame.f_locals.values():
             if isinstance(value, OptimizedModule) and "_orig_mod" in value._modules \
-                    or isinstance(value, nn.Module) and value in _IN_PLACE:
+                    or _in_place(value) is not None:
                 b = _svgd_backend_of(value)
                 inner = _unwrap(value)
                 if b is not None and isinstance(inner, nn.Module) and not any(inner is m for m, _ in found):
@@ -551,8 +567,30 @@ _install_compile_callbacks()
 
 # ----------------------------------------------------------------------------- model.compile(backend="svgd")
 
-# a model compiled in place with backend 'svgd' -> (that backend, the call's keyword arguments)
-_IN_PLACE: "weakref.WeakKeyDictionary[nn.Module, tuple[backend, dict]]" = weakref.WeakKeyDictionary()
+class _InPlace:
+    """In the ``__dict__`` of a model compiled in place with backend 'svgd': that backend and the
+    call's keyword arguments. torch drops the compiled call from a model's copies and pickles
+    (``nn.Module.__getstate__``); this record comes along and compiles the copy again as it is
+    made (:func:`_in_place_copy`), so a copy trains as its original does from its first call."""
+
+    def __init__(self, model: nn.Module, found: backend, kwargs: dict) -> None:
+        self.model_ref, self.backend, self.kwargs = weakref.ref(model), found, dict(kwargs)
+
+    def __reduce__(self):
+        return _in_place_copy, (self.model_ref(), self.kwargs)
+
+
+def _in_place_copy(model: nn.Module, kwargs: dict) -> _InPlace:
+    """The record of a copy (``model`` may still be filling in: only its class is read)."""
+    _compile(model, kwargs)
+    return _InPlace(model, _given_backend(kwargs), kwargs)
+
+
+_IN_PLACE = "_svgd_fx_in_place"
+
+
+def _in_place(module: Any) -> _InPlace | None:
+    return module.__dict__.get(_IN_PLACE) if isinstance(module, nn.Module) else None
 
 
 def _given_backend(kwargs: dict) -> backend | None:
@@ -569,13 +607,14 @@ def _given_backend(kwargs: dict) -> backend | None:
 def _watch_in_place(module: nn.Module, kwargs: dict) -> None:
     """``module.compile(**kwargs)`` was called: for backend 'svgd', the hooks ``torch.compile(model)``
     gives its wrapper go on the model itself, and a model whose forward is torch's own is compiled
-    whole (:func:`_compile_whole`)."""
+    whole (:func:`_compile`)."""
     found = _given_backend(kwargs)
     if found is None:
-        _IN_PLACE.pop(module, None)
+        module.__dict__.pop(_IN_PLACE, None)
         return
-    _IN_PLACE[module] = (found, dict(kwargs))
-    _compile_whole(module)
+    module.__dict__[_IN_PLACE] = _InPlace(module, found, kwargs)
+    if module._compiled_call_impl is not None:     # (not yet, in the call that loads svgd_fx)
+        _compile(module, kwargs)
     hooks = list(module._forward_pre_hooks.values())
     if _enter_call not in hooks:
         module.register_forward_pre_hook(_enter_call)
@@ -584,19 +623,17 @@ def _watch_in_place(module: nn.Module, kwargs: dict) -> None:
         module.register_forward_pre_hook(_bind_at_first_call)
 
 
-def _compile_whole(module: nn.Module) -> None:
-    """``model.compile`` compiles ``_call_impl``, whose frame TorchDynamo skips for the forward's
-    frame below it; a forward in torch's files (``nn.Sequential``, ``nn.TransformerEncoder``, a
-    torch.nn layer) is skipped too, and nothing is compiled: the model would train on plain
-    gradients (any other backend only runs slower). Such a model's ``_call_impl`` is compiled
-    through a frame Dynamo traces, as ``torch.compile(model)`` does for it."""
-    _, kwargs = _IN_PLACE.get(module, (None, None))
-    call = module._compiled_call_impl
-    if kwargs is None or call is None or getattr(call, "_svgd_fx_whole", False) or not eager_layers.in_torch(module):
-        return
-    whole = torch.compile(wrap_inline(module._call_impl), **kwargs)
-    whole._svgd_fx_whole = True
-    module._compiled_call_impl = whole
+def _compile(module: nn.Module, kwargs: dict) -> None:
+    """``module.compile(**kwargs)``'s compiled call, set into ``__dict__`` (what ``nn.Module.compile``
+    sets; a copy being made has no other attributes yet). ``model.compile`` compiles ``_call_impl``,
+    whose frame TorchDynamo skips for the forward's frame below it; a forward in torch's files
+    (``nn.Sequential``, ``nn.TransformerEncoder``, a torch.nn layer) is skipped too, and nothing
+    would be compiled: the model would train on plain gradients (any other backend only runs
+    slower). Such a model's ``_call_impl`` is compiled through a frame Dynamo traces, as
+    ``torch.compile(model)`` does for it."""
+    call = module._call_impl
+    module.__dict__["_compiled_call_impl"] = torch.compile(
+        wrap_inline(call) if eager_layers.in_torch(module) else call, **kwargs)
 
 
 def _patch_module_compile() -> None:
