@@ -64,6 +64,9 @@ def _wrap(model, kind, **kw):
     kw = {**OPTS, **kw}
     if kind == "transform":
         return svgd_fx.transform(model, method="tso-alra", **kw)
+    if kind == "in_place":
+        model.compile(backend="svgd", options=dict(method="tso-alra", **kw))
+        return model
     return torch.compile(model, backend=svgd_fx.backend(method="tso-alra", **kw))
 
 
@@ -169,6 +172,18 @@ def test_steps_without_a_refresh_run_aten_graphs_and_match_the_reference(name, k
                 assert not any(n.meta["val"].dim() == 5 for n in layer_nodes("c1_conv2d", torch.ops.aten.cat.default))
                 assert len(layer_nodes("c1_conv2d", torch.ops.aten.mm.default)) >= 13 + 3   # 13 shifts, Σ ĝĝᵀ, Δ
         assert folds == 2
+
+
+def test_in_place_compile_of_a_torch_nn_model():
+    """``nn.Sequential(...).compile(backend="svgd", options={"method": "tso-alra", ...})``: torch.nn's
+    own model compiled whole, its T ops, fold and steady graphs as under ``torch.compile(model)``."""
+    MODELS["sequential"] = (lambda: nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3)), (6,),
+                            {"0.linear", "2.linear"}, set())
+    try:
+        _follows_the_reference("sequential", "in_place")
+        test_steps_without_a_refresh_run_aten_graphs_and_match_the_reference("sequential", "in_place")
+    finally:
+        del MODELS["sequential"]
 
 
 @pytest.mark.parametrize("pattern", ["siamese", "forward without backward"])
