@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import io
 
 import torch
 
 import svgd_fx
 from cases import Case, loss_fn
 from reference import SVGDReference
+
+
+def pickled(obj):
+    """``obj`` through ``torch.save`` and ``torch.load`` of the whole object."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
 
 
 def twin(model, case: Case):

@@ -10,7 +10,6 @@ backend's entry point during it.
 """
 
 import copy
-import io
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import svgd_fx
-from helpers import t_fired
+from helpers import pickled, t_fired
 from reference import SVGDReference
 
 
@@ -113,13 +112,6 @@ class _FunctionalNet(nn.Module):
         return self.head(torch.tanh(F.linear(x, self.w)))
 
 
-def _saved_and_loaded(model):
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
-
-
 @pytest.mark.parametrize("name", ["sequential", "functional"])
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_a_copy_continues_compiled(name, how):
@@ -135,7 +127,7 @@ def test_a_copy_continues_compiled(name, how):
     ref = SVGDReference(copy.deepcopy(model), s=0.1)
     model.compile(backend="svgd", options={"s": 0.1})
     _train(model, ref, inputs, steps=2)
-    copied = copy.deepcopy(model) if how == "deepcopy" else _saved_and_loaded(model)
+    copied = copy.deepcopy(model) if how == "deepcopy" else pickled(model)
     assert copied._compiled_call_impl is not None
     before = {k: r.clone() for k, r in svgd_fx.state_of(model).tensors.items()}
     layer_warnings = _train(copied, ref, inputs, steps=2)           # the reference goes on where the original stopped

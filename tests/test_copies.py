@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import svgd_fx
 from cases import CASES, PaperMLP
-from helpers import assert_t_fired, state, wrap
+from helpers import assert_t_fired, pickled, state, wrap
 
 MLP_T = next(c for c in CASES if c.name == "paper_mlp").t_nodes
 
@@ -33,13 +33,6 @@ def _inner(wrapped):
     return wrapped.model if isinstance(wrapped, svgd_fx.SVGDModule) else wrapped._orig_mod
 
 
-def _pickled(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
-
-
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("kind", ["transform", "backend_fused"])
 def test_a_copy_continues_from_the_same_r(kind, how):
@@ -53,7 +46,7 @@ def test_a_copy_continues_from_the_same_r(kind, how):
     for batch in batches[:2]:
         _step(wrapped, model, opt, batch)
 
-    copied = copy.deepcopy(wrapped) if how == "deepcopy" else _pickled(wrapped)
+    copied = copy.deepcopy(wrapped) if how == "deepcopy" else pickled(wrapped)
     copied_model = _inner(copied)
     assert copied_model is not model
     r, r_copy = state(wrapped, model).tensors, state(copied, copied_model).tensors
@@ -84,14 +77,14 @@ def test_a_pickled_bare_model_carries_its_state_to_its_next_compile():
     for batch in batches[:2]:
         _step(model_c, model, opt, batch)
 
-    loaded = _pickled(model)
+    loaded = pickled(model)
     loaded_c = torch.compile(loaded, backend="svgd", options={"s": 0.1})
     want = _step(model_c, model, opt, batches[2])
     got = _step(loaded_c, loaded, torch.optim.SGD(loaded.parameters(), lr=0.05), batches[2])
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     assert_t_fired(loaded_c, svgd_fx.state_of(loaded_c), MLP_T)
 
-    other = torch.compile(_pickled(model), backend="svgd", options={"s": 0.01})
+    other = torch.compile(pickled(model), backend="svgd", options={"s": 0.01})
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match=r"fresh\.load_state_dict\(model\.state_dict"):
         other(batches[0][0])
 
