@@ -4,9 +4,11 @@ float64, three SGD steps; every σ' node the reference routes gets a T node in t
 ones it keeps plain do not. Inductor's compiles cost most of the time, so the compile backend
 runs by default on a subset that covers each mechanism (flattened Conv1D rows, identity-backward
 adds, SDPA with a learned bias, class-token concatenation); ``-m slow`` adds Llama, ConvNeXt,
-Swin, DeiT, BLOOM and CLIP (RMSNorm, channel LayerNorm and layer scale, shifted windows, ALiBi,
-two towers) and GPT-2 with changing lengths under the backend (the case table's changing lengths run
-on the backend by default, in test_varying_shapes.py)."""
+Swin, DeiT, BLOOM, CLIP, GPT-NeoX, Gemma, OPT and Mamba (RMSNorm, channel LayerNorm and layer
+scale, shifted windows, ALiBi, two towers, rotary tables, a selective scan) and GPT-2 with changing
+lengths under the backend (the case table's changing lengths run on the backend by default, in
+test_varying_shapes.py). ``model.compile(backend="svgd")`` in place runs on GPT-2 by default and on
+every model with ``-m slow``."""
 
 import pytest
 import torch
@@ -19,6 +21,9 @@ from zoo import MODELS, ZOO
 def _wrapped(model, kind):
     if kind == "transform":
         return svgd_fx.transform(model, s=0.1)
+    if kind == "in_place":
+        model.compile(backend="svgd", options={"s": 0.1})
+        return model
     return torch.compile(model, backend=svgd_fx.backend(s=0.1))
 
 
@@ -32,6 +37,7 @@ def train_against_reference(real, kind, shapes=((4, 6),) * 3, setup=None, seed=0
     if setup is not None:
         setup(model)
     wrapped, ref = _wrapped(model, kind), SVGDReference(ref_model, s=0.1)
+    rtol = real.rtol if kind == "transform" or real.compiled_rtol is None else real.compiled_rtol
     gen = torch.Generator().manual_seed(seed + 1)
     for step, (b, t) in enumerate(shapes):
         inputs = real.inputs(b, t, gen)
@@ -44,7 +50,7 @@ def train_against_reference(real, kind, shapes=((4, 6),) * 3, setup=None, seed=0
         for name, got, want in grads:
             assert (got is None) == (want is None), name
             if want is not None:
-                torch.testing.assert_close(got, want, rtol=real.rtol, atol=real.rtol * 1e-2 * scale,
+                torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * 1e-2 * scale,
                                            msg=lambda m: f"{real.name} step {step} (B={b}, T={t}) {name}: {m}")
         with torch.no_grad():
             for p, q in zip(model.parameters(), ref_model.parameters()):
@@ -84,10 +90,19 @@ _SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bert", "vit", "wav2vec2"] + [
-    pytest.param(n, marks=_SLOW) for n in ("t5", "llama", "convnext", "swin", "deit", "bloom", "clip")])
+    pytest.param(n, marks=_SLOW) for n in ("t5", "llama", "convnext", "swin", "deit", "bloom", "clip", "gpt_neox",
+                                           "gemma", "opt", "mamba")])
 def test_backend_matches_reference(name):
     real = MODELS[name]
     wrapped, ref = train_against_reference(real, "backend")
+    check_t_placement(real, wrapped, ref)
+
+
+@pytest.mark.parametrize("name", ["gpt2"] + [pytest.param(m.name, marks=_SLOW) for m in ZOO if m.name != "gpt2"])
+def test_in_place_compile_matches_reference(name):
+    """``model.compile(backend="svgd", ...)``, in place: the same graphs as ``torch.compile(model)``."""
+    real = MODELS[name]
+    wrapped, ref = train_against_reference(real, "in_place")
     check_t_placement(real, wrapped, ref)
 
 
