@@ -137,6 +137,21 @@ def test_a_copy_continues_compiled(name, how):
     assert not any(torch.equal(r, before[k]) for k, r in svgd_fx.state_of(copied).tensors.items())
 
 
+def test_a_shallow_copy_is_refused_at_its_first_call():
+    """``copy.copy`` shares the original's parameters and is not compiled: an error before any
+    gradient, and the original trains on as before."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MODELS["sequential"][0]().double()
+    ref = SVGDReference(copy.deepcopy(model), s=0.1)
+    model.compile(backend="svgd", options={"s": 0.1})
+    with pytest.raises(svgd_fx.SVGDError, match=r"shallow copy \(copy.copy\).*copy.deepcopy"):
+        copy.copy(model)(torch.randn(5, 4, dtype=torch.float64))
+    assert all(p.grad is None for p in model.parameters())
+    _train(model, ref, MODELS["sequential"][1])
+    assert t_fired(model) == MODELS["sequential"][2]
+
+
 def test_options_are_checked_at_the_call():
     with pytest.raises(ValueError, match="unknown svgd backend options"):
         nn.Linear(2, 2).compile(backend="svgd", options={"s": 0.1, "bogus": 1})

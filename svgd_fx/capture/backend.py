@@ -244,22 +244,22 @@ def _enter_call(module, args) -> None:
     get graphs of their own (see :mod:`svgd_fx.capture.eager_layers`)."""
     if torch.compiler.is_compiling():
         return
-    _compile_copy(module)
+    _refuse_shallow_copy(module)
     if _svgd_backend_of(module) is not None:
         eager_layers.enter(functools.partial(_layer_graph, module))
 
 
-def _compile_copy(module: nn.Module) -> None:
-    """A model compiled in place whose compiled call is gone without its :class:`_InPlace` record
-    (a shallow ``copy.copy``, which shares the record; a deep copy is compiled as it is made):
-    compile it again at its first call, with the same arguments, and arm its gradient guard. That
-    first call itself runs uncompiled: its torch.nn layers go through graphs of their own, and any
-    other parameter's plain gradient is an error at its backward."""
+def _refuse_shallow_copy(module: nn.Module) -> None:
+    """``copy.copy`` of a model compiled in place: torch drops the compiled call from it, and it
+    shares its parameters with the original and the original's :class:`_InPlace` record (a deep
+    copy is compiled again as it is made). Two SVGD states on one set of parameters cannot both
+    be right: an error at the copy's first call, before any gradient."""
     entry = _in_place(module)
-    if entry is None or module._compiled_call_impl is not None or _unwrap(module) in TRANSFORMED:
-        return
-    module.compile(**entry.kwargs)
-    lookup_binding(module, module, "torch.compile").guard.arm(module)
+    if entry is not None and module._compiled_call_impl is None and entry.model_ref() is not module:
+        raise SVGDError(
+            f"svgd_fx: this {type(module).__name__} is a shallow copy (copy.copy) of a model compiled in place with "
+            "backend 'svgd': it shares the original's parameters, and is not compiled. Use copy.deepcopy(model) "
+            "(compiled again as it is made, with its own parameters and state), or the original itself.")
 
 
 def _leave_call(module, args, output) -> None:
