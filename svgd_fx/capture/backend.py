@@ -613,7 +613,9 @@ def _watch_in_place(module: nn.Module, kwargs: dict) -> None:
         module.__dict__.pop(_IN_PLACE, None)
         return
     module.__dict__[_IN_PLACE] = _InPlace(module, found, kwargs)
-    if module._compiled_call_impl is not None:     # (not yet, in the call that loads svgd_fx)
+    # nn.Module.compile's own compiled call serves any other model (and is not set yet in the call
+    # that loads svgd_fx)
+    if module._compiled_call_impl is not None and eager_layers.in_torch(module):
         _compile(module, kwargs)
     hooks = list(module._forward_pre_hooks.values())
     if _enter_call not in hooks:
