@@ -66,7 +66,7 @@ OPTIONS: tuple[Option, ...] = (
            "default group (every rank's r is what one process would build on the joined batch; TSO-ALRA: its "
            "factors' statistics); False keeps each rank's own. Not given with several processes: an error."),
     Option("t_impl", "fused", '"fused" (default): T as aten ops in the joint graph, fused by inductor into '
-           'its kernels (a GradScaler or distributed=True use the op); "op": the svgd_fx::virtual_grad custom '
+           'its kernels (a GradScaler uses the op); "op": the svgd_fx::virtual_grad custom '
            "op (the Triton kernel on CUDA, torch elsewhere), which raises a non-finite ∇σ'J inside the backward."),
     Option("gamma", None, "TSO-ALRA: the new observation's weight in the factors' averages, in [0, 1) "
            "(default 0.05).", TSO_ALRA, filled=0.05),

@@ -14,6 +14,7 @@ sys.path.insert(0, os.environ["TESTS_DIR"])
 import svgd_fx
 from torch.nn.parallel import DistributedDataParallel as DDP
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+codegen = sys.argv[1]
 dist.init_process_group("gloo", rank=rank, world_size=world)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.ReLU(),
@@ -27,8 +28,8 @@ class Net(torch.nn.Module):        # Linear -> LayerNorm -> ReLU -> Conv1d -> Li
         return self.m[5](self.m[4](self.m[3](h.unsqueeze(1))))
 single = Net(copy.deepcopy(model))
 local = Net(model)
-ddp = DDP(svgd_fx.transform(local, s=0.1, distributed=True))
-single_t = svgd_fx.transform(single, s=0.1, distributed=False)   # one process's r, on purpose
+ddp = DDP(svgd_fx.transform(local, s=0.1, distributed=True, codegen=codegen))
+single_t = svgd_fx.transform(single, s=0.1, distributed=False, codegen=codegen)   # one process's r, on purpose
 unsaid = svgd_fx.transform(Net(copy.deepcopy(model)), s=0.1)       # several ranks: must choose
 try:
     unsaid(torch.randn(4, 6).double())
@@ -48,31 +49,43 @@ def check(what):                # this rank's virtual gradients and r = one proc
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13, msg=lambda m: f"rank {rank} {what} {n}: {m}")
     for key, r in ddp.module.svgd_state.tensors.items():
         torch.testing.assert_close(r, single_t.svgd_state.tensors[key], rtol=1e-10, atol=0, msg=lambda m: f"rank {rank} {what} {key}: {m}")
-for step in range(3):
-    x, y = torch.randn(8 * world, 6, generator=gen).double(), torch.randint(0, 4, (8 * world,), generator=gen)
-    mine = slice(8 * rank, 8 * (rank + 1))
-    opt.zero_grad(); opt_single.zero_grad()
-    torch.nn.functional.cross_entropy(ddp(x[mine]), y[mine]).backward()
-    torch.nn.functional.cross_entropy(single_t(x), y).backward()
-    check(f"step {step}")
-    opt.step(); opt_single.step()
-def micro(wrapped, xs, ys):     # this rank's 8 samples as micro-batches of 3 and 5 (mean loss over 8)
-    for part in (slice(0, 3), slice(3, 8)):
-        (torch.nn.functional.cross_entropy(wrapped(xs[part]), ys[part]) * (xs[part].shape[0] / 8)).backward()
-for step in range(3, 5):        # gradient accumulation, exact two passes: = one step on the joined batch
-    x, y = torch.randn(8 * world, 6, generator=gen).double(), torch.randint(0, 4, (8 * world,), generator=gen)
-    mine = slice(8 * rank, 8 * (rank + 1))
-    opt.zero_grad(); opt_single.zero_grad()
-    with svgd_fx.accumulate(ddp, phase="statistics"):
-        micro(ddp, x[mine], y[mine])
-    with svgd_fx.accumulate(ddp, phase="gradients"):
-        micro(ddp, x[mine], y[mine])
-    torch.nn.functional.cross_entropy(single_t(x), y).backward()
-    check(f"accumulated step {step}")
-    opt.step(); opt_single.step()
+def train():
+    for step in range(3):
+        x, y = torch.randn(8 * world, 6, generator=gen).double(), torch.randint(0, 4, (8 * world,), generator=gen)
+        mine = slice(8 * rank, 8 * (rank + 1))
+        opt.zero_grad(); opt_single.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x[mine]), y[mine]).backward()
+        torch.nn.functional.cross_entropy(single_t(x), y).backward()
+        check(f"step {step}")
+        opt.step(); opt_single.step()
+    def micro(wrapped, xs, ys):     # this rank's 8 samples as micro-batches of 3 and 5 (mean loss over 8)
+        for part in (slice(0, 3), slice(3, 8)):
+            (torch.nn.functional.cross_entropy(wrapped(xs[part]), ys[part]) * (xs[part].shape[0] / 8)).backward()
+    for step in range(3, 5):        # gradient accumulation, exact two passes: = one step on the joined batch
+        x, y = torch.randn(8 * world, 6, generator=gen).double(), torch.randint(0, 4, (8 * world,), generator=gen)
+        mine = slice(8 * rank, 8 * (rank + 1))
+        opt.zero_grad(); opt_single.zero_grad()
+        with svgd_fx.accumulate(ddp, phase="statistics"):
+            micro(ddp, x[mine], y[mine])
+        with svgd_fx.accumulate(ddp, phase="gradients"):
+            micro(ddp, x[mine], y[mine])
+        torch.nn.functional.cross_entropy(single_t(x), y).backward()
+        check(f"accumulated step {step}")
+        opt.step(); opt_single.step()
+if codegen == "inductor":      # the generated code of every graph compiled meanwhile
+    from torch._inductor.utils import run_and_get_code
+    codes = run_and_get_code(train)[1]
+else:
+    train()
+    codes = [gm.code for gm in ddp.module.log.backward_graphs]
 fired = {row["node"] for row in svgd_fx.explain(ddp.module).rows if row["t_in_graph"]}
 assert fired == {"m.0.linear", "m.1.layer_norm", "m.3.conv1d", "m.5.linear"}, fired
 assert all(r.abs().sum() > 0 for r in ddp.module.svgd_state.tensors.values())
+# inductor: T in aten ops, one all-reduce of its statistic per σ' node in each backward graph (the
+# plain one and the accumulation's); fx: the T op, which all-reduces eagerly
+counts = [(c.count("_c10d_functional.all_reduce"), c.count("svgd_fx.virtual_grad")) for c in codes]
+want = (len(fired), 0) if codegen == "inductor" else (0, len(fired))
+assert [c for c in counts if c != (0, 0)] == [want, want], counts
 print("ok", rank, len(ddp.module.svgd_state.tensors))
 dist.destroy_process_group()
 """
@@ -87,8 +100,8 @@ from test_tso import CNN, Seq, OPTS
 F = torch.nn.functional
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 dist.init_process_group("gloo", rank=rank, world_size=world)
-for make, shape, kron in ((CNN, (2, 6, 6), {"c1.conv2d", "c2.conv2d", "fc.linear"}),
-                          (Seq, (4, 5), {"inp.linear", "out.linear"})):
+for make, shape, kron_layers in ((CNN, (2, 6, 6), {"c1.conv2d", "c2.conv2d", "fc.linear"}),
+                                 (Seq, (4, 5), {"inp.linear", "out.linear"})):
     torch.manual_seed(0)
     local = make().double()
     single = copy.deepcopy(local)
@@ -123,21 +136,31 @@ for make, shape, kron in ((CNN, (2, 6, 6), {"c1.conv2d", "c2.conv2d", "fc.linear
             with svgd_fx.accumulate(single_t):
                 F.cross_entropy(single_t(x), y).backward()
         else:
-            F.cross_entropy(ddp(x[mine]), y[mine]).backward()
+            with torch.profiler.profile() as prof:
+                F.cross_entropy(ddp(x[mine]), y[mine]).backward()
+            ops = {e.key: e.count for e in prof.key_averages()}
+            kron = ops.get("svgd_fx::kron_t", 0) + ops.get("svgd_fx::kron_t_conv", 0)
+            # step 2 updates the factors without a refresh: the fold graph, which all-reduces the
+            # statistics itself (one collective per layer), no T op
+            reduces = ops.get("_c10d_functional::all_reduce", 0) + ops.get("_c10d_functional::all_reduce_", 0)
+            assert step != 2 or (kron == 0 and reduces == len(kron_layers)), ops      # (inductor: all_reduce_)
             F.cross_entropy(single_t(x), y).backward()
         check(f"{make.__name__} step {step}")
         opt.step(); opt_single.step()
     fired = {row["node"] for row in svgd_fx.explain(ddp.module).rows if row["t_in_graph"]}
-    assert fired == kron, fired
-    assert all(int(ddp.module.svgd_state[f"{k}.steps"]) == 4 for k in kron)
+    assert fired == kron_layers, fired
+    assert all(int(ddp.module.svgd_state[f"{k}.steps"]) == 4 for k in kron_layers)
 print("ok", rank, "tso")
 dist.destroy_process_group()
 """
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_ddp_two_ranks_match_one_process_on_the_joined_batch(tmp_path):
-    assert not any(out.strip().endswith(" 0") for out in run_ranks(tmp_path, RANK_SCRIPT))
+@pytest.mark.parametrize("codegen", ["fx", "inductor"])
+def test_ddp_two_ranks_match_one_process_on_the_joined_batch(tmp_path, codegen):
+    """The T op (codegen="fx") all-reduces T's statistic eagerly; under inductor the fused T holds
+    a functional all-reduce in the backward graph."""
+    assert not any(out.strip().endswith(" 0") for out in run_ranks(tmp_path, RANK_SCRIPT, codegen))
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

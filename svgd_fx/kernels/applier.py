@@ -5,7 +5,7 @@ them on tensors (the custom ops' torch implementations), the joint-graph emitter
 :mod:`svgd_fx.passes.joint` adds them to a graph as FX nodes. Sizes are ints, or, where a graph's
 size is symbolic, ``sym_size`` nodes (a graph takes no raw SymInt arguments): :func:`size` and
 :func:`arith` keep that choice in one place. :func:`all_reduce` is the one collective of the
-eager paths (``distributed=True``).
+eager paths (``distributed=True``); graphs name the group (:func:`default_group_name`).
 """
 
 from __future__ import annotations
@@ -40,12 +40,21 @@ def arith(op, fn, a, b):
     return fn(a, b) if isinstance(a, int) and isinstance(b, int) else op(fn, a, b)
 
 
-def all_reduce(buffer: torch.Tensor) -> torch.Tensor:
-    """Sum ``buffer`` over torch.distributed's default group, in place."""
+def _distributed():
     import torch.distributed as dist   # imported lazily: only distributed=True needs torch.distributed
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("svgd_fx: distributed=True, but torch.distributed is not initialized "
                            "(call torch.distributed.init_process_group first)")
-    dist.all_reduce(buffer)
+    return dist
+
+
+def all_reduce(buffer: torch.Tensor) -> torch.Tensor:
+    """Sum ``buffer`` over torch.distributed's default group, in place."""
+    _distributed().all_reduce(buffer)
     return buffer
+
+
+def default_group_name() -> str:
+    """The name of torch.distributed's default group, as functional collectives in a graph take it."""
+    return _distributed().group.WORLD.group_name

@@ -47,8 +47,8 @@ class SVGDMethod:
             routed.append((sigma, key, state.layouts[key]))
 
         scaled = isinstance(owner.grad_scaler, torch.amp.GradScaler)
-        # the fused T has no GradScaler 1/S and no all-reduce: those use the T op
-        fused = config.t_impl == "fused" and not scaled and not config.distributed and not authors
+        # the fused T has no GradScaler 1/S: that uses the T op
+        fused = config.t_impl == "fused" and not scaled and not authors
         raising = config.nonfinite == "raise"
         collecting = ctx.accumulating and bool(routed)
         for sigma, key, _ in routed:

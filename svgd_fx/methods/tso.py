@@ -64,8 +64,8 @@ class TSOMethod:
         scaled = isinstance(owner.grad_scaler, torch.amp.GradScaler)
         collecting = ctx.accumulating and bool(layers)
         # the fold graph (variants) marks a non-finite statistic here; the T ops raise it themselves
-        flagged = (config.nonfinite == "raise" and not config.distributed and not ctx.accumulating
-                   and config.t_int > 1)
+        # (with distributed=True the statistics are every rank's: the ranks mark and raise alike)
+        flagged = config.nonfinite == "raise" and not ctx.accumulating and config.t_int > 1
         flags = [(f"{sigma.name}.nonfinite", sigma.device) for sigma, _, _ in layers] if flagged else []
         for key, _ in flags:
             layout.add("flag", key)

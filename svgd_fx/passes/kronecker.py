@@ -312,9 +312,12 @@ def _fold(emit, spec: KronSpec, g: Node, x: Node, rows, batch, state: list[Node]
             if layer.bias is not None:
                 rows_x = emit(aten.constant_pad_nd.default, rows_x, [0, 1], 1.0)      # ā = [a, 1]
         count, aa = applier.size(emit, rows_x, 0), gram(rows_x)
-    stat_a = emit(aten.div.Tensor, aa, count)
-    # stat_B = Σ ββᵀ / samples: β = B·ĝ for a mean loss (so Σ ĝĝᵀ·B), ĝ for a sum (Σ ĝĝᵀ / B)
-    stat_b = emit(aten.mul.Tensor if spec.mean_reduction else aten.div.Tensor, gg, batch)
+    if spec.sync:
+        stat_a, stat_b = _synced_statistics(emit, aa, count, gg, batch, spec.mean_reduction)
+    else:
+        stat_a = emit(aten.div.Tensor, aa, count)
+        # stat_B = Σ ββᵀ / samples: β = B·ĝ for a mean loss (so Σ ĝĝᵀ·B), ĝ for a sum (Σ ĝĝᵀ / B)
+        stat_b = emit(aten.mul.Tensor if spec.mean_reduction else aten.div.Tensor, gg, batch)
     # all finite ⇔ Σ 0·x = 0 (0·inf and 0·NaN are NaN): one reduction inductor lowers
     finite = [emit(aten.eq.Scalar, emit(aten.sum.default, emit(aten.mul.Tensor, stat, 0.0)), 0.0)
               for stat in (stat_a, stat_b)]
@@ -326,6 +329,29 @@ def _fold(emit, spec: KronSpec, g: Node, x: Node, rows, batch, state: list[Node]
     marks = [emit(aten.add.Tensor, emit(aten.mul.Tensor, _cast(emit, ok, torch.float32), -float(code)), float(code))
              for ok, code in zip(finite, (1, 2))]                                   # code·(1 − ok)
     emit(aten.copy_.default, flag, emit(aten.add.Tensor, flag, emit(aten.add.Tensor, *marks)))
+
+
+def _synced_statistics(emit, aa: Node, rows, gg: Node, batch, mean_reduction: bool) -> tuple[Node, Node]:
+    """stat_A and stat_B of the joined batch of every rank (``distributed=True``; the custom ops'
+    ``_pooled``): one all-reduce of [Σ āāᵀ, Σ ββᵀ, rows, samples], β = B·ĝ for a mean loss (each rank's
+    own B), then the sums over the counts. A functional collective: every rank runs the same graph."""
+    aten = torch.ops.aten
+    n, m = aa.meta["val"].shape[0], gg.meta["val"].shape[0]
+    dtype, device = aa.meta["val"].dtype, aa.meta["val"].device
+
+    def scalar(size):
+        return emit(aten.view.default, emit(aten.scalar_tensor.default, size, dtype=dtype, device=device), [1])
+
+    samples = scalar(batch)
+    bb = emit(aten.mul.Tensor, gg, emit(aten.mul.Tensor, samples, samples)) if mean_reduction else gg
+    buffer = emit(aten.cat.default, [emit(aten.view.default, aa, [-1]), emit(aten.view.default, bb, [-1]),
+                                     scalar(rows), samples])
+    total = emit(torch.ops._c10d_functional.wait_tensor.default,
+                 emit(torch.ops._c10d_functional.all_reduce.default, buffer, "sum", applier.default_group_name()))
+    aa_all = emit(aten.view.default, emit(aten.slice.Tensor, total, 0, 0, n * n), [n, n])
+    bb_all = emit(aten.view.default, emit(aten.slice.Tensor, total, 0, n * n, n * n + m * m), [m, m])
+    return (emit(aten.div.Tensor, aa_all, emit(aten.select.int, total, 0, n * n + m * m)),
+            emit(aten.div.Tensor, bb_all, emit(aten.select.int, total, 0, n * n + m * m + 1)))
 
 
 def _patch_rows(emit, x: Node, layer: KronLayer) -> Node:

@@ -40,6 +40,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import RerouteError
 from ..kernels import virtual_grad  # noqa: F401  (registers torch.ops.svgd_fx.virtual_grad)
+from ..kernels import applier
 from ..kernels.t_aten import fused_t
 from ..kernels.t_formula import scaled
 from .joint import (JointView, emitter, fake_mode_of, finish, incoming_gradient, is_tangent, joint_view, node_tag,
@@ -62,7 +63,7 @@ class RerouteSpec:
     raise_nonfinite: bool = True   # inf/NaN in g raises (the op), or is counted (fused, flag_input)
     flag_input: int | None = None  # plain-input index of the fused T's non-finite counter
     scale_input: int | None = None  # plain-input index of a GradScaler's 1/S (op path only)
-    sync: bool = False             # all-reduce T's batch statistic (torch.distributed; op path only)
+    sync: bool = False             # all-reduce T's batch statistic over torch.distributed's default group
     lagged: bool = False           # T reads r before this step's update (variant="authors"; op path only)
     acc_input: int | None = None      # plain-input index of the accumulation buffer (svgd_fx.accumulate)
     collect_input: int | None = None  # plain-input index of the 0-dim "collect" mode (1: accumulate)
@@ -213,7 +214,7 @@ def _insert_t(graph, spec, g, members, placeholders, order) -> Node:
         if spec.fused:
             return fused_t(emitter(graph, tag, meta, g.meta["val"]), g, r, s=spec.s, rho=spec.rho, eps=spec.eps,
                             mean_reduction=spec.mean_reduction, reduce_dims=list(spec.reduce_dims), flag=flag,
-                            acc=acc, collect=collect)
+                            acc=acc, collect=collect, group=applier.default_group_name() if spec.sync else None)
         t_node = graph.create_node(
             "call_function", torch.ops.svgd_fx.virtual_grad.default,
             (g, r, spec.s, spec.rho, spec.eps, spec.mean_reduction, list(spec.reduce_dims),
