@@ -48,11 +48,14 @@ def local_bytes(tensors):
         total += t.numel() * t.element_size()
     return total
 runs = {}
-for name in ("SGD compiled", "Adam compiled", "SVGD transform"):
+SVGD = {"SVGD transform": {}, "SVGD transform, T op": {"t_impl": "op"},
+        "SVGD transform, unbucketed": {}}
+from svgd_fx.capture import common as svgd_compile
+for name in ("SGD compiled", "Adam compiled", *SVGD):
     torch._dynamo.reset()
     model = build()
-    if name == "SVGD transform":
-        run = svgd_fx.transform(model, s=0.1, distributed=True)
+    if name in SVGD:
+        run = svgd_fx.transform(model, s=0.1, distributed=True, **SVGD[name])
     else:
         run = torch.compile(model)
     opt = (torch.optim.Adam if name.startswith("Adam") else torch.optim.SGD)(model.parameters(), lr=1e-3)
@@ -63,6 +66,8 @@ def step(name, i):
     model, run, opt = runs[name]
     ids = batches[i % len(batches)]
     opt.zero_grad()
+    # "unbucketed": buckets too small for two statistics, i.e. one all-reduce per σ' node (read at the compile)
+    svgd_compile.STATISTICS_BUCKET_MB = 1e-9 if "unbucketed" in name else 4.0
     out = run(ids[:, :-1])
     F.cross_entropy(out.reshape(-1, out.shape[-1]), ids[:, 1:].reshape(-1)).backward()
     opt.step()

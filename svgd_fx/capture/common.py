@@ -52,13 +52,29 @@ def compile_plain(gm, example_inputs):
         return compile_fx(gm, example_inputs, config_patches={})
 
 
+STATISTICS_BUCKET_MB = 4.0
+"""With ``distributed=True``: the T statistics' all-reduces of one backward graph are merged into
+buckets of up to this many MB (inductor's ``bucket_all_reduces_fx`` pass), so that small σ' nodes
+share a collective. A bucket's T and parameter gradients wait for all of its statistics, which
+keeps their incoming gradients (B× a statistic's bytes) alive until then: a small cap merges the
+many small statistics where a collective's latency dominates, and leaves large ones alone."""
+
+
+def _statistics_bucket_mb(bucket: int) -> float:
+    return STATISTICS_BUCKET_MB
+
+
 def compile_inductor(gm, example_inputs, plan):
     """inductor, with the plan's rewrite as its joint-graph pass. A custom joint pass has no cache
     key, so inductor's FX-graph cache and the AOTAutograd cache are off for these graphs (only
-    these): no compiled graph can come back from a cache without the rewrite."""
+    these): no compiled graph can come back from a cache without the rewrite. A plan whose T
+    all-reduces its statistics has them bucketed (:data:`STATISTICS_BUCKET_MB`)."""
     patches = {"fx_graph_cache": False}
     if plan is not None:
         patches["joint_custom_pre_pass"] = JointPass(plan)
+        if any(getattr(spec, "sync", False) for spec in plan.planned.specs):
+            patches.update(bucket_all_reduces_fx="all",
+                           bucket_all_reduces_fx_bucket_size_determinator=_statistics_bucket_mb)
     with functorch_config.patch(enable_autograd_cache=False), lstm_without_onednn(gm):
         return compile_fx(gm, example_inputs, config_patches=patches)
 
