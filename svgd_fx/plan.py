@@ -268,9 +268,14 @@ def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def _with_state_inputs(gm: torch.fx.GraphModule, layout: StateLayout) -> torch.fx.GraphModule:
     """``gm`` (our copy) with one placeholder per extra input after its own placeholders."""
-    last = list(gm.graph.find_nodes(op="placeholder"))[-1]
-    with gm.graph.inserting_after(last):
-        for name in reversed(layout.placeholder_names()):
+    own = list(gm.graph.find_nodes(op="placeholder"))
+    names = layout.placeholder_names()
+    if own:              # each inserted right after the last of its own: in reverse, they end up in order
+        where, names = gm.graph.inserting_after(own[-1]), list(reversed(names))
+    else:                # a graph without inputs (a tensor made from constants before a graph break)
+        where = gm.graph.inserting_before(next(iter(gm.graph.nodes)))
+    with where:
+        for name in names:
             ph = gm.graph.placeholder(name)
             ph._dynamo_source = None
     gm.recompile()

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -147,3 +148,44 @@ def test_transformer_fast_paths_in_eval():
     with_t = {row["node"] for row in svgd_fx.explain(model_t).rows if row["t_in_graph"]}
     assert {"enc.layers.0.self_attn.linear", "enc.layers.1.self_attn.out_proj.linear", "attn.linear"} <= with_t
     assert all(p.grad is not None for p in model.parameters())
+
+
+class _ConstantsFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        w = torch.linspace(0.5, 1.5, 4, dtype=x.dtype)      # the first graph has no inputs ...
+        torch._dynamo.graph_break()                         # ... and ends here
+        return self.fc(x * w)
+
+
+@pytest.mark.parametrize("entry", ["transform", "transform_inductor", "backend"])
+def test_a_graph_without_inputs_before_a_graph_break(entry):
+    """A forward whose first Dynamo graph takes no inputs (a tensor made from constants before a
+    graph break) compiles on every entry point, and the layer after it trains on T against the
+    reference."""
+    from helpers import t_fired
+    from reference import SVGDReference
+
+    torch.manual_seed(0)
+    model = _ConstantsFirst().double()
+    ref_model = copy.deepcopy(model)
+    if entry == "backend":
+        wrapped = torch.compile(model, backend="svgd", options={"s": 0.1})
+    else:
+        wrapped = svgd_fx.transform(model, s=0.1, codegen="inductor" if entry == "transform_inductor" else None)
+    ref = SVGDReference(ref_model, s=0.1)
+    opt, opt_ref = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    for _ in range(3):
+        x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+        opt.zero_grad()
+        opt_ref.zero_grad()
+        F.cross_entropy(wrapped(x), y).backward()
+        F.cross_entropy(ref(x), y).backward()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13)
+        opt.step()
+        opt_ref.step()
+    assert t_fired(wrapped) == {"fc.linear"}
