@@ -169,6 +169,17 @@ class SVGDState(nn.Module):
         else:
             tensor.fill_(value)
 
+    def varied(self, key: str, dim: int, size: int) -> bool:
+        """Whether dim ``dim`` (≥ 1) of the σ' output of r ``key`` has been seen to vary: r averages
+        it, or keeps it with another size than ``size``. False before r exists."""
+        r, layout = self.tensors.get(key), self.layouts.get(key)
+        if r is None:
+            return False
+        if dim in set(layout or ()):
+            return True
+        kept = _kept_dims(r.dim() + len(layout or ()), layout)
+        return int(r.shape[kept.index(dim)]) != size
+
     def peek(self, key: str) -> torch.Tensor | None:
         """State tensor ``key``, or its pending (loaded or filled) value before the first forward."""
         return self.tensors.get(key, self._pending.get(key))

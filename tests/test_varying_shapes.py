@@ -75,6 +75,52 @@ def test_fixed_shapes_keep_the_full_r():
     assert svgd_fx.explain(model_t).rows[-1]["r_averaged"] == ()
 
 
+@pytest.mark.parametrize("entry", ["torch.compile", "in place"])
+def test_dynamic_true_averages_only_the_dims_that_vary(entry):
+    """torch.compile(..., dynamic=True) makes every dimension symbolic from the first call. r still
+    keeps the sequence dim while its size stays the same (the contract's full shape, as with the
+    default), and averages it from the first call where it changes; the reference's numbers
+    throughout."""
+    torch.manual_seed(0)
+    model = VaryingSeq().double()
+    ref_model = copy.deepcopy(model)
+    if entry == "in place":
+        model.compile(backend="svgd", dynamic=True, options={"s": 0.1})
+        wrapped = model
+    else:
+        wrapped = torch.compile(model, backend="svgd", dynamic=True, options={"s": 0.1})
+    ref = SVGDReference(ref_model, s=0.1)
+    opt, opt_r = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for step, (b, t) in enumerate([(4, 5), (3, 5), (4, 5)] + SHAPES[1:]):
+        ids, y = torch.randint(0, 10, (b, t), generator=gen), torch.randint(0, 3, (b,), generator=gen)
+        opt.zero_grad()
+        opt_r.zero_grad()
+        F.cross_entropy(wrapped(ids), y).backward()
+        F.cross_entropy(ref(ids), y).backward()
+        for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"B={b} T={t} {n}: {m}")
+        opt.step()
+        opt_r.step()
+        if step == 2:      # T fixed so far: the full per-sample shape
+            assert tuple(svgd_fx.state_of(model)["fc.linear.r"].shape) == (5, 3)
+    assert_t_fired(wrapped, svgd_fx.state_of(model), {"emb.embedding", "pos.add", "ln.layer_norm", "fc.linear"})
+    assert tuple(svgd_fx.state_of(model)["fc.linear.r"].shape) == (3,)
+
+
+def test_a_dim_marked_dynamic_is_averaged_from_the_first_call():
+    """torch._dynamo.mark_dynamic(x, 1) declares the sequence dim varying: r averages it from the
+    first call, and explain() says so."""
+    torch.manual_seed(0)
+    model = VaryingSeq().double()
+    wrapped = torch.compile(model, backend="svgd", options={"s": 0.1})
+    ids = torch.randint(0, 10, (4, 5))
+    torch._dynamo.mark_dynamic(ids, 1)
+    F.cross_entropy(wrapped(ids), torch.randint(0, 3, (4,))).backward()
+    assert tuple(svgd_fx.state_of(model)["fc.linear.r"].shape) == (3,)
+    assert {row["node"]: row for row in svgd_fx.explain(wrapped).rows}["fc.linear"]["r_averaged"] == (1,)
+
+
 def test_checkpoint_of_an_averaged_r_loads_into_a_fresh_model():
     """Saved after the sequence length varied (r over the features only), loaded before the first
     forward of a fresh transform: the next steps are bit-identical to the original's."""

@@ -40,6 +40,7 @@ class SVGDMethod:
             if not sigma.routed:
                 continue
             r_dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
+            _specialize_unvaried(sigma, key, state)
             r_specs.append((key, _sample_shape(sigma), r_dtype, sigma.device, f"{sigma.name!r} ({sigma.location})",
                             _reduce_dims(sigma, config)))
             r_values.append(state.get_or_create(*r_specs[-1]))
@@ -120,6 +121,25 @@ def _sample_shape(sigma: SigmaNode) -> tuple:
         raise StateShapeError(f"svgd_fx: σ' node {sigma.name!r} ({sigma.location}) does not return a "
                               "tensor with a batch dimension; exclude its parameters.")
     return sigma.sample_shape
+
+
+def _specialize_unvaried(sigma: SigmaNode, key: str, state) -> None:
+    """Under ``torch.compile(..., dynamic=True)`` every dimension is symbolic from the first call,
+    sizes that never change included. r averages a dimension only once its size has changed
+    (``docs/contract.md``, "Dims that vary between calls"), so a symbolic dimension of σ's output
+    that r has not seen vary is specialised to its size: a guard, and a recompile (with r averaged
+    over it from then on) at the first call where it differs. Without ``dynamic=True`` a dimension
+    is symbolic only once Dynamo has seen it change, or where the user marked it dynamic
+    (``torch._dynamo.mark_dynamic``: declared varying from the first call); those stay averaged."""
+    if torch._dynamo.config.assume_static_by_default or sigma.sample_shape is None:
+        return
+    from torch.fx.experimental.symbolic_shapes import guard_int
+
+    shape = list(sigma.sample_shape)
+    for d, size in enumerate(shape, 1):
+        if isinstance(size, torch.SymInt) and size.node.hint is not None and not state.varied(key, d, size.node.hint):
+            shape[d - 1] = guard_int(size)
+    sigma.sample_shape = tuple(shape)
 
 
 def _reduce_dims(sigma: SigmaNode, config: SVGDConfig) -> tuple[int, ...]:
