@@ -150,9 +150,13 @@ class SVGDState(nn.Module):
                 raise StateShapeError(
                     "svgd_fx: this graph was compiled for an r of another shape "
                     f"({key}: {shape} -> {tuple(tensor.shape)}): a dimension of its σ' output started to vary "
-                    "between calls after it was compiled, and r is now averaged over it. TorchDynamo ran an "
-                    "older graph of a static shape, which happens with torch.compile(..., dynamic=False): "
-                    "compile with dynamic=None (the default).")
+                    "between calls after it was compiled, and r is now averaged over it, but TorchDynamo ran "
+                    "this older graph, static in that dimension, again (its guards still pass). That happens "
+                    "with torch.compile(..., dynamic=False), and with dynamic=None where sizes come back after "
+                    "another dimension changed (image sizes in multi-scale training: a graph made for one size "
+                    "stays in use for it). Compile with dynamic=None (the default) for a sequence length; "
+                    "for changing image sizes pass r_shape='channel' (r over the channels only, nothing to "
+                    "vary).")
             if tensor.dtype != dtype or tensor.device != device:
                 tensor = self.tensors[key] = tensor.to(device=device, dtype=dtype)
                 self.version = next(_VERSIONS)

@@ -160,3 +160,57 @@ def test_static_graphs_of_an_older_layout_are_loud():
         F.cross_entropy(model_c(torch.randint(0, 10, (4, t))), torch.tensor([0, 1, 2, 0])).backward()
     with pytest.raises(svgd_fx.StateShapeError, match="dynamic=False"):
         model_c(torch.randint(0, 10, (4, 5)))
+
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.c2(F.relu(self.bn(self.c1(x)))))
+        return self.fc(h.mean((2, 3)))
+
+
+MULTI_SCALE = [(3, 6), (4, 6), (3, 8), (4, 6), (3, 7)]     # (batch, image side) per step
+
+
+def _train_multi_scale(wrapped, model, ref_model, gen, r_shape="full"):
+    ref = SVGDReference(ref_model, s=0.1, r_shape=r_shape)
+    opt, opt_r = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    for b, side in MULTI_SCALE:
+        x, y = torch.randn(b, 3, side, side, generator=gen, dtype=torch.float64), torch.randint(0, 3, (b,))
+        opt.zero_grad()
+        opt_r.zero_grad()
+        F.cross_entropy(wrapped(x), y).backward()
+        F.cross_entropy(ref(x), y).backward()
+        for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"B={b} {side} {n}: {m}")
+        opt.step()
+        opt_r.step()
+
+
+@pytest.mark.parametrize("kind", ["transform", "backend_fused"])
+def test_multi_scale_images(kind):
+    """Image sizes that come back after another size (multi-scale training). Under inductor (the
+    backend here), whose conv lowering specialises H and W, the graph for the second size is static
+    again and Dynamo goes back to the graph of the first size, compiled for the full r, after r was
+    averaged over H×W: an error that says to pass r_shape='channel'. The FX graphs (transform with
+    codegen="fx") keep H×W symbolic and train exactly. With r_shape='channel' both match the
+    reference."""
+    torch.manual_seed(0)
+    model = _ConvNet().double()
+    ref_model = copy.deepcopy(model)
+    wrapped = wrap(model, kind)
+    gen = torch.Generator().manual_seed(0)
+    if kind == "transform":
+        _train_multi_scale(wrapped, model, ref_model, gen)
+    else:
+        with pytest.raises(svgd_fx.StateShapeError, match="r_shape='channel'"):
+            _train_multi_scale(wrapped, model, ref_model, gen)
+    torch._dynamo.reset()
+    model = _ConvNet().double()
+    wrapped = wrap(model, kind, r_shape="channel")
+    _train_multi_scale(wrapped, model, copy.deepcopy(model), gen, r_shape="channel")
+    assert_t_fired(wrapped, state(wrapped, model), {"c1.conv2d", "bn.batch_norm", "c2.conv2d", "fc.linear"})
