@@ -10,6 +10,9 @@ lengths under the backend (the case table's changing lengths run on the backend 
 test_varying_shapes.py). ``model.compile(backend="svgd")`` in place runs on GPT-2 by default and on
 every model with ``-m slow``."""
 
+import copy
+
+import peft
 import pytest
 import torch
 
@@ -27,13 +30,18 @@ def _wrapped(model, kind):
     return torch.compile(model, backend=svgd_fx.backend(s=0.1))
 
 
-def train_against_reference(real, kind, shapes=((4, 6),) * 3, setup=None, seed=0):
+def train_against_reference(real, kind, shapes=((4, 6),) * 3, setup=None, seed=0, adapt=None):
     """SGD on ``real`` through ``kind`` and on the reference; gradients compared every step.
-    Returns the wrapped model and the reference."""
+    ``adapt(model)`` returns the model to train instead (adapters put on it); the reference gets a
+    copy of it. Returns the wrapped model and the reference."""
     torch.manual_seed(seed)
     model = real.make().double().train()
-    ref_model = real.make().double().train()
-    ref_model.load_state_dict(model.state_dict())
+    if adapt is not None:
+        model = adapt(model)
+        ref_model = copy.deepcopy(model)
+    else:
+        ref_model = real.make().double().train()
+        ref_model.load_state_dict(model.state_dict())
     if setup is not None:
         setup(model)
     wrapped, ref = _wrapped(model, kind), SVGDReference(ref_model, s=0.1)
@@ -130,3 +138,24 @@ def test_gradient_checkpointing(name, kind):
 
     wrapped, ref = train_against_reference(real, kind, setup=setup)
     check_t_placement(real, wrapped, ref)
+
+
+@pytest.mark.parametrize("kind", ["transform", "backend", pytest.param("in_place", marks=_SLOW)])
+def test_lora_adapters(kind):
+    """PEFT's LoRA on GPT-2 (attention and projection Conv1D layers, adapters of rank 4 with random
+    B, so that they are not zero): the base weights are frozen and get no gradient; every adapter
+    layer gets T, as the reference routes it."""
+    real = MODELS["gpt2"]
+
+    def adapt(model):
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], lora_dropout=0.0,
+                                 init_lora_weights=False)
+        return peft.get_peft_model(model, config)
+
+    wrapped, ref = train_against_reference(real, kind, adapt=adapt)
+    rows = svgd_fx.explain(wrapped).rows
+    with_t = [row["node"] for row in rows if row["t_in_graph"]]
+    assert len(with_t) == len(ref.sigma_ops) == 12, (with_t, len(ref.sigma_ops))
+    assert all(".lora_A." in node or ".lora_B." in node for node in with_t), with_t
+    silent = [row["node"] for row in rows if any(row["linear"].values()) and not row["t_in_graph"]]
+    assert not silent, f"linear σ' nodes without T: {silent}"
