@@ -9,6 +9,11 @@ class StateShapeError(SVGDError, ValueError):
     """An r whose shape does not fit its σ' node (varying per-sample shape, wrong checkpoint)."""
 
 
+class StaleLayoutError(StateShapeError):
+    """A graph compiled for an r that has since been averaged over a dimension that started to
+    vary. Where its plan can be rebuilt (``Plan.wrap``'s ``rebuild``), the call recompiles instead."""
+
+
 class RerouteError(SVGDError, RuntimeError):
     """The joint graph of a σ' node has a shape the reroute pass does not understand."""
 

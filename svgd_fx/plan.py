@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ._torch_internals import default_partition, functorch_config
-from .errors import SVGDError, option_spelling
+from .errors import StaleLayoutError, SVGDError, option_spelling
 from .guard import _backward_node
 from .methods import Method, MethodPlan, PlanContext, method_for
 from .passes.composites import expand_composites
@@ -70,7 +70,8 @@ class Plan:
         return default_partition(joint, joint_inputs, **kwargs)
 
     def wrap(self, aot_backend, owner_of_call: Callable | None = None,
-             plain_backend: Callable[[], Callable] | None = None) -> Callable:
+             plain_backend: Callable[[], Callable] | None = None,
+             rebuild: Callable[[list], Callable] | None = None) -> Callable:
         """Compile, and feed the current state tensors at every call.
 
         ``owner_of_call(args)`` picks whose state to use per call: a compiled graph is shared by
@@ -82,6 +83,12 @@ class Plan:
         symbolic sizes of a dynamic graph) is gone by the first call after a switch.
         A method's ``variants`` (TSO-ALRA's graphs for the steps that do less) are compiled here too,
         with the method's rewrite for each, and run for the calls whose state they are chosen for.
+
+        ``rebuild(args)`` plans and compiles Dynamo's graph again for the inputs of one call. A call
+        that finds r averaged over a dimension this graph kept (``StaleLayoutError``: the dimension
+        started to vary in another graph, and TorchDynamo came back to this one, whose guards still
+        pass) runs such a graph instead, planned for the current r and compiled for that call's
+        shapes (one per input signature, kept).
         """
         compiled = aot_backend(self.gm, self.example_inputs)
         variants = getattr(self.method, "variants", None)
@@ -102,8 +109,20 @@ class Plan:
         off = off_check(self.planned) if off_check and plain_backend is not None and self.planned.specs else None
         plain = plain_backend() if off is not None else None
         others = {}                   # ids of other parameters -> (plan key, feeder) for them
+        rebuilt = {}                  # input signature -> graph planned for the current r (see rebuild)
 
         def run(owner, args):
+            try:
+                return run_planned(owner, args)
+            except StaleLayoutError:
+                if rebuild is None:
+                    raise
+            signature = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+            if signature not in rebuilt:
+                rebuilt[signature] = rebuild(list(args))
+            return rebuilt[signature](*args)
+
+        def run_planned(owner, args):
             ids = tuple(id(args[i]) for i in param_idx)
             if planned_ids[0] is None:
                 planned_ids[0] = ids

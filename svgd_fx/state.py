@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import StateShapeError, SVGDError
+from .errors import StaleLayoutError, StateShapeError, SVGDError
 
 
 # versions are unique across states: a graph shared by several models (Dynamo serves instances
@@ -147,16 +147,14 @@ class SVGDState(nn.Module):
         fitted = []
         for key, tensor, (shape, dtype, device) in zip(keys, tensors, compiled_for):
             if tuple(tensor.shape) != shape:
-                raise StateShapeError(
+                raise StaleLayoutError(
                     "svgd_fx: this graph was compiled for an r of another shape "
                     f"({key}: {shape} -> {tuple(tensor.shape)}): a dimension of its σ' output started to vary "
                     "between calls after it was compiled, and r is now averaged over it, but TorchDynamo ran "
-                    "this older graph, static in that dimension, again (its guards still pass). That happens "
-                    "with torch.compile(..., dynamic=False), and with dynamic=None where sizes come back after "
-                    "another dimension changed (image sizes in multi-scale training: a graph made for one size "
-                    "stays in use for it). Compile with dynamic=None (the default) for a sequence length; "
-                    "for changing image sizes pass r_shape='channel' (r over the channels only, nothing to "
-                    "vary).")
+                    "this older graph, static in that dimension, again (its guards still pass: with "
+                    "torch.compile(..., dynamic=False), or sizes that come back, as image sizes in multi-scale "
+                    "training). The graphs of svgd_fx's entry points recompile for the current r here; this one "
+                    "cannot. r_shape='channel' (r over the channels only) has no dimension that can vary.")
             if tensor.dtype != dtype or tensor.device != device:
                 tensor = self.tensors[key] = tensor.to(device=device, dtype=dtype)
                 self.version = next(_VERSIONS)

@@ -397,10 +397,14 @@ class backend:
         binding = _binding_for(model)
         check_model(model)
         binding.configure_with(self.config, self.exclude, self.grad_scaler)
+        return self._compiled(binding, gm, example_inputs)
+
+    def _compiled(self, binding, gm, example_inputs):
         plan = build_plan(binding, gm, example_inputs, accumulating=self.config.accumulation)
         owner = _owner_of_call(plan, binding)
         return plan.wrap(lambda g, xs: compile_inductor(g, xs, plan), owner,
-                         plain_backend=lambda: compile_plain(gm, example_inputs))
+                         plain_backend=lambda: compile_plain(gm, example_inputs),
+                         rebuild=lambda args: self._compiled(binding, gm, args))
 
 
 def svgd(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **kwargs):

@@ -296,7 +296,8 @@ class _Backend:
         if self.owner.codegen == "inductor":
             plan = build_plan(self.owner.session, gm, example_inputs, accumulating=self.accumulating)
             return plan.wrap(lambda g, xs: compile_inductor(g, xs, plan),
-                             plain_backend=lambda: compile_plain(gm, example_inputs))
+                             plain_backend=lambda: compile_plain(gm, example_inputs),
+                             rebuild=lambda args: self(gm, args))
         plan = build_plan(self.owner.session, gm, example_inputs, accumulating=self.accumulating)
         trace = aot_autograd(
             fw_compiler=_nop_compiler(self.owner.log.forward_graphs),
@@ -308,7 +309,7 @@ class _Backend:
             with lstm_without_onednn(g):
                 return trace(g, xs)
 
-        return plan.wrap(compile_fx_graphs)
+        return plan.wrap(compile_fx_graphs, rebuild=lambda args: self(gm, args))
 
 
 # ----------------------------------------------------------------------------- the entry point
