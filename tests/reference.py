@@ -46,7 +46,9 @@ _CHAIN_LINEAR = {torch.Tensor.t, torch.Tensor.transpose, torch.Tensor.view, torc
                  torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.split, torch.Tensor.chunk,
                  torch.Tensor.flatten, torch.Tensor.unflatten, torch.Tensor.repeat, torch.cat,
                  torch.Tensor.__add__, torch.Tensor.add, torch.Tensor.__radd__, torch.Tensor.float,
-                 torch.Tensor.double, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.type}
+                 torch.Tensor.double, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.type,
+                 torch.Tensor.T.__get__, torch.Tensor.mT.__get__, torch.Tensor.H.__get__, torch.Tensor.mH.__get__,
+                 torch.rot90, torch.Tensor.rot90}
 # parameter-only ops that are linear in the parameters of one argument position, if no other holds them:
 # products (one factor), division (numerator), a row gather from a table, weight norm's magnitude g
 _CHAIN_ONE_FACTOR = {

@@ -4,7 +4,7 @@ float64, three SGD steps; every σ' node the reference routes gets a T node in t
 ones it keeps plain do not. Inductor's compiles cost most of the time, so the compile backend
 runs by default on a subset that covers each mechanism (flattened Conv1D rows, identity-backward
 adds, SDPA with a learned bias, class-token concatenation); ``-m slow`` adds Llama, ConvNeXt,
-Swin, DeiT, BLOOM, CLIP, GPT-NeoX, Gemma, OPT and Mamba (RMSNorm, channel LayerNorm and layer
+Swin, DeiT, BLOOM, CLIP, GPT-NeoX, Gemma, OPT, Mamba and Falcon (RMSNorm, channel LayerNorm and layer
 scale, shifted windows, ALiBi, two towers, rotary tables, a selective scan) and GPT-2 with changing
 lengths under the backend (the case table's changing lengths run on the backend by default, in
 test_varying_shapes.py). ``model.compile(backend="svgd")`` in place runs on GPT-2 by default and on
@@ -99,7 +99,7 @@ _SLOW = pytest.mark.slow
 
 @pytest.mark.parametrize("name", ["gpt2", "bert", "vit", "wav2vec2"] + [
     pytest.param(n, marks=_SLOW) for n in ("t5", "llama", "convnext", "swin", "deit", "bloom", "clip", "gpt_neox",
-                                           "gemma", "opt", "mamba")])
+                                           "gemma", "opt", "mamba", "falcon")])
 def test_backend_matches_reference(name):
     real = MODELS[name]
     wrapped, ref = train_against_reference(real, "backend")

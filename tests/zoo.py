@@ -114,6 +114,12 @@ ZOO = [
         vocab_size=V, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
         max_position_embeddings=16, word_embed_proj_dim=16, dropout=0, attention_dropout=0)), _lm, routed=20,
         compiled_rtol=1e-5),
+    # FalconLinear: `x @ self.weight.T` (a transpose by attribute); parallel attention, multi-query;
+    # float32 rotary tables (1e-5)
+    RealModel("falcon", lambda: tf.FalconForCausalLM(tf.FalconConfig(
+        vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, hidden_dropout=0.0,
+        attention_dropout=0.0, new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False,
+        bias=False)), _lm, routed=13, rtol=1e-5),
     RealModel("mamba", lambda: tf.MambaForCausalLM(tf.MambaConfig(
         vocab_size=V, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=3,
         time_step_rank=4, use_mambapy=False)), _lm, routed=19,

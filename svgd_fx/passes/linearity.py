@@ -145,8 +145,10 @@ _STRUCTURAL_NAMES = {
     "half", "bfloat16", "clone", "expand", "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten",
     "narrow", "select", "flip", "roll", "repeat", "neg", "__neg__", "__getitem__", "getitem",
     "chunk", "split", "unbind", "movedim", "swapaxes", "view_as", "reshape_as", "detach_copy",
-    "cat", "concat", "stack", "sum", "mean", "tile", "diag", "tril", "triu", "real",
+    "cat", "concat", "stack", "sum", "mean", "tile", "diag", "tril", "triu", "real", "rot90",
 }
+# Tensor attributes that are transposes (``x @ W.T``: Dynamo records ``getattr(W, "T")``)
+_STRUCTURAL_ATTRIBUTES = {"T", "mT", "H", "mH"}
 _ADDITIVE_NAMES = {"add", "sub", "__add__", "__radd__", "__sub__", "__rsub__", "iadd", "isub"}
 _MULTIPLICATIVE_NAMES = {"mul", "__mul__", "__rmul__", "matmul", "mm", "bmm", "__matmul__", "imul",
                          "outer", "einsum", "kron"}
@@ -157,6 +159,8 @@ def _callable_name(node: Node) -> str:
     target = node.target
     if isinstance(target, str):
         return target
+    if target is getattr and len(node.args) == 2 and node.args[1] in _STRUCTURAL_ATTRIBUTES:
+        return "t"                      # W.T, W.mT (and the conjugate H, mH: W.T for a real W)
     return getattr(target, "__name__", str(target))
 
 
