@@ -70,6 +70,56 @@ def test_layers_of_an_uncompiled_forward_are_exact(entry):
     assert len(layer_warnings) == 1 and "'net.0' (Linear)" in str(layer_warnings[0].message)
 
 
+class _EncoderDecoder(nn.Module):
+    """nn.Transformer with a causal tgt_mask: its mask check (`_detect_is_causal_mask`) breaks the
+    graph, so its layers run through graphs of their own; the encoder's and the decoder's linears
+    see lengths 5 and 4 (each the same at every call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.src, self.tgt = nn.Linear(3, 8), nn.Linear(3, 8)
+        self.tr = nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=16,
+                                 dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(4, dtype=x.dtype)
+        return self.head(self.tr(self.src(x), self.tgt(x[:, :4]), tgt_mask=mask).mean(1))
+
+
+@pytest.mark.parametrize("entry", ["transform", "backend"])
+def test_layers_of_one_class_with_different_fixed_lengths_keep_their_full_r(entry):
+    """Dynamo keeps what it learns about a frame's input sizes by the frame's code name: the layer
+    graphs have one name each, or the decoder's linears (length 4, after the encoder's 5) would be
+    compiled with the length dynamic from their first call and r averaged over it."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _EncoderDecoder().double()
+    ref_model = copy.deepcopy(model)
+    ref = SVGDReference(ref_model, s=0.1)
+    wrapped = _wrap(model, entry)
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", svgd_fx.EagerLayerWarning)
+        for step in range(3):
+            x, y = torch.randn(4, 5, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (4,), generator=gen)
+            model.zero_grad()
+            ref_model.zero_grad()
+            F.cross_entropy(wrapped(x), y).backward()
+            F.cross_entropy(ref(x), y).backward()
+            for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"{step} {name}: {m}")
+            with torch.no_grad():
+                for p, q in zip(model.parameters(), ref_model.parameters()):
+                    p -= 0.1 * p.grad
+                    q.copy_(p)
+    state = wrapped.svgd_state if entry == "transform" else svgd_fx.state_of(model)
+    shapes = {key: tuple(r.shape) for key, r in state.tensors.items()}
+    assert shapes["tr.decoder.layers.0.linear1.linear.r"] == (4, 16), shapes
+    assert shapes["tr.encoder.layers.0.linear1.linear.r"] == (5, 16), shapes
+    assert "tr.decoder.layers.0.linear1.linear" in t_fired(wrapped)
+
+
 def test_nothing_is_redirected_outside_the_models_call():
     """The bare model called directly is not sent through layer graphs: its plain gradients stay
     plain, which the gradient check reports as ever (and r does not move)."""

@@ -18,6 +18,7 @@ inside the graphs the hooks do nothing.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 import types
@@ -98,12 +99,19 @@ def graph_of(graphs: dict, key, model: nn.Module, layer: nn.Module, make_backend
 def layer_call(module: nn.Module) -> Callable:
     """``module.forward`` (its hooks already ran) as a function with a code object of its own,
     so that TorchDynamo keeps one cache per layer: a shared code object would count every layer
-    of a model toward one recompile limit."""
+    of a model toward one recompile limit. Its name is the layer's own too: Dynamo keeps what it
+    learns about a frame's input sizes by (file, line, name), and with one name for all layers of a
+    class, a layer whose input has another length than its sibling's (an encoder's and a decoder's
+    linears) would be compiled with that dimension dynamic from its first call, which r takes for a
+    dimension that varies."""
     def call(*args, **kwargs):
         return module.forward(*args, **kwargs)
 
-    code = call.__code__.replace(co_name=f"svgd_fx_eager_{type(module).__name__}")
+    code = call.__code__.replace(co_name=f"svgd_fx_eager_{type(module).__name__}_{next(_LAYER_CALLS)}")
     return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
+
+
+_LAYER_CALLS = itertools.count()
 
 
 def _stack() -> list:

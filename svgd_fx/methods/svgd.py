@@ -31,6 +31,7 @@ class SVGDMethod:
         state, log = owner.svgd_state, owner.log
         routed, r_specs, r_values = [], [], []
         authors = config.variant == "authors"
+        declared = _declared_symbols(ctx.placeholders)
         for sigma in ctx.analysis.sigmas:
             log.name(sigma)
             if authors:
@@ -40,7 +41,7 @@ class SVGDMethod:
             if not sigma.routed:
                 continue
             r_dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
-            _specialize_unvaried(sigma, key, state)
+            _specialize_unvaried(sigma, key, state, declared)
             r_specs.append((key, _sample_shape(sigma), r_dtype, sigma.device, f"{sigma.name!r} ({sigma.location})",
                             _reduce_dims(sigma, config)))
             r_values.append(state.get_or_create(*r_specs[-1]))
@@ -123,23 +124,43 @@ def _sample_shape(sigma: SigmaNode) -> tuple:
     return sigma.sample_shape
 
 
-def _specialize_unvaried(sigma: SigmaNode, key: str, state) -> None:
-    """Under ``torch.compile(..., dynamic=True)`` every dimension is symbolic from the first call,
-    sizes that never change included. r averages a dimension only once its size has changed
-    (``docs/contract.md``, "Dims that vary between calls"), so a symbolic dimension of σ's output
-    that r has not seen vary is specialised to its size: a guard, and a recompile (with r averaged
-    over it from then on) at the first call where it differs. Without ``dynamic=True`` a dimension
-    is symbolic only once Dynamo has seen it change, or where the user marked it dynamic
-    (``torch._dynamo.mark_dynamic``: declared varying from the first call); those stay averaged."""
-    if torch._dynamo.config.assume_static_by_default or sigma.sample_shape is None:
+def _specialize_unvaried(sigma: SigmaNode, key: str, state, declared: set) -> None:
+    """r averages a dimension only once its size has changed (``docs/contract.md``, "Dims that vary
+    between calls"), but a graph may hold a dimension symbolic that this σ' node never saw change:
+    every dimension under ``torch.compile(..., dynamic=True)``; one whose size changed for another
+    frame Dynamo files under the same code (the graph after a graph break in ``nn.Transformer``'s
+    decoder, after its encoder's). Such a dimension is specialised to its size: a guard, and a
+    recompile (with r averaged over it from then on) at the first call where it differs. A dimension
+    the user marked (``torch._dynamo.mark_dynamic``: ``declared``, its symbols) is declared varying
+    and stays averaged from the first call."""
+    if sigma.sample_shape is None:
         return
     from torch.fx.experimental.symbolic_shapes import guard_int
 
     shape = list(sigma.sample_shape)
     for d, size in enumerate(shape, 1):
-        if isinstance(size, torch.SymInt) and size.node.hint is not None and not state.varied(key, d, size.node.hint):
+        if isinstance(size, torch.SymInt) and size.node.hint is not None \
+                and not (size.node.expr.free_symbols & declared) and not state.varied(key, d, size.node.hint):
             shape[d - 1] = guard_int(size)
     sigma.sample_shape = tuple(shape)
+
+
+def _declared_symbols(placeholders) -> set:
+    """The symbols of the graph inputs' dimensions the user marked dynamic (``mark_dynamic`` keeps
+    them on the real tensor, which Dynamo's graph argument refers to)."""
+    declared = set()
+    for node in placeholders:
+        arg = node.meta.get("grapharg")
+        fake = node.meta.get("example_value")
+        try:
+            real = arg.example if arg is not None else None
+        except Exception:            # (a collected weak reference: nothing to learn from it)
+            real = None
+        for d in getattr(real, "_dynamo_dynamic_indices", ()) if isinstance(fake, torch.Tensor) else ():
+            size = fake.shape[d] if d < fake.dim() else None
+            if isinstance(size, torch.SymInt):
+                declared |= size.node.expr.free_symbols
+    return declared
 
 
 def _reduce_dims(sigma: SigmaNode, config: SVGDConfig) -> tuple[int, ...]:
