@@ -31,21 +31,30 @@ class VaryingSeq(nn.Module):
 SHAPES = [(4, 5), (4, 7), (3, 3), (4, 5), (2, 8)]    # (batch, sequence length) per step
 
 
-def _train(wrapped, model, ref_model, shapes=SHAPES, seed=0, check=True):
-    ref = SVGDReference(ref_model, s=0.1)
+def _ids(b, t, gen):
+    return torch.randint(0, 10, (b, t), generator=gen)
+
+
+def _train(wrapped, model, ref_model, shapes=SHAPES, seed=0, check=True, inputs=_ids, r_shape="full",
+           after_step=None):
+    """SGD on ``wrapped`` and on the reference for ``shapes`` ((batch, size) per step, the batch made
+    by ``inputs``), gradients compared at every step; ``after_step(step)`` after each."""
+    ref = SVGDReference(ref_model, s=0.1, r_shape=r_shape)
     opt, opt_r = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref_model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(seed)
-    for b, t in shapes:
-        ids, y = torch.randint(0, 10, (b, t), generator=gen), torch.randint(0, 3, (b,), generator=gen)
+    for step, (b, t) in enumerate(shapes):
+        x, y = inputs(b, t, gen), torch.randint(0, 3, (b,), generator=gen)
         opt.zero_grad()
         opt_r.zero_grad()
-        F.cross_entropy(wrapped(ids), y).backward()
-        F.cross_entropy(ref(ids), y).backward()
+        F.cross_entropy(wrapped(x), y).backward()
+        F.cross_entropy(ref(x), y).backward()
         if check:
             for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"B={b} T={t} {n}: {m}")
         opt.step()
         opt_r.step()
+        if after_step is not None:
+            after_step(step)
 
 
 @pytest.mark.parametrize("kind", ["transform", "backend_fused", "backend_op"])
@@ -89,21 +98,12 @@ def test_dynamic_true_averages_only_the_dims_that_vary(entry):
         wrapped = model
     else:
         wrapped = torch.compile(model, backend="svgd", dynamic=True, options={"s": 0.1})
-    ref = SVGDReference(ref_model, s=0.1)
-    opt, opt_r = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref_model.parameters(), lr=0.1)
-    gen = torch.Generator().manual_seed(0)
-    for step, (b, t) in enumerate([(4, 5), (3, 5), (4, 5)] + SHAPES[1:]):
-        ids, y = torch.randint(0, 10, (b, t), generator=gen), torch.randint(0, 3, (b,), generator=gen)
-        opt.zero_grad()
-        opt_r.zero_grad()
-        F.cross_entropy(wrapped(ids), y).backward()
-        F.cross_entropy(ref(ids), y).backward()
-        for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"B={b} T={t} {n}: {m}")
-        opt.step()
-        opt_r.step()
-        if step == 2:      # T fixed so far: the full per-sample shape
+
+    def full_while_fixed(step):          # T fixed at steps 0-2: the full per-sample shape
+        if step == 2:
             assert tuple(svgd_fx.state_of(model)["fc.linear.r"].shape) == (5, 3)
+
+    _train(wrapped, model, ref_model, shapes=[(4, 5), (3, 5), (4, 5)] + SHAPES[1:], after_step=full_while_fixed)
     assert_t_fired(wrapped, svgd_fx.state_of(model), {"emb.embedding", "pos.add", "ln.layer_norm", "fc.linear"})
     assert tuple(svgd_fx.state_of(model)["fc.linear.r"].shape) == (3,)
 
@@ -181,19 +181,8 @@ class _ConvNet(nn.Module):
 MULTI_SCALE = [(3, 6), (4, 6), (3, 8), (4, 6), (3, 7)]     # (batch, image side) per step
 
 
-def _train_multi_scale(wrapped, model, ref_model, gen, r_shape="full"):
-    ref = SVGDReference(ref_model, s=0.1, r_shape=r_shape)
-    opt, opt_r = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref_model.parameters(), lr=0.1)
-    for b, side in MULTI_SCALE:
-        x, y = torch.randn(b, 3, side, side, generator=gen, dtype=torch.float64), torch.randint(0, 3, (b,))
-        opt.zero_grad()
-        opt_r.zero_grad()
-        F.cross_entropy(wrapped(x), y).backward()
-        F.cross_entropy(ref(x), y).backward()
-        for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"B={b} {side} {n}: {m}")
-        opt.step()
-        opt_r.step()
+def _images(b, side, gen):
+    return torch.randn(b, 3, side, side, generator=gen, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("kind", ["transform", "backend_fused"])
@@ -207,12 +196,11 @@ def test_multi_scale_images(kind):
     model = _ConvNet().double()
     ref_model = copy.deepcopy(model)
     wrapped = wrap(model, kind)
-    gen = torch.Generator().manual_seed(0)
-    _train_multi_scale(wrapped, model, ref_model, gen)
+    _train(wrapped, model, ref_model, shapes=MULTI_SCALE, inputs=_images)
     assert tuple(state(wrapped, model)["c1.conv2d.r"].shape) == (4,)
     assert_t_fired(wrapped, state(wrapped, model), {"c1.conv2d", "bn.batch_norm", "c2.conv2d", "fc.linear"})
     torch._dynamo.reset()
     model = _ConvNet().double()
     wrapped = wrap(model, kind, r_shape="channel")
-    _train_multi_scale(wrapped, model, copy.deepcopy(model), gen, r_shape="channel")
+    _train(wrapped, model, copy.deepcopy(model), shapes=MULTI_SCALE, inputs=_images, r_shape="channel")
     assert_t_fired(wrapped, state(wrapped, model), {"c1.conv2d", "bn.batch_norm", "c2.conv2d", "fc.linear"})
