@@ -119,6 +119,7 @@ def test_a_dim_marked_dynamic_is_averaged_from_the_first_call():
     F.cross_entropy(wrapped(ids), torch.randint(0, 3, (4,))).backward()
     assert tuple(svgd_fx.state_of(model)["fc.linear.r"].shape) == (3,)
     assert {row["node"]: row for row in svgd_fx.explain(wrapped).rows}["fc.linear"]["r_averaged"] == (1,)
+    assert_t_fired(wrapped, svgd_fx.state_of(model), {"emb.embedding", "pos.add", "ln.layer_norm", "fc.linear"})
 
 
 def test_checkpoint_of_an_averaged_r_loads_into_a_fresh_model():
@@ -165,6 +166,7 @@ def test_static_graphs_of_an_older_layout_recompile_for_the_current_r(kind):
         wrapped = svgd_fx.transform(model, s=0.1)
     _train(wrapped, model, ref_model, shapes=[(4, 5), (4, 7), (4, 5), (3, 5), (4, 7), (4, 5)])
     assert tuple(state(wrapped, model)["fc.linear.r"].shape) == (3,)
+    assert_t_fired(wrapped, state(wrapped, model), {"emb.embedding", "pos.add", "ln.layer_norm", "fc.linear"})
 
 
 class _ConvNet(nn.Module):

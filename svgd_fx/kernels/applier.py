@@ -5,7 +5,7 @@ them on tensors (the custom ops' torch implementations), the joint-graph emitter
 :mod:`svgd_fx.passes.joint` adds them to a graph as FX nodes. Sizes are ints, or, where a graph's
 size is symbolic, ``sym_size`` nodes (a graph takes no raw SymInt arguments): :func:`size` and
 :func:`arith` keep that choice in one place. :func:`all_reduce` is the one collective of the
-eager paths (``distributed=True``); graphs name the group (:func:`default_group_name`).
+eager paths (``distributed=True``), :func:`all_reduce_in_graph` its spelling in a graph.
 """
 
 from __future__ import annotations
@@ -58,3 +58,16 @@ def all_reduce(buffer: torch.Tensor) -> torch.Tensor:
 def default_group_name() -> str:
     """The name of torch.distributed's default group, as functional collectives in a graph take it."""
     return _distributed().group.WORLD.group_name
+
+
+def size_tensor(op, n, like) -> object:
+    """The size ``n`` (an int, or a ``sym_size`` node) as a 1-element tensor of ``like``'s dtype and device."""
+    val = value(like)
+    return op(aten.view.default, op(aten.scalar_tensor.default, n, dtype=val.dtype, device=val.device), [1])
+
+
+def all_reduce_in_graph(op, buffer):
+    """``buffer`` summed over torch.distributed's default group, as a functional collective and its
+    wait (graphs: every rank runs the same graph, so the ranks issue the same collectives in order)."""
+    reduced = op(torch.ops._c10d_functional.all_reduce.default, buffer, "sum", default_group_name())
+    return op(torch.ops._c10d_functional.wait_tensor.default, reduced)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from .applier import size
+from .applier import all_reduce_in_graph, size, size_tensor
 from .t_formula import broadcast_shape, denominator, finite, scaled, square_sums, statistic, updated_r
 
 aten = torch.ops.aten
@@ -20,7 +20,7 @@ _convert = torch.ops.prims.convert_element_type.default
 
 def fused_t(emit, g: Node, r: Node, *, s: float, rho: float, eps: float, mean_reduction: bool,
              reduce_dims=(), flag: Node | None = None, acc: Node | None = None,
-             collect: Node | None = None, group: str | None = None) -> Node:
+             collect: Node | None = None, sync: bool = False) -> Node:
     """T(g) as aten nodes (the formula of ``virtual_grad_reference``):
 
     ``r ← ρ·r + (1-ρ)·mean_b (B·g)²`` written back into r with ``copy_``, then
@@ -31,8 +31,7 @@ def fused_t(emit, g: Node, r: Node, *, s: float, rho: float, eps: float, mean_re
     With ``acc`` and ``collect`` inputs (gradient accumulation): where ``collect`` is 1, r is
     kept and Σ_b g² and B are added to ``acc`` instead (kernels cannot branch: both are
     computed, ``where`` picks; the extra work is r-sized).
-    With ``group`` (a process group's name: ``distributed=True``), the batch sums and the sample
-    count are every rank's (:func:`_synced`), so that r is the one a single process would build on
+    With ``sync`` (``distributed=True``), the batch sums and the sample count are every rank's (:func:`_synced`), so that r is the one a single process would build on
     the joined batch.
 
     The result's ``meta["svgd_t_parts"]`` is ``(g in r's dtype, sqrt(r + ε) as broadcast, s)``,
@@ -44,12 +43,12 @@ def fused_t(emit, g: Node, r: Node, *, s: float, rho: float, eps: float, mean_re
     # r over the kept dims: the mean over the reduced ones comes first
     sums = square_sums(emit, gr, reduce_dims, reduce_first=True)
     collecting = emit(aten.gt.Scalar, collect, 0.5) if acc is not None else None
-    if group is None:
+    if not sync:
         # mean_b (B·g)² = B·Σ_b g² for a mean loss; mean_b g² = Σ_b g² / B for a sum loss
         stat = statistic(emit, sums, batch, mean_reduction)
         count = batch
     else:
-        sums, count = _synced(emit, sums, batch, mean_reduction, collecting, group)
+        sums, count = _synced(emit, sums, batch, mean_reduction, collecting)
         stat = emit(aten.div.Tensor, sums, count)
     ok = finite(emit, stat)
     r_new = updated_r(emit, r, stat, rho, ok)
@@ -60,9 +59,9 @@ def fused_t(emit, g: Node, r: Node, *, s: float, rho: float, eps: float, mean_re
         keep = emit(aten.logical_and.default, ok, collecting)
         added = emit(aten.view.default, emit(aten.where.ScalarOther, keep, sums, 0.0), [-1])
         pooled = emit(aten.add.Tensor, pooled_before, added)
-        counted = (emit(aten.mul.Tensor, collect, batch) if group is None else
+        counted = (emit(aten.mul.Tensor, collect, batch) if not sync else
                    emit(aten.mul.Tensor, collect, emit(aten.cat.default, [emit(aten.view.default, count, [1]),
-                                                                         _as_tensor(emit, batch, count)])))
+                                                                         size_tensor(emit, batch, count)])))
         counts = emit(aten.add.Tensor, emit(aten.slice.Tensor, acc, 0, numel, numel + 2), counted)
         acc_now = emit(aten.copy_.default, acc, emit(aten.cat.default, [pooled, counts]))
     writes = [emit(aten.copy_.default, r, r_new)]
@@ -87,29 +86,21 @@ def fused_t(emit, g: Node, r: Node, *, s: float, rho: float, eps: float, mean_re
     return out
 
 
-def _as_tensor(emit, n, like: Node) -> Node:
-    """The size ``n`` (an int or a ``sym_size`` node) as a 1-element tensor of ``like``'s dtype and device."""
-    val = like.meta["val"]
-    return emit(aten.view.default, emit(aten.scalar_tensor.default, n, dtype=val.dtype, device=val.device), [1])
-
-
-def _synced(emit, sums: Node, batch, mean_reduction: bool, collecting: Node | None, group: str):
+def _synced(emit, sums: Node, batch, mean_reduction: bool, collecting: Node | None):
     """Every rank's batch sums of squares and sample count (one all-reduce of [sums, B]), as
     ``(sums, count)`` with ``stat = sums / count``. For a mean loss each rank's per-sample gradient
     is its own B·g, so the rank's term is B²·Σ_b g²; while collecting (``svgd_fx.accumulate``), the
-    raw Σ_b g², as the accumulator keeps them. A functional collective: inductor schedules its
-    wait, and the ranks run the same graph, so they issue the same all-reduces in the same order."""
+    raw Σ_b g², as the accumulator keeps them. A functional collective: inductor schedules its wait."""
     local = sums
     if mean_reduction:
-        b = _as_tensor(emit, batch, sums)
+        b = size_tensor(emit, batch, sums)
         squared = emit(aten.mul.Tensor, b, b)
         if collecting is not None:
             squared = emit(aten.where.ScalarSelf, collecting, 1.0, squared)
         local = emit(aten.mul.Tensor, sums, squared)
     shape = list(sums.meta["val"].shape)
-    buffer = emit(aten.cat.default, [emit(aten.view.default, local, [-1]), _as_tensor(emit, batch, sums)])
-    reduced = emit(torch.ops._c10d_functional.all_reduce.default, buffer, "sum", group)
-    reduced = emit(torch.ops._c10d_functional.wait_tensor.default, reduced)
+    buffer = emit(aten.cat.default, [emit(aten.view.default, local, [-1]), size_tensor(emit, batch, sums)])
+    reduced = all_reduce_in_graph(emit, buffer)
     numel = buffer.meta["val"].shape[0] - 1
     total = emit(aten.view.default, emit(aten.slice.Tensor, reduced, 0, 0, numel), shape)
     return total, emit(aten.select.int, reduced, 0, numel)

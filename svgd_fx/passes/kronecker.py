@@ -337,17 +337,11 @@ def _synced_statistics(emit, aa: Node, rows, gg: Node, batch, mean_reduction: bo
     own B), then the sums over the counts. A functional collective: every rank runs the same graph."""
     aten = torch.ops.aten
     n, m = aa.meta["val"].shape[0], gg.meta["val"].shape[0]
-    dtype, device = aa.meta["val"].dtype, aa.meta["val"].device
-
-    def scalar(size):
-        return emit(aten.view.default, emit(aten.scalar_tensor.default, size, dtype=dtype, device=device), [1])
-
-    samples = scalar(batch)
+    samples = applier.size_tensor(emit, batch, aa)
     bb = emit(aten.mul.Tensor, gg, emit(aten.mul.Tensor, samples, samples)) if mean_reduction else gg
     buffer = emit(aten.cat.default, [emit(aten.view.default, aa, [-1]), emit(aten.view.default, bb, [-1]),
-                                     scalar(rows), samples])
-    total = emit(torch.ops._c10d_functional.wait_tensor.default,
-                 emit(torch.ops._c10d_functional.all_reduce.default, buffer, "sum", applier.default_group_name()))
+                                     applier.size_tensor(emit, rows, aa), samples])
+    total = applier.all_reduce_in_graph(emit, buffer)
     aa_all = emit(aten.view.default, emit(aten.slice.Tensor, total, 0, 0, n * n), [n, n])
     bb_all = emit(aten.view.default, emit(aten.slice.Tensor, total, 0, n * n, n * n + m * m), [m, m])
     return (emit(aten.div.Tensor, aa_all, emit(aten.select.int, total, 0, n * n + m * m)),

@@ -40,7 +40,6 @@ from torch.fx import GraphModule, Node
 
 from ..errors import RerouteError
 from ..kernels import virtual_grad  # noqa: F401  (registers torch.ops.svgd_fx.virtual_grad)
-from ..kernels import applier
 from ..kernels.t_aten import fused_t
 from ..kernels.t_formula import scaled
 from .joint import (JointView, emitter, fake_mode_of, finish, incoming_gradient, is_tangent, joint_view, node_tag,
@@ -214,7 +213,7 @@ def _insert_t(graph, spec, g, members, placeholders, order) -> Node:
         if spec.fused:
             return fused_t(emitter(graph, tag, meta, g.meta["val"]), g, r, s=spec.s, rho=spec.rho, eps=spec.eps,
                             mean_reduction=spec.mean_reduction, reduce_dims=list(spec.reduce_dims), flag=flag,
-                            acc=acc, collect=collect, group=applier.default_group_name() if spec.sync else None)
+                            acc=acc, collect=collect, sync=spec.sync)
         t_node = graph.create_node(
             "call_function", torch.ops.svgd_fx.virtual_grad.default,
             (g, r, spec.s, spec.rho, spec.eps, spec.mean_reduction, list(spec.reduce_dims),
