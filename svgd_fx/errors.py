@@ -11,7 +11,7 @@ class StateShapeError(SVGDError, ValueError):
 
 class StaleLayoutError(StateShapeError):
     """A graph compiled for an r that has since been averaged over a dimension that started to
-    vary. Where its plan can be rebuilt (``Plan.wrap``'s ``rebuild``), the call recompiles instead."""
+    vary: the signal for ``Plan.wrap``'s ``rebuild`` (the call recompiles for the current r)."""
 
 
 class RerouteError(SVGDError, RuntimeError):

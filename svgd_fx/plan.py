@@ -69,9 +69,8 @@ class Plan:
         self.rewrite(joint)
         return default_partition(joint, joint_inputs, **kwargs)
 
-    def wrap(self, aot_backend, owner_of_call: Callable | None = None,
-             plain_backend: Callable[[], Callable] | None = None,
-             rebuild: Callable[[list], Callable] | None = None) -> Callable:
+    def wrap(self, aot_backend, rebuild: Callable[[list], Callable], owner_of_call: Callable | None = None,
+             plain_backend: Callable[[], Callable] | None = None) -> Callable:
         """Compile, and feed the current state tensors at every call.
 
         ``owner_of_call(args)`` picks whose state to use per call: a compiled graph is shared by
@@ -115,8 +114,7 @@ class Plan:
             try:
                 return run_planned(owner, args)
             except StaleLayoutError:
-                if rebuild is None:
-                    raise
+                pass
             signature = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
             if signature not in rebuilt:
                 rebuilt[signature] = rebuild(list(args))

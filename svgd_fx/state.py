@@ -153,8 +153,7 @@ class SVGDState(nn.Module):
                     "between calls after it was compiled, and r is now averaged over it, but TorchDynamo ran "
                     "this older graph, static in that dimension, again (its guards still pass: with "
                     "torch.compile(..., dynamic=False), or sizes that come back, as image sizes in multi-scale "
-                    "training). The graphs of svgd_fx's entry points recompile for the current r here; this one "
-                    "cannot. r_shape='channel' (r over the channels only) has no dimension that can vary.")
+                    "training). The call that meets it plans and compiles the graph again for the current r.")
             if tensor.dtype != dtype or tensor.device != device:
                 tensor = self.tensors[key] = tensor.to(device=device, dtype=dtype)
                 self.version = next(_VERSIONS)

@@ -402,9 +402,8 @@ class backend:
     def _compiled(self, binding, gm, example_inputs):
         plan = build_plan(binding, gm, example_inputs, accumulating=self.config.accumulation)
         owner = _owner_of_call(plan, binding)
-        return plan.wrap(lambda g, xs: compile_inductor(g, xs, plan), owner,
-                         plain_backend=lambda: compile_plain(gm, example_inputs),
-                         rebuild=lambda args: self._compiled(binding, gm, args))
+        return plan.wrap(lambda g, xs: compile_inductor(g, xs, plan), lambda args: self._compiled(binding, gm, args),
+                         owner, plain_backend=lambda: compile_plain(gm, example_inputs))
 
 
 def svgd(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **kwargs):

@@ -295,9 +295,8 @@ class _Backend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]):
         if self.owner.codegen == "inductor":
             plan = build_plan(self.owner.session, gm, example_inputs, accumulating=self.accumulating)
-            return plan.wrap(lambda g, xs: compile_inductor(g, xs, plan),
-                             plain_backend=lambda: compile_plain(gm, example_inputs),
-                             rebuild=lambda args: self(gm, args))
+            return plan.wrap(lambda g, xs: compile_inductor(g, xs, plan), lambda args: self(gm, args),
+                             plain_backend=lambda: compile_plain(gm, example_inputs))
         plan = build_plan(self.owner.session, gm, example_inputs, accumulating=self.accumulating)
         trace = aot_autograd(
             fw_compiler=_nop_compiler(self.owner.log.forward_graphs),
@@ -309,7 +308,7 @@ class _Backend:
             with lstm_without_onednn(g):
                 return trace(g, xs)
 
-        return plan.wrap(compile_fx_graphs, rebuild=lambda args: self(gm, args))
+        return plan.wrap(compile_fx_graphs, lambda args: self(gm, args))
 
 
 # ----------------------------------------------------------------------------- the entry point
