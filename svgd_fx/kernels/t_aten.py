@@ -31,8 +31,8 @@ def fused_t(emit, g: Node, r: Node, *, s: float, rho: float, eps: float, mean_re
     With ``acc`` and ``collect`` inputs (gradient accumulation): where ``collect`` is 1, r is
     kept and Σ_b g² and B are added to ``acc`` instead (kernels cannot branch: both are
     computed, ``where`` picks; the extra work is r-sized).
-    With ``sync`` (``distributed=True``), the batch sums and the sample count are every rank's (:func:`_synced`), so that r is the one a single process would build on
-    the joined batch.
+    With ``sync`` (``distributed=True``), the batch sums and the sample count are every rank's
+    (:func:`_synced`), so that r is the one a single process would build on the joined batch.
 
     The result's ``meta["svgd_t_parts"]`` is ``(g in r's dtype, sqrt(r + ε) as broadcast, s)``,
     for rewrites of T's users that factor the scaling out of a batch sum.
