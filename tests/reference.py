@@ -25,7 +25,7 @@ _LINEAR_POSITIONS = {
     torch.conv_transpose1d: ((1, 2), "convT"), torch.conv_transpose2d: ((1, 2), "convT"),
     torch.conv_transpose3d: ((1, 2), "convT"),
     F.embedding: ((1,), "embedding"),
-    F.layer_norm: ((2, 3), "layer_norm"), F.group_norm: ((2, 3), "group_norm"),
+    F.layer_norm: ((2, 3), "layer_norm"), F.rms_norm: ((2,), "rms_norm"), F.group_norm: ((2, 3), "group_norm"),
     F.batch_norm: ((3, 4), "batch_norm"), F.instance_norm: ((3, 4), "instance_norm"),
     F.prelu: ((1,), "prelu"), torch.prelu: ((1,), "prelu"),
     torch.Tensor.mul: ((0, 1), "mul"), torch.Tensor.__mul__: ((0, 1), "mul"),
@@ -48,7 +48,7 @@ _CHAIN_LINEAR = {torch.Tensor.t, torch.Tensor.transpose, torch.Tensor.view, torc
                  torch.Tensor.__add__, torch.Tensor.add, torch.Tensor.__radd__, torch.Tensor.float,
                  torch.Tensor.double, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.type,
                  torch.Tensor.T.__get__, torch.Tensor.mT.__get__, torch.Tensor.H.__get__, torch.Tensor.mH.__get__,
-                 torch.rot90, torch.Tensor.rot90}
+                 torch.rot90, torch.Tensor.rot90, torch.triu, torch.Tensor.triu, torch.tril, torch.Tensor.tril}
 # parameter-only ops that are linear in the parameters of one argument position, if no other holds them:
 # products (one factor), division (numerator), a row gather from a table, weight norm's magnitude g
 _CHAIN_ONE_FACTOR = {

@@ -384,6 +384,7 @@ CHAINS: dict[str, tuple[Callable, dict[str, tuple[int, ...]], tuple, set[str]]] 
     "structural": (lambda w: w.t().reshape(9).flip(0).neg()[2:7].unsqueeze(0).expand(2, 5).sum(0),
                    {"w": (3, 3)}, (), {"w"}),
     "transpose-attributes": (lambda w: w.T + w.mT.rot90(1, (0, 1)) + w.H, {"w": (3, 3)}, (), {"w"}),
+    "triangles": (lambda w: w.triu(1) + torch.tril(w) + w.triu().mT, {"w": (3, 3)}, (), {"w"}),
     "add-sub": (lambda w1, w2: w1 + w2 - w1, {"w1": (3, 3), "w2": (3, 3)}, (), {"w1", "w2"}),
     "mul-one-factor-each": (lambda w1, w2: w1 * w2, {"w1": (3, 3), "w2": (3, 3)}, (), {"w1", "w2"}),
     "mul-same-param-twice": (lambda w: w * w, {"w": (3, 3)}, (), set()),
