@@ -17,10 +17,12 @@ parameters, GradScaler, gradient guard), the same type under both entry points; 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -34,6 +36,33 @@ from .passes.locate import Kind, locate, tag_nodes
 from .runtime import Feed, StateLayout, feeder
 from .session import Session
 from .sharding import refuse_pipelining
+
+
+# A tensor a graph returns that it computed from parameters alone (Kind.PARAM: a position-bias table,
+# a normalised weight) carries its {param: linear} in this attribute. A graph after a graph break that
+# takes it as an input (TorchDynamo passes the value on) treats it as parameter-derived, as it would
+# have had the two graphs been one: a σ' node that combines it with the batch gets T on the gradient it
+# sends back to that input, and the earlier graph's backward carries that on to the parameters.
+DERIVED = "_svgd_fx_derived"
+
+
+_NAMING = threading.local()     # .suffix: appended to the σ' names of the graphs planned meanwhile
+
+
+@contextlib.contextmanager
+def named_call(suffix: str) -> Iterator[None]:
+    """Graphs planned inside this block name their σ' nodes ``<name><suffix>`` (a torch.nn layer's
+    second call outside the model's graphs: :mod:`svgd_fx.capture.eager_layers`)."""
+    before, _NAMING.suffix = getattr(_NAMING, "suffix", ""), suffix
+    try:
+        yield
+    finally:
+        _NAMING.suffix = before
+
+
+def derived_chain(value: Any) -> dict[str, bool] | None:
+    """The ``{param: linear}`` a graph marked ``value`` with (see ``DERIVED``), or None."""
+    return getattr(value, DERIVED, None) if isinstance(value, torch.Tensor) else None
 
 
 @dataclass
@@ -51,11 +80,16 @@ class Plan:
     sigma_names: frozenset[str] = frozenset()            # the σ' nodes of this graph (routed or not)
     t_names: set[str] = field(default_factory=set)       # those its backward got a T for (rewrite)
     param_names: tuple[str, ...] = ()                    # the parameter inputs' names, in input order
+    # inputs an earlier graph computed from parameters alone: index -> {param: linear} (see DERIVED)
+    derived_inputs: dict[int, dict[str, bool]] = field(default_factory=dict)
+    # this graph's outputs of that kind: index -> {param: linear}, marked on the tensors it returns
+    derived_outputs: dict[int, dict[str, bool]] = field(default_factory=dict)
     variant: str | None = None                           # compiling one of the method's variants (wrap)
 
     def rewrite(self, joint: torch.fx.GraphModule) -> None:
         """The method's pass on AOTAutograd's joint graph (in place), logged per σ'."""
-        args = (joint, self.planned, self.param_derived_sources, self.param_inputs, self.owner.entry)
+        args = (joint, self.planned, self.param_derived_sources, self.param_inputs | set(self.derived_inputs),
+                self.owner.entry)
         if self.variant is not None:
             self.method.rewrite(*args, variant=self.variant)
             return
@@ -102,6 +136,8 @@ class Plan:
                 self.variant = None
         state_tensors = feeder(self.feed)
         param_idx = sorted(self.param_inputs)
+        plain_inputs = [i for i in range(self.feed.layout.first)      # Dynamo's own inputs, but those
+                        if i not in self.derived_inputs and i not in self.param_inputs]
         planned_ids = [None]          # the parameters this graph was planned for (their ids, at the first call)
         plan_key = object()
         off_check = getattr(self.method, "off_check", None)
@@ -112,15 +148,24 @@ class Plan:
 
         def run(owner, args):
             try:
-                return run_planned(owner, args)
+                return mark_derived(run_planned(owner, args))
             except StaleLayoutError:
                 pass
-            signature = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+            signature = tuple((tuple(a.shape), a.dtype, a.device, tuple(sorted((derived_chain(a) or {}).items())))
+                              if isinstance(a, torch.Tensor) else a for a in args)
             if signature not in rebuilt:
                 rebuilt[signature] = rebuild(list(args))
             return rebuilt[signature](*args)
 
+        def mark_derived(outputs):
+            for i, chain in self.derived_outputs.items():
+                setattr(outputs[i], DERIVED, chain)
+            return outputs
+
         def run_planned(owner, args):
+            if any(derived_chain(args[i]) != chain for i, chain in self.derived_inputs.items()) \
+                    or any(derived_chain(args[i]) is not None for i in plain_inputs):
+                raise StaleLayoutError("an input's parameter-derived mark differs from the planned one")
             ids = tuple(id(args[i]) for i in param_idx)
             if planned_ids[0] is None:
                 planned_ids[0] = ids
@@ -231,25 +276,30 @@ def build_plan(owner: Session, gm: torch.fx.GraphModule, example_inputs: list[An
     params = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     consts = {id(t) for t in model.buffers()} | {id(p) for p in model.parameters() if not p.requires_grad}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    param_nodes, const_nodes, param_inputs = {}, [], set()
+    param_nodes, const_nodes, param_inputs, derived = {}, [], set(), {}
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
         if isinstance(value, torch.Tensor) and id(value) in params:
             param_nodes[node] = params[id(value)]
             param_inputs.add(i)
         elif isinstance(value, torch.Tensor) and id(value) in consts:
             const_nodes.append(node)
+        elif derived_chain(value) is not None:
+            derived[node] = derived_chain(value)
 
-    analysis = locate(gm, param_nodes, const_nodes, set(owner.excluded))
+    analysis = locate(gm, param_nodes, const_nodes, set(owner.excluded), derived)
     if expand_composites(gm, analysis.sigmas, lambda n: analysis.node_kinds.get(n) is Kind.PARAM):
-        analysis = locate(gm, param_nodes, const_nodes, set(owner.excluded))   # σ' nodes they hid
+        analysis = locate(gm, param_nodes, const_nodes, set(owner.excluded), derived)   # σ' nodes they hid
+    for sigma in analysis.sigmas:
+        sigma.name += getattr(_NAMING, "suffix", "")
     log.graphs += 1
     log.params_seen |= analysis.params_seen
     name_to_input = {param_nodes[n]: i for i, n in enumerate(placeholders) if n in param_nodes}
+    derived_inputs = {i: derived[n] for i, n in enumerate(placeholders) if n in derived}
 
     method = method_for(config)
     layout = StateLayout(first=len(placeholders))
     planned = method.plan(PlanContext(owner, analysis, param_nodes, name_to_input, placeholders, layout,
-                                      accumulating))
+                                      accumulating, derived_inputs))
     state = planned.examples[:len(layout.keys("state"))]
     feed = Feed(layout, planned.state_specs, [(tuple(t.shape), t.dtype, t.device) for t in state],
                 device=planned.state_specs[0][3] if planned.state_specs else None,
@@ -258,7 +308,9 @@ def build_plan(owner: Session, gm: torch.fx.GraphModule, example_inputs: list[An
     return Plan(owner, method, _with_state_inputs(gm, layout), _with_state_examples(example_inputs, planned.examples),
                 planned, feed, _param_sources(analysis), param_inputs, analysis.params_seen,
                 sigma_names=frozenset(sigma.name for sigma in analysis.sigmas),
-                param_names=tuple(param_nodes[placeholders[i]] for i in sorted(param_inputs)))
+                param_names=tuple(param_nodes[placeholders[i]] for i in sorted(param_inputs)),
+                derived_inputs=derived_inputs,
+                derived_outputs={i: chain for i, chain in enumerate(analysis.output_chains) if chain is not None})
 
 
 def _world_size() -> int:

@@ -117,6 +117,46 @@ def test_layers_of_one_class_with_different_fixed_lengths_keep_their_full_r(entr
     assert "tr.decoder.layers.0.linear1.linear" in t_fired(wrapped)
 
 
+class _SharedLayers(nn.Module):
+    """One nn.Linear and one nn.LayerNorm called twice in an uncompiled forward (a token embedding
+    shared by an encoder and a decoder), on inputs of different lengths."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    @torch._dynamo.disable
+    def forward(self, x):
+        a = torch.tanh(self.norm(self.proj(x))).mean(1)
+        b = torch.tanh(self.norm(self.proj(x[:, :3] * 2))).mean(1)
+        return self.head(a * b)
+
+
+@pytest.mark.parametrize("entry", ["transform", "backend"])
+def test_a_layer_called_twice_is_two_sigma_nodes(entry):
+    """Each call is a σ' node with its own r (its own graph), as inside a compiled graph."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _SharedLayers().double()
+    ref_model = copy.deepcopy(model)
+    ref = SVGDReference(ref_model, s=0.1)
+    wrapped = _wrap(model, entry)
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", svgd_fx.EagerLayerWarning)
+        _steps(model, wrapped, ref_model, ref, lambda: torch.randn(4, 5, 3, generator=gen, dtype=torch.float64), gen,
+               rtol=1e-9)
+    state = wrapped.svgd_state if entry == "transform" else svgd_fx.state_of(model)
+    shapes = {key: tuple(r.shape) for key, r in state.tensors.items()}
+    assert shapes["proj.linear.r"] == (5, 8) and shapes["proj.linear@call2.r"] == (3, 8), shapes
+    assert shapes["norm.layer_norm.r"] == (5, 8) and shapes["norm.layer_norm@call2.r"] == (3, 8), shapes
+    assert t_fired(wrapped) == {"proj.linear", "proj.linear@call2", "norm.layer_norm", "norm.layer_norm@call2",
+                                "head.linear"}
+    assert len(ref.sigma_ops) == 5
+
+
 def test_nothing_is_redirected_outside_the_models_call():
     """The bare model called directly is not sent through layer graphs: its plain gradients stay
     plain, which the gradient check reports as ever (and r does not move)."""

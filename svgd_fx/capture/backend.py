@@ -59,9 +59,11 @@ class Binding(Session):
     def configure_with(self, config: SVGDConfig, exclude: ExcludeSpec, grad_scaler=None) -> None:
         self.configure(config, resolve_exclude(self.model, exclude), grad_scaler)
 
-    def layer_graph(self, layer: nn.Module, compiled_with: "backend"):
-        """A torch.nn layer the model's call ran outside its graphs, compiled on its own."""
-        return eager_layers.graph_of(self.layers, layer, self.model, layer, lambda: compiled_with, self.excluded)
+    def layer_graph(self, layer: nn.Module, call: int, compiled_with: "backend"):
+        """A torch.nn layer the model's call ran outside its graphs (its ``call``-th call in that
+        model call, from 0), compiled on its own."""
+        return eager_layers.graph_of(self.layers, (layer, call), self.model, layer, lambda: compiled_with,
+                                     self.excluded)
 
     def __deepcopy__(self, memo: dict) -> "Binding":
         """Copied with its model (found in ``memo``): options and state; the GradScaler is the
@@ -267,10 +269,10 @@ def _leave_call(module, args, output) -> None:
         eager_layers.leave()
 
 
-def _layer_graph(compiled, layer: nn.Module):
+def _layer_graph(compiled, layer: nn.Module, call: int):
     # bound by _bind_at_first_call; lookup_binding (which re-registers every parameter) only if not
     binding = _bound(_unwrap(compiled)) or lookup_binding(compiled, compiled, "torch.compile")
-    return binding.layer_graph(layer, _svgd_backend_of(compiled))
+    return binding.layer_graph(layer, call, _svgd_backend_of(compiled))
 
 
 # a call of ``model.compile`` in place runs the model's hooks under TorchDynamo: never as frames of their own

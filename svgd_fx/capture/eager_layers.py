@@ -11,8 +11,10 @@ outside the graphs is sent through a graph of its own, compiled by the same back
 nodes get T like every other one, under their usual names and state. The layer's own forward
 still runs first (a forward hook can replace an output, not skip the call); its output is
 dropped, and its buffers (BatchNorm's running statistics) are restored before the graph runs,
-so they are updated once. Outside an SVGD model's call (the bare model called directly) and
-inside the graphs the hooks do nothing.
+so they are updated once. A layer called again in the same model call (an embedding shared by an
+encoder and a decoder) runs a graph of its own for each call, its σ' nodes named with
+``@call2``, ``@call3``, ...: each call is a σ' node with its own r, as inside a graph. Outside an
+SVGD model's call (the bare model called directly) and inside the graphs the hooks do nothing.
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ import torch
 from torch import nn
 
 from ..errors import EagerLayerWarning
+from ..plan import named_call
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_STATE = threading.local()      # .running: [compile_layer]; .saved: {id(layer): buffers before the call}
+# .running: [(compile_layer, {id(layer): calls so far})], one per model call in progress;
+# .saved: {id(layer): buffers before the call}
+_STATE = threading.local()
 
 
 def in_torch(module: nn.Module) -> bool:
@@ -56,9 +61,9 @@ def install(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def running(compile_layer: Callable[[nn.Module], Callable]) -> Iterator[None]:
-    """An SVGD model's call: ``compile_layer(layer)`` gives the compiled graph of a layer that
-    runs outside the model's graphs."""
+def running(compile_layer: Callable[[nn.Module, int], Callable]) -> Iterator[None]:
+    """An SVGD model's call: ``compile_layer(layer, call)`` gives the compiled graph of a layer that
+    runs outside the model's graphs, for its ``call``-th call (from 0) in the model's call."""
     enter(compile_layer)
     try:
         yield
@@ -66,8 +71,8 @@ def running(compile_layer: Callable[[nn.Module], Callable]) -> Iterator[None]:
         leave()
 
 
-def enter(compile_layer: Callable[[nn.Module], Callable]) -> None:
-    _stack().append(compile_layer)
+def enter(compile_layer: Callable[[nn.Module, int], Callable]) -> None:
+    _stack().append((compile_layer, {}))
 
 
 def leave() -> None:
@@ -136,7 +141,9 @@ def _before_call(module: nn.Module, args) -> None:
 def _after_call(module: nn.Module, args, kwargs, output):
     if torch.compiler.is_compiling() or not _redirect():
         return None
-    graph = _stack()[-1](module)
+    compile_layer, calls = _stack()[-1]
+    call = calls[id(module)] = calls.get(id(module), -1) + 1
+    graph = compile_layer(module, call)
     saved = _STATE.saved.pop(id(module), None)
     if graph is None:
         return None
@@ -144,4 +151,5 @@ def _after_call(module: nn.Module, args, kwargs, output):
         with torch.no_grad():
             for buffer, before in zip(module.buffers(recurse=False), saved):
                 buffer.copy_(before)
-    return graph(*args, **kwargs)
+    with named_call(f"@call{call + 1}" if call else ""):
+        return graph(*args, **kwargs)

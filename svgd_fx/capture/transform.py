@@ -78,7 +78,7 @@ class SVGDModule(nn.Module):
         self._first_inputs: tuple | None = None     # for the guard's message, until its first check passes
         self.session.guard.on_first_check.append(self._forget_first_inputs)
         self._compiled = [torch.compile(self.model, backend=_Backend(self), dynamic=None)]
-        self._layers: dict = {}     # (torch.nn layer, accumulating) -> its own graph (see capture.eager_layers)
+        self._layers: dict = {}     # (torch.nn layer, call, accumulating) -> its own graph (see capture.eager_layers)
         eager_layers.install(self.model)
         self._superseded = False
         # the model's forward signature on this module's forward (frameworks read it to pick inputs)
@@ -163,10 +163,11 @@ class SVGDModule(nn.Module):
             self._compiled.append(torch.compile(self.model, backend=_Backend(self, accumulating=True), dynamic=None))
         return self._compiled[1]
 
-    def _layer_graph(self, layer: nn.Module):
-        """A torch.nn layer the model's call ran outside its graphs, compiled on its own."""
+    def _layer_graph(self, layer: nn.Module, call: int):
+        """A torch.nn layer the model's call ran outside its graphs (its ``call``-th call in that
+        model call, from 0), compiled on its own."""
         accumulating = self.svgd_state.accumulating
-        return eager_layers.graph_of(self._layers, (layer, accumulating), self.model, layer,
+        return eager_layers.graph_of(self._layers, (layer, call, accumulating), self.model, layer,
                                       lambda: _Backend(self, accumulating=accumulating), self.excluded)
 
     def _coverage_message(self, names: list[str]) -> str:

@@ -22,6 +22,8 @@ class PlanContext:
     placeholders: list[torch.fx.Node]
     layout: StateLayout
     accumulating: bool                     # graphs with svgd_fx.accumulate's inputs
+    # graph-input index -> {param: linear} of the inputs an earlier graph computed from parameters
+    derived_inputs: dict[int, dict[str, bool]] = field(default_factory=dict)
 
 
 @dataclass

@@ -78,7 +78,7 @@ class SVGDMethod:
         specs = [
             RerouteSpec(
                 source=sigma.source, name=sigma.name, r_input=layout.index("state", key),
-                routed_inputs=frozenset(ctx.name_to_input[p] for p in sigma.routed_params),
+                routed_inputs=_routed_inputs(ctx, sigma.routed_params),
                 s=config.s, rho=config.rho, eps=config.eps,
                 mean_reduction=config.reduction == "mean" and not authors, reduce_dims=reduce, fused=fused,
                 lagged=authors,
@@ -176,6 +176,13 @@ def _reduce_dims(sigma: SigmaNode, config: SVGDConfig) -> tuple[int, ...]:
                                   f"varies between calls ({tuple(str(d) for d in shape)}), so r cannot keep it.")
         reduce |= {d for d in range(1, len(shape) + 1) if d != channel}
     return tuple(sorted(reduce))
+
+
+def _routed_inputs(ctx: PlanContext, params: set[str]) -> frozenset[int]:
+    """The graph inputs that the parameter edges of a σ' node linear in ``params`` lead to: those
+    parameters' own inputs, and inputs an earlier graph computed from them linearly."""
+    own = {ctx.name_to_input[p] for p in params if p in ctx.name_to_input}
+    return frozenset(own | {i for i, chain in ctx.derived_inputs.items() if any(chain.get(p) for p in params)})
 
 
 def _identity_operands(sigma: SigmaNode, placeholders: list[torch.fx.Node], kinds: dict):

@@ -91,6 +91,8 @@ class Analysis:
     kinds: dict[str, Kind] = field(default_factory=dict)       # node id -> kind
     params_seen: set[str] = field(default_factory=set)
     node_kinds: dict[Node, Kind] = field(default_factory=dict)  # every node, placeholders included
+    # per output of the graph: {param: linear} if it is parameter-derived (not batch-dependent), else None
+    output_chains: list[dict[str, bool] | None] = field(default_factory=list)
 
 
 NODE_ID = "svgd_fx_node"          # our key inside node.meta["custom"] (AOTAutograd carries "custom")
@@ -159,28 +161,37 @@ def locate(
     param_names: dict[Node, str],
     const_nodes: Iterable[Node] = (),
     exclude: set[str] = frozenset(),
+    derived: dict[Node, dict[str, bool]] | None = None,
 ) -> Analysis:
     """Classify every node of ``gm`` (and of its checkpointed bodies) and return its σ' nodes,
     in graph order.
 
     ``param_names`` maps the placeholders of trainable parameters to their qualified names;
-    ``const_nodes`` are placeholders of buffers and frozen parameters; every other placeholder
-    is a model input. Parameters named in ``exclude`` keep their plain gradient. Nodes must
-    carry ids (:func:`tag_nodes`); untagged ones are keyed by their name.
+    ``const_nodes`` are placeholders of buffers and frozen parameters; ``derived`` maps
+    placeholders that an earlier graph computed from parameters alone (a value passed across a
+    graph break) to their ``{param: linear}``; every other placeholder is a model input.
+    Parameters named in ``exclude`` keep their plain gradient. Nodes must carry ids
+    (:func:`tag_nodes`); untagged ones are keyed by their name.
     """
     walk = _Walk(exclude)
     inputs = []
     consts = set(const_nodes)
+    derived = derived or {}
     for node in gm.graph.find_nodes(op="placeholder"):
         if node in param_names:
             walk.analysis.params_seen.add(param_names[node])
             inputs.append((Kind.PARAM, {param_names[node]: True}, {}))
+        elif node in derived:
+            chain = derived[node]
+            inputs.append((Kind.PARAM, dict(chain), {p: "non-linear chain (in the graph before a graph break)"
+                                                    for p, linear in chain.items() if not linear}))
         elif node in consts or _is_shape_value(node):
             inputs.append((Kind.CONST, {}, {}))
         else:
             inputs.append((Kind.BATCH, {}, {}))
-    walk.graph(gm, inputs)
+    outputs = walk.graph(gm, inputs)
     walk.analysis.node_kinds = walk.kind
+    walk.analysis.output_chains = [chain if kind is Kind.PARAM and chain else None for kind, chain, _ in outputs]
     return walk.analysis
 
 
