@@ -200,7 +200,9 @@ class Plan:
         compiles a module class's forward once and reuses the graph for every instance whose
         guards pass (identical blocks, each compiled as a frame of its own after a graph break:
         FSDP2's hooks make one per block). The σ' names, and so the state keys, are the planned
-        ones with the parameters' common module prefix replaced (``blocks.0.`` → ``blocks.3.``)."""
+        ones with the parameters' common module prefix replaced (``blocks.0.`` → ``blocks.3.``), in the
+        qualifier of a σ' node named after a value an earlier graph computed from parameters too
+        (``pos.add@blocks.0.fc`` → ``pos.add@blocks.3.fc``, see :func:`build_plan`)."""
         names = {id(p): n for n, p in owner.model.named_parameters()}
         new = [names.get(id(p)) for p in params]
 
@@ -220,9 +222,15 @@ class Plan:
             """A key of one of this graph's σ' nodes (its name, or its name and a part), renamed."""
             for name in sigmas:
                 if key == name or key.startswith(name + "."):
-                    if not name.startswith(old):     # its state would be the planned block's
+                    if name.startswith(old):
+                        return fresh + key[len(old):]
+                    # named after a value an earlier graph computed, qualified by this graph's module
+                    parts = name.split("@")
+                    at = [i for i, part in enumerate(parts) if i and (part + ".").startswith(old)]
+                    if not at:
                         raise unnamed(f"and its σ' node {name!r} is not named after them")
-                    return fresh + key[len(old):]
+                    parts[at[0]] = (fresh + (parts[at[0]] + ".")[len(old):]).rstrip(".")
+                    return "@".join(parts) + key[len(name):]
             return key                       # the model's own keys (a GradScaler's, TSO-ALRA's switch)
 
         layout = StateLayout(self.feed.layout.first)
@@ -234,7 +242,7 @@ class Plan:
         feed = dataclasses.replace(self.feed, layout=layout, state_specs=specs, acc_specs=acc_specs)
         for name in self.sigma_names:        # their rows in explain(), as the planned ones'
             record = owner.log.records.get(name)
-            if record is None or not name.startswith(old) or moved(name) in owner.log.records:
+            if record is None or (record.key is None and not name.startswith(old)) or moved(name) in owner.log.records:
                 continue
             sigma = copy.copy(record.sigma)
             sigma.name = moved(name)
@@ -289,7 +297,12 @@ def build_plan(owner: Session, gm: torch.fx.GraphModule, example_inputs: list[An
     analysis = locate(gm, param_nodes, const_nodes, set(owner.excluded), derived)
     if expand_composites(gm, analysis.sigmas, lambda n: analysis.node_kinds.get(n) is Kind.PARAM):
         analysis = locate(gm, param_nodes, const_nodes, set(owner.excluded), derived)   # σ' nodes they hid
+    own = _module_path(param_nodes.values())
     for sigma in analysis.sigmas:
+        if own and derived and not (sigma.routed_params | sigma.plain_params) & set(param_nodes.values()):
+            # named after a value from an earlier graph (one position-bias table for every block):
+            # qualified by this graph's own module, as the blocks' graphs are otherwise one σ' node
+            sigma.name += f"@{own}"
         sigma.name += getattr(_NAMING, "suffix", "")
     log.graphs += 1
     log.params_seen |= analysis.params_seen
@@ -311,6 +324,20 @@ def build_plan(owner: Session, gm: torch.fx.GraphModule, example_inputs: list[An
                 param_names=tuple(param_nodes[placeholders[i]] for i in sorted(param_inputs)),
                 derived_inputs=derived_inputs,
                 derived_outputs={i: chain for i, chain in enumerate(analysis.output_chains) if chain is not None})
+
+
+def _module_path(params) -> str:
+    """The longest module path that holds every parameter named in ``params`` ("" if none)."""
+    paths = [name.split(".")[:-1] for name in params]
+    if not paths:
+        return ""
+    common = paths[0]
+    for path in paths[1:]:
+        k = 0
+        while k < min(len(common), len(path)) and common[k] == path[k]:
+            k += 1
+        common = common[:k]
+    return ".".join(common)
 
 
 def _world_size() -> int:

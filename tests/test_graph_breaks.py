@@ -96,3 +96,48 @@ def test_an_unmarked_value_in_its_place_is_planned_again(entry):
         model.use_table = ref_model.use_table = step != 1
 
     _steps(model, wrapped, ref_model, ref, [T_LEN] * 3, before_step=toggle)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(C, C)
+
+    def forward(self, h, bias):
+        return h + torch.tanh(self.fc(h) + bias)
+
+
+class SharedTableBlocks(nn.Module):
+    """T5's layout: one position-bias table, computed once, added in every block. A graph break in
+    the loop makes TorchDynamo run ``forward`` uncompiled; ``table`` and each block's ``forward`` are
+    frames of their own, and the blocks share one graph (planned for the first block)."""
+
+    def __init__(self, blocks=3):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(T_LEN, C) * 0.1)
+        self.blocks = nn.ModuleList(_Block() for _ in range(blocks))
+        self.head = nn.Linear(C, C)
+
+    def table(self, t):
+        return self.pos[:t] * 2.0
+
+    def forward(self, x):
+        bias = self.table(x.shape[1])
+        h = x
+        for block in self.blocks:
+            h = block(h, bias)
+            torch._dynamo.graph_break()
+        return self.head(h).pow(2).mean()
+
+
+@pytest.mark.parametrize("entry", ["transform", "backend_fused"])
+def test_one_table_handed_to_every_block(entry):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = SharedTableBlocks().double()
+    ref_model = copy.deepcopy(model)
+    wrapped, ref = wrap(model, entry), SVGDReference(ref_model, s=0.1)
+    _steps(model, wrapped, ref_model, ref, [T_LEN, T_LEN, T_LEN])
+    with_t = {row["node"] for row in svgd_fx.explain(wrapped).rows if row["t_in_graph"]}
+    assert len(with_t) == len(ref.sigma_ops) == 7, (with_t, ref.sigma_ops)
+    assert sum(name.startswith("pos.add") for name in with_t) == 3, with_t
