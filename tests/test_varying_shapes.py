@@ -74,6 +74,35 @@ def test_varying_sequence_length_matches_reference_with_defaults(kind):
     assert "mean over dim 1" in str(svgd_fx.explain(wrapped))
 
 
+class SizesFromInputs(nn.Module):
+    """Parameter-derived values shaped by a whole ``.size()`` / ``.shape`` of an input (Hugging Face's
+    ``torch.zeros(input_shape)`` token types and position ids, ``bias.expand(h.size())``): under
+    dynamic shapes that size is a value in the graph, and it carries no batch data."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.types = nn.Embedding(2, 4)
+        self.bias = nn.Parameter(torch.randn(4) * 0.1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.types(torch.zeros(ids.shape, dtype=torch.long))
+        h = torch.tanh(h + self.bias.expand(h.size()))
+        return self.fc(h).mean(1)
+
+
+@pytest.mark.parametrize("kind", ["transform", "backend_fused"])
+def test_sizes_of_inputs_are_not_batch_data(kind):
+    torch.manual_seed(0)
+    model = SizesFromInputs().double()
+    ref_model = copy.deepcopy(model)
+    wrapped = wrap(model, kind)
+    _train(wrapped, model, ref_model)
+    assert_t_fired(wrapped, state(wrapped, model), {"emb.embedding", "types.add", "bias.add", "fc.linear"})
+    assert all(not row["node"].startswith(("types.embedding", "bias.expand")) for row in svgd_fx.explain(wrapped).rows)
+
+
 def test_fixed_shapes_keep_the_full_r():
     """Where nothing varies, r has the contract's full per-sample shape (only the batch size changes)."""
     torch.manual_seed(0)

@@ -150,10 +150,15 @@ def example_value(node: Node) -> Any:
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+_SCALARS = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
 def _is_shape_value(node: Node) -> bool:
-    """A SymInt/SymFloat/number node (``x.size(0)``): shape arithmetic, not a gradient path."""
+    """A SymInt/SymFloat/number node (``x.size(0)``), or a whole size (``x.size()``, a ``torch.Size``
+    of them under dynamic shapes): shape arithmetic, not a gradient path."""
     value = example_value(node)
-    return isinstance(value, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+    return isinstance(value, (*_SCALARS, torch.Size)) or (
+        isinstance(value, (tuple, list)) and len(value) > 0 and all(isinstance(v, _SCALARS) for v in value))
 
 
 def locate(
