@@ -169,7 +169,7 @@ class LSTMNet(nn.Module):
 
 class ChainNet(nn.Module):
     """Parameter-derived chains: W.t() into a matmul (linear), nn.RMSNorm (linear in its weight),
-    a symmetric matrix from one triangle (linear), x / scale (not linear in scale), x * (2 * a)
+    a symmetric matrix from one triangle (linear), `- c` and `+= d` (linear), x / scale (not linear in scale), x * (2 * a)
     (linear), weight-norm style g * v / ||v|| (linear in g only: g gets T, v plain)."""
 
     def __init__(self):
@@ -177,6 +177,8 @@ class ChainNet(nn.Module):
         self.W = nn.Parameter(torch.randn(6, 5) * 0.3)
         self.norm = nn.RMSNorm(6)
         self.S = nn.Parameter(torch.randn(6, 6) * 0.3)
+        self.c = nn.Parameter(torch.randn(6) * 0.1)
+        self.d = nn.Parameter(torch.randn(6) * 0.1)
         self.scale = nn.Parameter(torch.rand(6) + 0.5)
         self.a = nn.Parameter(torch.randn(6))
         self.v = nn.Parameter(torch.randn(3, 6))
@@ -184,7 +186,8 @@ class ChainNet(nn.Module):
 
     def forward(self, x):
         h = self.norm(x @ self.W.t())
-        h = h @ (self.S.triu() + self.S.triu(1).mT)
+        h = h @ (self.S.triu() + self.S.triu(1).mT) - self.c
+        h += self.d
         h = torch.tanh(h / self.scale) * (2 * self.a)
         w = self.gain * self.v / self.v.norm(dim=1, keepdim=True)
         return F.linear(h, w)
@@ -402,7 +405,7 @@ CASES = [
     Case("expanded_bias", ExpandedBias, _x(5), _cls(3), "ce", {"fc.linear", "p.add", "out.linear"}),
     Case("sigmoid_gate", SigmoidGate, _x(5), _cls(3), "ce", {"fc.linear", "out.linear"}, {"g.mul"}),
     Case("lstm", LSTMNet, _x(4, 3), _cls(2), "ce", {"inp.linear", "head.linear"}, {"lstm.lstm"}),
-    Case("chains", ChainNet, _x(5), _cls(3), "ce", {"W.matmul", "norm.rms_norm", "S.matmul", "a.mul", "gain.linear"},
+    Case("chains", ChainNet, _x(5), _cls(3), "ce", {"W.matmul", "norm.rms_norm", "S.matmul", "c.sub", "d.add", "a.mul", "gain.linear"},
          {"scale.div"}),
 ]
 

@@ -32,6 +32,11 @@ _LINEAR_POSITIONS = {
     torch.Tensor.__rmul__: ((0, 1), "mul"),
     torch.Tensor.add: ((0, 1), "add"), torch.Tensor.__add__: ((0, 1), "add"),
     torch.Tensor.__radd__: ((0, 1), "add"),
+    # `x += p` reaches the mode as add_; computed out of place (Python rebinds x to the result;
+    # a bare `x.add_(p)` statement would lose it: its forward would differ, and the tests see that)
+    torch.Tensor.add_: ((0, 1), "add"),
+    torch.Tensor.sub: ((0, 1), "sub"), torch.Tensor.__sub__: ((0, 1), "sub"), torch.Tensor.__rsub__: ((0, 1), "sub"),
+    torch.sub: ((0, 1), "sub"), torch.rsub: ((0, 1), "sub"),
     torch.Tensor.div: ((0,), "div"), torch.Tensor.__truediv__: ((0,), "div"),
     torch.matmul: ((0, 1), "matmul"), torch.Tensor.matmul: ((0, 1), "matmul"),
     torch.Tensor.__matmul__: ((0, 1), "matmul"),
@@ -45,7 +50,8 @@ _CHAIN_LINEAR = {torch.Tensor.t, torch.Tensor.transpose, torch.Tensor.view, torc
                  torch.Tensor.__neg__, torch.Tensor.unsqueeze, torch.Tensor.squeeze, torch.Tensor.expand,
                  torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.split, torch.Tensor.chunk,
                  torch.Tensor.flatten, torch.Tensor.unflatten, torch.Tensor.repeat, torch.cat,
-                 torch.Tensor.__add__, torch.Tensor.add, torch.Tensor.__radd__, torch.Tensor.float,
+                 torch.Tensor.__add__, torch.Tensor.add, torch.Tensor.__radd__, torch.Tensor.sub,
+                 torch.Tensor.__sub__, torch.Tensor.__rsub__, torch.sub, torch.rsub, torch.Tensor.float,
                  torch.Tensor.double, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.type,
                  torch.Tensor.T.__get__, torch.Tensor.mT.__get__, torch.Tensor.H.__get__, torch.Tensor.mH.__get__,
                  torch.rot90, torch.Tensor.rot90, torch.triu, torch.Tensor.triu, torch.tril, torch.Tensor.tril}
@@ -201,6 +207,7 @@ class _Mode(TorchFunctionMode):
 
     def _sigma(self, func, args, kwargs):
         positions, name = _LINEAR_POSITIONS.get(func, ((), "unknown"))
+        func = torch.Tensor.__add__ if func is torch.Tensor.add_ else func
         args = list(args)
         # every tensor argument, lists opened: (position or keyword, index in the list or None)
         leaves = {}
