@@ -312,7 +312,7 @@ def build_plan(owner: Session, gm: torch.fx.GraphModule, example_inputs: list[An
     method = method_for(config)
     layout = StateLayout(first=len(placeholders))
     planned = method.plan(PlanContext(owner, analysis, param_nodes, name_to_input, placeholders, layout,
-                                      accumulating, derived_inputs))
+                                      accumulating, derived_inputs, _call_sizes(placeholders, example_inputs)))
     state = planned.examples[:len(layout.keys("state"))]
     feed = Feed(layout, planned.state_specs, [(tuple(t.shape), t.dtype, t.device) for t in state],
                 device=planned.state_specs[0][3] if planned.state_specs else None,
@@ -324,6 +324,25 @@ def build_plan(owner: Session, gm: torch.fx.GraphModule, example_inputs: list[An
                 param_names=tuple(param_nodes[placeholders[i]] for i in sorted(param_inputs)),
                 derived_inputs=derived_inputs,
                 derived_outputs={i: chain for i, chain in enumerate(analysis.output_chains) if chain is not None})
+
+
+def _call_sizes(placeholders, example_inputs) -> dict:
+    """For a rebuild (real inputs of one call, not Dynamo's fakes): each symbol of Dynamo's graph
+    that is an input's dimension -> that call's size. The symbols' hints are the sizes of the call
+    Dynamo compiled for, which may be another instance's (the ``others`` path of ``Plan.wrap``)."""
+    if torch._guards.detect_fake_mode(example_inputs) is not None:
+        return {}
+    sizes = {}
+    for node, real in zip(placeholders, example_inputs):
+        fake = node.meta.get("example_value")
+        if isinstance(fake, torch.Tensor) and isinstance(real, torch.Tensor) and fake.dim() == real.dim():
+            pairs = zip(fake.shape, real.shape)
+        else:                                          # a size passed as an input (x.size(1) under dynamic shapes)
+            pairs = [(fake, real)] if isinstance(fake, torch.SymInt) and isinstance(real, int) else []
+        for size, now in pairs:
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                sizes[size.node.expr] = int(now)
+    return sizes
 
 
 def _module_path(params) -> str:

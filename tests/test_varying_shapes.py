@@ -103,6 +103,47 @@ def test_sizes_of_inputs_are_not_batch_data(kind):
     assert all(not row["node"].startswith(("types.embedding", "bias.expand")) for row in svgd_fx.explain(wrapped).rows)
 
 
+class _Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        return self.weight * x
+
+
+class _TwoScales(nn.Module):
+    """Two instances of one user module, each a frame of its own (the caller runs uncompiled, as
+    Hugging Face's LongT5 stacks after a graph break), with lengths that change between steps: enc
+    6 → 5 while dec 5 → 4. TorchDynamo hands dec's call the graph it made for enc's."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = _Scale(), _Scale()
+        self.head = nn.Linear(4, 3)
+
+    @torch._dynamo.disable(recursive=False)
+    def forward(self, x):
+        a, b = x[:, :, :4].contiguous(), x[:, :-1, 4:].contiguous()
+        return self.head(torch.tanh(self.enc(a)).mean(1) + torch.tanh(self.dec(b)).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["transform", "backend_fused"])
+def test_instances_of_one_frame_with_their_own_lengths(kind):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _TwoScales().double()
+    ref_model = copy.deepcopy(model)
+    wrapped = wrap(model, kind)
+
+    def two_lengths(b, t, gen):
+        return torch.randn(b, t, 8, generator=gen, dtype=torch.float64)
+
+    _train(wrapped, model, ref_model, shapes=[(4, 6), (3, 5), (4, 7)], inputs=two_lengths)
+    assert {k: tuple(v.shape) for k, v in state(wrapped, model).tensors.items() if k.endswith("mul.r")} == {
+        "enc.mul.r": (4,), "dec.mul.r": (4,)}
+
+
 def test_fixed_shapes_keep_the_full_r():
     """Where nothing varies, r has the contract's full per-sample shape (only the batch size changes)."""
     torch.manual_seed(0)

@@ -24,6 +24,9 @@ class PlanContext:
     accumulating: bool                     # graphs with svgd_fx.accumulate's inputs
     # graph-input index -> {param: linear} of the inputs an earlier graph computed from parameters
     derived_inputs: dict[int, dict[str, bool]] = field(default_factory=dict)
+    # a graph planned again for one call's real inputs (``Plan.wrap``'s rebuild): the size that call
+    # gives each symbol of Dynamo's graph; empty when Dynamo itself compiles (its hints are the call's)
+    call_sizes: dict = field(default_factory=dict)
 
 
 @dataclass

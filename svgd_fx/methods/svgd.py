@@ -41,7 +41,7 @@ class SVGDMethod:
             if not sigma.routed:
                 continue
             r_dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
-            _specialize_unvaried(sigma, key, state, declared)
+            _specialize_unvaried(sigma, key, state, declared, ctx.call_sizes)
             r_specs.append((key, _sample_shape(sigma), r_dtype, sigma.device, f"{sigma.name!r} ({sigma.location})",
                             _reduce_dims(sigma, config)))
             r_values.append(state.get_or_create(*r_specs[-1]))
@@ -124,7 +124,7 @@ def _sample_shape(sigma: SigmaNode) -> tuple:
     return sigma.sample_shape
 
 
-def _specialize_unvaried(sigma: SigmaNode, key: str, state, declared: set) -> None:
+def _specialize_unvaried(sigma: SigmaNode, key: str, state, declared: set, call_sizes: dict | None = None) -> None:
     """r averages a dimension only once its size has changed (``docs/contract.md``, "Dims that vary
     between calls"), but a graph may hold a dimension symbolic that this σ' node never saw change:
     every dimension under ``torch.compile(..., dynamic=True)``; one whose size changed for another
@@ -132,15 +132,26 @@ def _specialize_unvaried(sigma: SigmaNode, key: str, state, declared: set) -> No
     decoder, after its encoder's). Such a dimension is specialised to its size: a guard, and a
     recompile (with r averaged over it from then on) at the first call where it differs. A dimension
     the user marked (``torch._dynamo.mark_dynamic``: ``declared``, its symbols) is declared varying
-    and stays averaged from the first call."""
+    and stays averaged from the first call.
+
+    A graph planned again for one call (``Plan.wrap``'s rebuild, ``call_sizes``: that call's size of
+    each symbol) is compared and specialised at that call's sizes, not at the hints: those are the
+    sizes of the call Dynamo compiled for (another instance's, for a graph Dynamo reuses), and the
+    rebuilt graph, compiled for its call's exact shapes, has no Dynamo guard to add."""
     if sigma.sample_shape is None:
         return
     from torch.fx.experimental.symbolic_shapes import guard_int
 
     shape = list(sigma.sample_shape)
     for d, size in enumerate(shape, 1):
-        if isinstance(size, torch.SymInt) and size.node.hint is not None \
-                and not (size.node.expr.free_symbols & declared) and not state.varied(key, d, size.node.hint):
+        if not isinstance(size, torch.SymInt) or size.node.expr.free_symbols & declared:
+            continue
+        expr = size.node.expr
+        if call_sizes and expr.free_symbols <= call_sizes.keys():
+            now = int(expr.xreplace(call_sizes))
+            if not state.varied(key, d, now):
+                shape[d - 1] = now
+        elif size.node.hint is not None and not state.varied(key, d, size.node.hint):
             shape[d - 1] = guard_int(size)
     sigma.sample_shape = tuple(shape)
 
