@@ -51,9 +51,10 @@ _NAMING = threading.local()     # .suffix: appended to the σ' names of the grap
 
 @contextlib.contextmanager
 def named_call(suffix: str) -> Iterator[None]:
-    """Graphs planned inside this block name their σ' nodes ``<name><suffix>`` (a torch.nn layer's
-    second call outside the model's graphs: :mod:`svgd_fx.capture.eager_layers`)."""
-    before, _NAMING.suffix = getattr(_NAMING, "suffix", ""), suffix
+    """Graphs planned inside this block name their σ' nodes ``<name><suffix>`` (torch.nn layers that
+    run outside the model's graphs: :mod:`svgd_fx.capture.eager_layers`). Blocks nest: suffixes add."""
+    before = getattr(_NAMING, "suffix", "")
+    _NAMING.suffix = before + suffix
     try:
         yield
     finally:

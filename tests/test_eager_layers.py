@@ -157,6 +157,40 @@ def test_a_layer_called_twice_is_two_sigma_nodes(entry):
     assert len(ref.sigma_ops) == 5
 
 
+class _TiedEmbeddings(nn.Module):
+    """Hugging Face's encoder and decoder embeddings, two modules holding one tied table (named
+    after ``shared``), both called from an uncompiled forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Embedding(12, 8)
+        self.enc_emb, self.dec_emb = nn.Embedding(12, 8), nn.Embedding(12, 8)
+        self.enc_emb.weight = self.dec_emb.weight = self.shared.weight
+        self.head = nn.Linear(8, 3)
+
+    @torch._dynamo.disable
+    def forward(self, ids):
+        a = torch.tanh(self.enc_emb(ids)).mean(1)
+        b = torch.tanh(self.dec_emb(ids[:, :3].flip(1))).mean(1)
+        return self.head(a * b)
+
+
+@pytest.mark.parametrize("entry", ["transform", "backend"])
+def test_tied_layers_outside_the_graphs_are_two_sigma_nodes(entry):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _TiedEmbeddings().double()
+    ref_model = copy.deepcopy(model)
+    ref = SVGDReference(ref_model, s=0.1)
+    wrapped = _wrap(model, entry)
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", svgd_fx.EagerLayerWarning)
+        _steps(model, wrapped, ref_model, ref, lambda: torch.randint(0, 12, (4, 5), generator=gen), gen, rtol=1e-9)
+    assert t_fired(wrapped) == {"shared.embedding@enc_emb", "shared.embedding@dec_emb", "head.linear"}
+    assert len(ref.sigma_ops) == 3
+
+
 def test_nothing_is_redirected_outside_the_models_call():
     """The bare model called directly is not sent through layer graphs: its plain gradients stay
     plain, which the gradient check reports as ever (and r does not move)."""

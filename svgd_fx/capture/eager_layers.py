@@ -13,7 +13,9 @@ still runs first (a forward hook can replace an output, not skip the call); its 
 dropped, and its buffers (BatchNorm's running statistics) are restored before the graph runs,
 so they are updated once. A layer called again in the same model call (an embedding shared by an
 encoder and a decoder) runs a graph of its own for each call, its σ' nodes named with
-``@call2``, ``@call3``, ...: each call is a σ' node with its own r, as inside a graph. Outside an
+``@call2``, ``@call3``, ...: each call is a σ' node with its own r, as inside a graph; a layer
+whose parameters are named after another module (tied weights) adds its own path
+(``shared.embedding@decoder.embed_tokens``). Outside an
 SVGD model's call (the bare model called directly) and inside the graphs the hooks do nothing.
 """
 
@@ -97,8 +99,24 @@ def graph_of(graphs: dict, key, model: nn.Module, layer: nn.Module, make_backend
                 "from, torch._dynamo.disable, its recompile limit). It and any other torch.nn layer there run through "
                 "graphs of their own, with T as everywhere else: exact, but each such layer's forward runs twice. "
                 "TORCH_LOGS=graph_breaks shows why.", EagerLayerWarning, stacklevel=2)
-        graphs[key] = torch.compile(layer_call(layer), backend=make_backend())
+        compiled = torch.compile(layer_call(layer), backend=make_backend())
+        path = next((n for n, m in model.named_modules() if m is layer), "")
+        names = {id(p): n for n, p in model.named_parameters()}
+        own = [names.get(id(p), "") for p in layer.parameters(recurse=False)]
+        if path and not all(n.startswith(path + ".") for n in own):
+            # tied weights (a decoder's embedding holding the encoder's table): the σ' names come from
+            # the parameters' first names, the same for both layers; the layer's own path tells them apart
+            graphs[key] = _named(compiled, f"@{path}")
+        else:
+            graphs[key] = compiled
     return graphs[key]
+
+
+def _named(compiled: Callable, suffix: str) -> Callable:
+    def call(*args, **kwargs):
+        with named_call(suffix):
+            return compiled(*args, **kwargs)
+    return call
 
 
 def layer_call(module: nn.Module) -> Callable:
