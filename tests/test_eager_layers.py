@@ -59,6 +59,23 @@ def _steps(model, wrapped, ref_model, ref, batch, gen, rtol):
                 q.copy_(p)
 
 
+def _train_quietly(make, entry, batch):
+    """``make()`` (float64) through ``entry`` for three steps against the reference, the eager-layer
+    warning silenced; ``batch(gen)`` makes the inputs. Returns the wrapped model, the model, the
+    reference."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = make().double()
+    ref_model = copy.deepcopy(model)
+    ref = SVGDReference(ref_model, s=0.1)
+    wrapped = _wrap(model, entry)
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", svgd_fx.EagerLayerWarning)
+        _steps(model, wrapped, ref_model, ref, lambda: batch(gen), gen, rtol=1e-9)
+    return wrapped, model, ref
+
+
 @pytest.mark.parametrize("entry", ["transform", "backend"])
 def test_layers_of_an_uncompiled_forward_are_exact(entry):
     torch._dynamo.reset()
@@ -99,17 +116,8 @@ def test_layers_of_one_class_with_different_fixed_lengths_keep_their_full_r(entr
     """Dynamo keeps what it learns about a frame's input sizes by the frame's code name: the layer
     graphs have one name each, or the decoder's linears (length 4, after the encoder's 5) would be
     compiled with the length dynamic from their first call and r averaged over it."""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = _EncoderDecoder().double()
-    ref_model = copy.deepcopy(model)
-    ref = SVGDReference(ref_model, s=0.1)
-    wrapped = _wrap(model, entry)
-    gen = torch.Generator().manual_seed(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", svgd_fx.EagerLayerWarning)
-        _steps(model, wrapped, ref_model, ref, lambda: torch.randn(4, 5, 3, generator=gen, dtype=torch.float64), gen,
-               rtol=1e-9)
+    wrapped, model, _ = _train_quietly(_EncoderDecoder, entry,
+                                       lambda gen: torch.randn(4, 5, 3, generator=gen, dtype=torch.float64))
     state = wrapped.svgd_state if entry == "transform" else svgd_fx.state_of(model)
     shapes = {key: tuple(r.shape) for key, r in state.tensors.items()}
     assert shapes["tr.decoder.layers.0.linear1.linear.r"] == (4, 16), shapes
@@ -137,17 +145,8 @@ class _SharedLayers(nn.Module):
 @pytest.mark.parametrize("entry", ["transform", "backend"])
 def test_a_layer_called_twice_is_two_sigma_nodes(entry):
     """Each call is a σ' node with its own r (its own graph), as inside a compiled graph."""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = _SharedLayers().double()
-    ref_model = copy.deepcopy(model)
-    ref = SVGDReference(ref_model, s=0.1)
-    wrapped = _wrap(model, entry)
-    gen = torch.Generator().manual_seed(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", svgd_fx.EagerLayerWarning)
-        _steps(model, wrapped, ref_model, ref, lambda: torch.randn(4, 5, 3, generator=gen, dtype=torch.float64), gen,
-               rtol=1e-9)
+    wrapped, model, ref = _train_quietly(_SharedLayers, entry,
+                                         lambda gen: torch.randn(4, 5, 3, generator=gen, dtype=torch.float64))
     state = wrapped.svgd_state if entry == "transform" else svgd_fx.state_of(model)
     shapes = {key: tuple(r.shape) for key, r in state.tensors.items()}
     assert shapes["proj.linear.r"] == (5, 8) and shapes["proj.linear@call2.r"] == (3, 8), shapes
@@ -177,16 +176,7 @@ class _TiedEmbeddings(nn.Module):
 
 @pytest.mark.parametrize("entry", ["transform", "backend"])
 def test_tied_layers_outside_the_graphs_are_two_sigma_nodes(entry):
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = _TiedEmbeddings().double()
-    ref_model = copy.deepcopy(model)
-    ref = SVGDReference(ref_model, s=0.1)
-    wrapped = _wrap(model, entry)
-    gen = torch.Generator().manual_seed(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", svgd_fx.EagerLayerWarning)
-        _steps(model, wrapped, ref_model, ref, lambda: torch.randint(0, 12, (4, 5), generator=gen), gen, rtol=1e-9)
+    wrapped, _, ref = _train_quietly(_TiedEmbeddings, entry, lambda gen: torch.randint(0, 12, (4, 5), generator=gen))
     assert t_fired(wrapped) == {"shared.embedding@enc_emb", "shared.embedding@dec_emb", "head.linear"}
     assert len(ref.sigma_ops) == 3
 
