@@ -141,3 +141,46 @@ def test_one_table_handed_to_every_block(entry):
     with_t = {row["node"] for row in svgd_fx.explain(wrapped).rows if row["t_in_graph"]}
     assert len(with_t) == len(ref.sigma_ops) == 7, (with_t, ref.sigma_ops)
     assert sum(name.startswith("pos.add") for name in with_t) == 3, with_t
+
+
+class _MaskBlock(nn.Module):
+    def __init__(self, has_bias):
+        super().__init__()
+        self.q, self.k = nn.Linear(C, C), nn.Linear(C, C)
+        self.rel = nn.Embedding(2 * T_LEN, 1) if has_bias else None
+
+    def forward(self, h, mask, bias=None):
+        if bias is None:
+            idx = torch.arange(T_LEN)[:, None] - torch.arange(T_LEN)[None, :] + T_LEN
+            bias = self.rel(idx)[..., 0] + mask
+        scores = self.q(h) @ self.k(h).transpose(1, 2) + bias
+        return h + torch.softmax(scores, -1) @ h, bias
+
+
+class ConstantFromAnUncompiledFrame(nn.Module):
+    """LongT5 without an attention_mask: the stacks run uncompiled and build a constant mask there,
+    which enters the blocks' graphs as an input. A constant keeps ``bias + mask`` parameter-derived
+    (a σ' node at each block's scores), but an input of a graph is taken for batch data."""
+
+    def __init__(self):
+        super().__init__()
+        self.b0, self.b1 = _MaskBlock(True), _MaskBlock(False)
+        self.head = nn.Linear(C, 1)
+
+    @torch._dynamo.disable(recursive=False)
+    def forward(self, x):
+        mask = torch.zeros(1, T_LEN, T_LEN, dtype=x.dtype)
+        h, bias = self.b0(x, mask)
+        h, _ = self.b1(h, mask, bias)
+        return self.head(h).pow(2).mean()
+
+
+@pytest.mark.xfail(strict=True, reason="a tensor made from constants in a frame TorchDynamo runs uncompiled is "
+                   "taken for batch data by the graph it enters (no batch-dependence tracking in uncompiled frames)")
+def test_a_constant_made_in_an_uncompiled_frame():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ConstantFromAnUncompiledFrame().double()
+    ref_model = copy.deepcopy(model)
+    wrapped, ref = wrap(model, "transform"), SVGDReference(ref_model, s=0.1)
+    _steps(model, wrapped, ref_model, ref, [T_LEN] * 2)
