@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -243,7 +244,8 @@ class Plan:
         feed = dataclasses.replace(self.feed, layout=layout, state_specs=specs, acc_specs=acc_specs)
         for name in self.sigma_names:        # their rows in explain(), as the planned ones'
             record = owner.log.records.get(name)
-            if record is None or (record.key is None and not name.startswith(old)) or moved(name) in owner.log.records:
+            if record is None or (record.key is None and not name.startswith(old)) \
+                    or moved(name) in owner.log.records:
                 continue
             sigma = copy.copy(record.sigma)
             sigma.name = moved(name)
@@ -292,8 +294,8 @@ def build_plan(owner: Session, gm: torch.fx.GraphModule, example_inputs: list[An
             param_inputs.add(i)
         elif isinstance(value, torch.Tensor) and id(value) in consts:
             const_nodes.append(node)
-        elif derived_chain(value) is not None:
-            derived[node] = derived_chain(value)
+        elif (chain := derived_chain(value)) is not None:
+            derived[node] = chain
 
     analysis = locate(gm, param_nodes, const_nodes, set(owner.excluded), derived)
     if expand_composites(gm, analysis.sigmas, lambda n: analysis.node_kinds.get(n) is Kind.PARAM):
@@ -349,15 +351,7 @@ def _call_sizes(placeholders, example_inputs) -> dict:
 def _module_path(params) -> str:
     """The longest module path that holds every parameter named in ``params`` ("" if none)."""
     paths = [name.split(".")[:-1] for name in params]
-    if not paths:
-        return ""
-    common = paths[0]
-    for path in paths[1:]:
-        k = 0
-        while k < min(len(common), len(path)) and common[k] == path[k]:
-            k += 1
-        common = common[:k]
-    return ".".join(common)
+    return ".".join(os.path.commonprefix(paths)) if paths else ""
 
 
 def _world_size() -> int:

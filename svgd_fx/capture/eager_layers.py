@@ -91,17 +91,15 @@ def graph_of(graphs: dict, key, model: nn.Module, layer: nn.Module, make_backend
         if all(names.get(id(p)) in excluded for p in layer.parameters(recurse=False) if p.requires_grad):
             graphs[key] = None
             return None
+        path = next((n for n, m in model.named_modules() if m is layer), "")
         if not any(graphs.values()):
-            name = next((n for n, m in model.named_modules() if m is layer), "?")
             warnings.warn(
-                f"svgd_fx: {type(model).__name__}'s layer {name!r} ({type(layer).__name__}) ran outside the model's "
-                "compiled graphs: TorchDynamo ran the code calling it uncompiled (a graph break it could not resume "
-                "from, torch._dynamo.disable, its recompile limit). It and any other torch.nn layer there run through "
+                f"svgd_fx: {type(model).__name__}'s layer {path or '?'!r} ({type(layer).__name__}) ran outside the "
+                "model's compiled graphs: TorchDynamo ran the code calling it uncompiled (a graph break it could not "
+                "resume from, torch._dynamo.disable, its recompile limit). It and any other torch.nn layer there run through "
                 "graphs of their own, with T as everywhere else: exact, but each such layer's forward runs twice. "
                 "TORCH_LOGS=graph_breaks shows why.", EagerLayerWarning, stacklevel=2)
         compiled = torch.compile(layer_call(layer), backend=make_backend())
-        path = next((n for n, m in model.named_modules() if m is layer), "")
-        names = {id(p): n for n, p in model.named_parameters()}
         own = [names.get(id(p), "") for p in layer.parameters(recurse=False)]
         if path and not all(n.startswith(path + ".") for n in own):
             # tied weights (a decoder's embedding holding the encoder's table): the σ' names come from
